@@ -1,0 +1,144 @@
+"""Concept sets: the rows every image embedding is compared against, with their thresholds.
+
+Rows are the checker's 3 stock special-care concepts, its 17 stock concepts, then any custom concepts (from example
+images or text). A saved concept set holds the custom rows and any threshold overrides of stock rows, in one
+safetensors file with JSON metadata, so it can be applied to any checker with the same embedding width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import InvalidInput
+
+FORMAT = "diffguard.concepts/1"
+
+
+@dataclass
+class Concept:
+    name: str  # unique; stock rows are concept_0..concept_16 and special_0..special_2
+    kind: str  # "stock" | "special" | "image" | "text"
+    threshold: float  # cosine above which (after adjustment) the concept is hit
+    source: str = ""  # the text phrase, or how many example images made it
+
+
+@dataclass
+class ConceptSet:
+    """Special-care rows first, then concept rows; ``embeds`` is (N, D) L2-normalised float32."""
+
+    concepts: list[Concept]
+    embeds: torch.Tensor
+    stock_thresholds: dict[str, float] = field(default_factory=dict)  # the weights' own thresholds, for overrides
+
+    @classmethod
+    def from_checker(cls, model: torch.nn.Module) -> ConceptSet:
+        special = model.special_care_embeds.detach().float().cpu()
+        stock = model.concept_embeds.detach().float().cpu()
+        concepts = [
+            Concept(f"special_{i}", "special", float(t))
+            for i, t in enumerate(model.special_care_embeds_weights.detach().float())
+        ] + [
+            Concept(f"concept_{i}", "stock", float(t))
+            for i, t in enumerate(model.concept_embeds_weights.detach().float())
+        ]
+        embeds = torch.nn.functional.normalize(torch.cat([special, stock]))
+        return cls(concepts, embeds, {c.name: c.threshold for c in concepts})
+
+    # --- views -------------------------------------------------------------------------------------------------------
+    @property
+    def num_special(self) -> int:
+        return sum(c.kind == "special" for c in self.concepts)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts if c.kind != "special"]
+
+    @property
+    def special_names(self) -> list[str]:
+        return [c.name for c in self.concepts if c.kind == "special"]
+
+    def thresholds(self) -> torch.Tensor:
+        """(N,) float32 in row order, the same dtype the reference compares in."""
+        return torch.tensor([c.threshold for c in self.concepts], dtype=torch.float32)
+
+    def index(self, name_or_index: str | int) -> int:
+        """Row of a concept given by name, or by index into ``concept_scores`` (ints)."""
+        if isinstance(name_or_index, int):
+            if not 0 <= name_or_index < len(self.names):
+                raise InvalidInput(f"concept index {name_or_index} is out of range 0..{len(self.names) - 1}")
+            return self.num_special + name_or_index
+        for row, c in enumerate(self.concepts):
+            if c.name == name_or_index:
+                return row
+        raise InvalidInput(f"unknown concept {name_or_index!r}; known: {[c.name for c in self.concepts]}")
+
+    # --- edits -------------------------------------------------------------------------------------------------------
+    def add(self, concept: Concept, embed: torch.Tensor) -> None:
+        if not concept.name or concept.name in {c.name for c in self.concepts}:
+            raise InvalidInput(f"concept name {concept.name!r} is empty or already used")
+        if embed.shape != (self.embeds.shape[1],):
+            raise InvalidInput(f"concept embedding must have shape ({self.embeds.shape[1]},), got {tuple(embed.shape)}")
+        self.concepts.append(concept)
+        row = torch.nn.functional.normalize(embed.detach().float().cpu(), dim=0)
+        self.embeds = torch.cat([self.embeds, row[None]])
+
+    def set_threshold(self, name_or_index: str | int, value: float) -> None:
+        value = float(value)
+        if not -1.0 <= value <= 1.0:
+            raise InvalidInput(f"threshold for {name_or_index!r} must be a cosine in [-1, 1], got {value}")
+        self.concepts[self.index(name_or_index)].threshold = value
+
+    # --- persistence -------------------------------------------------------------------------------------------------
+    def custom(self) -> tuple[list[Concept], torch.Tensor]:
+        rows = [i for i, c in enumerate(self.concepts) if c.kind in ("image", "text")]
+        return [self.concepts[i] for i in rows], self.embeds[rows]
+
+    def overrides(self) -> dict[str, float]:
+        return {
+            c.name: c.threshold
+            for c in self.concepts
+            if c.name in self.stock_thresholds and c.threshold != self.stock_thresholds[c.name]
+        }
+
+    def save(self, path: str | Path) -> None:
+        concepts, embeds = self.custom()
+        meta = {
+            "format": FORMAT,
+            "dim": self.embeds.shape[1],
+            "concepts": [c.__dict__ for c in concepts],
+            "threshold_overrides": self.overrides(),
+        }
+        save_file({"embeds": embeds.contiguous()}, str(path), metadata={"diffguard": json.dumps(meta)})
+
+    def apply_file(self, path: str | Path) -> None:
+        """Add a saved file's custom concepts and apply its threshold overrides."""
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["diffguard"])
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise InvalidInput(f"concepts file {path} is not a diffguard concept set: {exc}") from None
+        if meta.get("format") != FORMAT:
+            raise InvalidInput(f"concepts file {path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+        if meta["dim"] != self.embeds.shape[1]:
+            raise InvalidInput(
+                f"concepts file {path} was made for {meta['dim']}-d embeddings; this checker's are "
+                f"{self.embeds.shape[1]}-d (it belongs to another model)"
+            )
+        for concept, embed in zip(meta["concepts"], tensors["embeds"], strict=True):
+            self.add(Concept(**concept), embed)
+        for name, value in meta["threshold_overrides"].items():
+            self.set_threshold(name, value)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.embeds.contiguous().numpy().tobytes())
+        h.update(json.dumps([c.__dict__ for c in self.concepts], sort_keys=True).encode())
+        return h.hexdigest()

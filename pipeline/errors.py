@@ -1,0 +1,49 @@
+"""One small hierarchy of errors, each carrying the HTTP status it maps to.
+
+Every error keeps ``__init__(self, message)`` so it pickles across Ray process boundaries unchanged.
+"""
+
+from __future__ import annotations
+
+
+class DiffguardError(Exception):
+    """Base class: a message meant for the user and the HTTP status it maps to."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+
+class InvalidInput(DiffguardError, ValueError):
+    """A request parameter or argument is outside what is allowed."""
+
+    status_code = 422
+
+
+class ImageDecodeError(DiffguardError, ValueError):
+    """An image could not be decoded or is not allowed (corrupt, too large, not an image)."""
+
+    status_code = 400
+
+
+class PayloadTooLarge(DiffguardError):
+    """A request body is over the configured limit."""
+
+    status_code = 413
+
+
+class ModelSourceError(DiffguardError):
+    """A model could not be loaded from the source given (hub id, directory or ``tiny``)."""
+
+    status_code = 500
+
+
+class Unavailable(DiffguardError):
+    """A component the request needs (the checker, the generator) is not available; retry later."""
+
+    status_code = 503

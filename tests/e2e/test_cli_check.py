@@ -1,0 +1,71 @@
+"""`diffguard check` as a user runs it: a subprocess, stdout/stderr and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import ROOT
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_examples_table():
+    out = run("check", "examples/")
+    assert out.returncode == 0, out.stderr
+    assert "MEANINGLESS" in out.stderr  # tiny weights are always announced
+    assert "4 checked" in out.stdout and "tiny demo weights" in out.stdout
+
+
+def test_json_rows_and_exit_codes(tmp_path):
+    Image.fromarray(np.full((40, 60, 3), 100, np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("L", (30, 30), 5).save(tmp_path / "sub" / "gray.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")  # skipped when recursing
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    out = run("check", "--json", str(tmp_path / "ok.png"), str(tmp_path / "sub"))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["ok.png", "gray.jpg"]
+    for r in rows:
+        assert {"path", "nsfw", "concept_scores", "special_scores", "bad_concepts", "error"} <= set(r)
+
+    out = run("check", "--json", str(tmp_path))
+    assert out.returncode == 3
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 3 and sum(r["error"] is not None for r in rows) == 1
+    assert "notes.txt" not in out.stdout
+
+    everything = run("check", "--json", "--fail-on-nsfw", "--adjustment", "1", str(tmp_path / "ok.png"))
+    assert everything.returncode == 1 and json.loads(everything.stdout)["nsfw"] is True
+    assert run("check", "--json", "--fail-on-nsfw", "--adjustment", "-1", str(tmp_path / "ok.png")).returncode == 0
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run("check").returncode == 2
+    bad = run("check", "--adjustment", "abc", "examples/")
+    assert bad.returncode == 2 and "expected a number in [-1, 1], got 'abc'" in bad.stderr
+    missing = run("check", "--model", "./no/such/dir", "examples/")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    assert run("check", str(tmp_path / "empty")).returncode == 2
+
+
+def test_concepts_file_from_cli(tmp_path):
+    from pipeline import SafetyChecker
+
+    checker = SafetyChecker.load("tiny", device="cpu", dtype="float32")
+    checker.set_threshold(0, -1.0)
+    checker.save_concepts(tmp_path / "c.safetensors")
+    out = run("check", "--json", "--concepts", str(tmp_path / "c.safetensors"), "examples/shapes.jpg")
+    row = json.loads(out.stdout)
+    assert 0 in row["bad_concepts"] and row["fingerprint"] == checker.fingerprint

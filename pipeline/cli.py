@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(run=cmd_models_download)
     tiny = msub.add_parser("tiny", help="build the tiny demo models and print where they are")
     tiny.set_defaults(run=cmd_models_tiny)
+
+    # Other command families live in their own modules; each registers its subparsers here (cheap imports only).
     return parser
 
 

@@ -174,6 +174,7 @@ class SafetyChecker:
         **kwargs: Any,
     ) -> SafetyChecker:
         """Load from ``tiny``, a local directory (a checker, or a Stable Diffusion pipeline folder) or a hub id."""
+        models.quiet_libraries()
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         dev = resolve_device(device)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import models
+from . import generate_cli, models
 from .errors import DiffguardError
 from .images import IMAGE_SUFFIXES
 
@@ -51,9 +51,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_checker_options(p: argparse.ArgumentParser) -> None:
-    """The options every command that scores images shares."""
-    p.add_argument("--model", default=models.TINY, help="checker: hub id, local directory or 'tiny' (default: tiny)")
+def add_checker_options(p: argparse.ArgumentParser, model_flag: str = "--model") -> None:
+    """The options every command that scores images shares (``generate`` names the checker ``--checker-model``)."""
+    p.add_argument(model_flag, default=models.TINY, help="checker: hub id, local directory or 'tiny' (default: tiny)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--adjustment", type=_float_in(-1, 1), default=0.0, help="stricter filter when > 0 (default 0)")
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(run=cmd_models_tiny)
 
     # Other command families live in their own modules; each registers its subparsers here (cheap imports only).
+    generate_cli.register(sub)
     return parser
 
 

@@ -122,6 +122,14 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` keyword for a torch dtype: ``dtype`` where diffusers has it, else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -219,7 +227,7 @@ def tiny_text_config(**overrides: Any) -> Any:
     from transformers import CLIPTextConfig
 
     vocab_size = 514
-    return CLIPTextConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -230,8 +238,8 @@ def tiny_text_config(**overrides: Any) -> Any:
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
-        **overrides,
     )
+    return CLIPTextConfig(**{**settings, **overrides})
 
 
 @tiny_builder("checker")
@@ -271,3 +279,80 @@ def _build_tiny_text(directory: Path) -> None:
 
     CLIPTextModelWithProjection(tiny_text_config()).eval().save_pretrained(directory)
     tiny_tokenizer(directory)
+
+
+def _tiny_sd_pipeline(directory: Path, *, sd2: bool = False) -> None:
+    """A tiny Stable Diffusion pipeline: UNet, VAE (2x downsampling), CLIP text encoder, byte-level tokenizer.
+
+    ``sd2`` mirrors the 2.x architecture differences the pipeline code must handle: v-prediction, linear attention
+    projections and per-block head counts.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    width = 64 if sd2 else 32
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(tiny_text_config(hidden_size=width, intermediate_size=2 * width))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    tok_dir = directory / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+
+
+@tiny_builder("sd")
+def _build_tiny_sd(directory: Path) -> None:
+    _tiny_sd_pipeline(directory)
+
+
+@tiny_builder("sd2")
+def _build_tiny_sd2(directory: Path) -> None:
+    _tiny_sd_pipeline(directory, sd2=True)
+
+
+@tiny_builder("safeclip")
+def _build_tiny_safeclip(directory: Path) -> None:
+    """Stand-in for Safe-CLIP's text encoder: same shape as the tiny SD text encoder, different weights."""
+    import torch
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(1)
+    CLIPTextModel(tiny_text_config()).eval().save_pretrained(directory)

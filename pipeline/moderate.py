@@ -1,0 +1,92 @@
+"""The moderated chain: generate -> score every image with the checker -> apply the policy.
+
+The CLI runs :func:`generate_moderated` in-process; the Serve app runs the same steps across deployments and calls
+:func:`moderate` to turn images and verdicts into what may leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .checker import SafetyChecker, Verdict
+from .errors import Unavailable
+from .generator import GenerationRequest, Generator
+from .policy import ImagePolicy, apply_policy, check_policy
+
+
+@dataclass
+class ModeratedImage:
+    index: int
+    verdict: Verdict
+    action: str  # allow | block | blur | black
+    image: np.ndarray | None  # the pixels that may leave; None when blocked
+
+    @property
+    def nsfw(self) -> bool:
+        return self.verdict.nsfw
+
+    def report(self) -> dict[str, Any]:
+        return {"index": self.index, "nsfw": self.nsfw, "action": self.action, "moderation": self.verdict.to_dict()}
+
+
+@dataclass
+class ModeratedGeneration:
+    request: GenerationRequest
+    seed: int
+    size: tuple[int, int]  # (width, height) actually generated
+    images: list[ModeratedImage]
+    models: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "request": self.request.public(),
+            "seed": self.seed,
+            "width": self.size[0],
+            "height": self.size[1],
+            "images": [m.report() for m in self.images],
+            "models": self.models,
+            "warnings": self.warnings,
+        }
+
+
+def moderate(images: list[np.ndarray], verdicts: list[Verdict], policy: ImagePolicy = "block") -> list[ModeratedImage]:
+    """Pair images with their verdicts and apply the policy. A missing verdict means nothing leaves."""
+    check_policy(policy)
+    if len(verdicts) != len(images):
+        raise Unavailable(f"the checker returned {len(verdicts)} verdicts for {len(images)} images; nothing released")
+    out = []
+    for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
+        action, pixels = apply_policy(image, verdict, policy)
+        out.append(ModeratedImage(i, verdict, action, pixels))
+    return out
+
+
+def model_info(generator_info: dict[str, Any], checker_info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "generator": generator_info["model"],
+        "generator_fingerprint": generator_info["fingerprint"],
+        "text_encoder": generator_info.get("text_encoder"),
+        "checker": checker_info["model"],
+        "checker_fingerprint": checker_info["fingerprint"],
+        "demo_weights": bool(generator_info["demo_weights"] or checker_info["demo_weights"]),
+    }
+
+
+def generate_moderated(
+    generator: Generator, checker: SafetyChecker, request: GenerationRequest, policy: ImagePolicy = "block"
+) -> ModeratedGeneration:
+    """Generate, score every image, apply the policy: the only way the CLI releases generated pixels."""
+    rendering = generator.render(request)
+    verdicts = checker.check_arrays(rendering.images)
+    return ModeratedGeneration(
+        request=request,
+        seed=rendering.seed,
+        size=(rendering.width, rendering.height),
+        images=moderate(rendering.images, verdicts, policy),
+        models=model_info(generator.info(), checker.info()),
+        warnings=rendering.warnings,
+    )

@@ -1,11 +1,11 @@
-# diffguard — the README's two commands: `make demo` (main command) and `make test`.
+# diffguard — the README's two commands: `make serve` (main command) and `make test`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Override for GPU hosts, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup serve demo test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: setup ## the README main command
+serve: setup ## the README main command: the HTTP service on tiny CPU models, until Ctrl-C
+	$(BIN)/diffguard serve $(if $(PORT),--port $(PORT),)
+
+demo: setup
 	$(BIN)/diffguard check examples/
 
 lint: setup

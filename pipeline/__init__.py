@@ -1,18 +1,32 @@
-"""diffguard's core: the exact, batched Stable Diffusion safety checker and everything it needs. No Ray, no HTTP."""
+"""diffguard's core: the exact, batched Stable Diffusion safety checker and everything it needs. No Ray, no HTTP.
 
-from .checker import SafetyChecker, Scores, Verdict
-from .errors import DiffguardError, ImageDecodeError, InvalidInput, ModelSourceError
-from .images import DecodeLimits, decode_image, load_image
+Names are imported lazily, so ``import pipeline.errors`` (or a Serve config import) never pulls in torch.
+"""
 
-__all__ = [
-    "DecodeLimits",
-    "DiffguardError",
-    "ImageDecodeError",
-    "InvalidInput",
-    "ModelSourceError",
-    "SafetyChecker",
-    "Scores",
-    "Verdict",
-    "decode_image",
-    "load_image",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SafetyChecker": "checker",
+    "Scores": "checker",
+    "Verdict": "checker",
+    "Generator": "generator",
+    "GenerationRequest": "requests",
+    "GenerationLimits": "requests",
+    "DiffguardError": "errors",
+    "ImageDecodeError": "errors",
+    "InvalidInput": "errors",
+    "ModelSourceError": "errors",
+    "DecodeLimits": "images",
+    "decode_image": "images",
+    "load_image": "images",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -6,6 +6,7 @@ reference's scoring rule as whole-tensor operations. Plain Python + torch: no Ra
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -154,6 +155,7 @@ class SafetyChecker:
         self.limits = DecodeLimits(max_pixels=max_pixels)
         self.max_batch_size = max_batch_size
         self.concepts = ConceptSet.from_checker(model)
+        self._stock = copy.deepcopy(self.concepts)
         self._weights = weights_digest(model.vision_model, model.visual_projection)
         self.vision = model.vision_model.to(self.device, dtype).eval()
         self.projection = model.visual_projection.to(self.device, dtype).eval()
@@ -223,6 +225,25 @@ class SafetyChecker:
     def set_threshold(self, concept: str | int, value: float) -> None:
         """Override one concept's threshold, by name or by index into ``concept_scores``."""
         self.concepts.set_threshold(concept, value)
+
+    def configure(
+        self,
+        *,
+        adjustment: float = 0.0,
+        thresholds: dict[str | int, float] | None = None,
+        concepts: str | Path | None = None,
+    ) -> None:
+        """Replace the whole scoring policy at once: stock concepts, then ``concepts``, ``thresholds``, ``adjustment``.
+
+        Declarative (the same settings always give the same fingerprint) and atomic: on any error nothing changes.
+        """
+        fresh = copy.deepcopy(self._stock)
+        if concepts is not None:
+            fresh.apply_file(concepts)
+        for name, value in (thresholds or {}).items():
+            fresh.set_threshold(int(name) if isinstance(name, str) and name.isdigit() else name, value)
+        self.adjustment = adjustment  # validates before anything is replaced
+        self.concepts = fresh
 
     def save_concepts(self, path: str | Path) -> None:
         self.concepts.save(path)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import generate_cli, models
+from . import generate_cli, models, scan_cli, serve_cli
 from .errors import DiffguardError
 from .images import IMAGE_SUFFIXES
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Other command families live in their own modules; each registers its subparsers here (cheap imports only).
     generate_cli.register(sub)
+    serve_cli.register(sub)
+    scan_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""The SafetyChecker deployment: a thin adapter that batches images across requests with ``@serve.batch``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from .settings import CheckerArgs, CheckerRuntime, import_factory
+
+log = logging.getLogger("ray.serve")
+
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@serve.deployment(
+    name="SafetyChecker",
+    ray_actor_options={"num_cpus": 0.5},
+    max_ongoing_requests=64,  # >= max_batch_size x max_concurrent_batches, or batches never fill
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 16,  # one full batch queued per replica
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+    user_config=CheckerRuntime().model_dump(),
+    health_check_period_s=10,
+)
+class SafetyCheckerDeployment:
+    """Holds one core ``SafetyChecker``; each image is one item of the batch queue, whichever request it came from."""
+
+    def __init__(self, args: dict[str, Any] | None = None):
+        self.args = CheckerArgs(**(args or {}))
+        if self.args.factory:
+            self.checker = import_factory(self.args.factory)(self.args)
+        else:
+            from pipeline import SafetyChecker
+
+            self.checker = SafetyChecker.load(
+                self.args.model,
+                self.args.device,
+                self.args.dtype,
+                max_pixels=self.args.max_pixels,
+                concept_text_model=self.args.concept_text_model,
+            )
+        self.runtime = CheckerRuntime()
+        self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
+        self.batch_sizes = Histogram(
+            "diffguard_checker_batch_size", description="images per checker batch", boundaries=BATCH_BUCKETS
+        )
+        self.flagged = Counter(
+            "diffguard_images_flagged", description="images flagged, by concept", tag_keys=("concept",)
+        )
+        self.scored = Counter("diffguard_images_scored", description="images scored by the checker")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        runtime = CheckerRuntime(**(user_config or {}))
+        with self._lock:
+            self.checker.configure(
+                adjustment=runtime.adjustment, thresholds=runtime.thresholds, concepts=runtime.concepts
+            )
+            self.runtime = runtime
+        self._score.set_max_batch_size(runtime.max_batch_size)
+        self._score.set_batch_wait_timeout_s(runtime.batch_wait_timeout_s)
+        log.info("checker reconfigured: fingerprint %s, %s", self.checker.fingerprint, runtime.model_dump())
+
+    def _score_sync(self, items: list[Any]) -> list[dict[str, Any]]:
+        """Runs in a worker thread. Never raises: a failure becomes every item's ``unavailable`` result."""
+        try:
+            with self._lock:
+                verdicts = self.checker.check(items)
+                fingerprint = self.checker.fingerprint
+        except Exception as exc:  # noqa: BLE001 - the batch must not fail its callers with an exception
+            log.exception("checker batch of %d failed", len(items))
+            return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
+        self.batch_sizes.observe(len(items))
+        self.scored.inc(len(items))
+        for v in verdicts:
+            for name in v.bad_concept_names:
+                self.flagged.inc(tags={"concept": name})
+        return [{"verdict": v, "batch_size": len(items), "fingerprint": fingerprint} for v in verdicts]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score(self, items: list[Any]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._score_sync, items)
+
+    async def check_many(self, images: list[Any]) -> list[dict[str, Any]]:
+        """Images (uint8 arrays or encoded bytes) -> results in order; each image joins the shared batch queue."""
+        return list(await asyncio.gather(*(self._score(image) for image in images)))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.checker.info(),
+            "batching": self.runtime.model_dump(include={"max_batch_size", "batch_wait_timeout_s"}),
+        }
+
+    def check_health(self) -> None:
+        pass  # a replica whose model loaded is healthy; failures show up as results, and as 503s at the ingress

@@ -1,0 +1,84 @@
+"""Typed settings for the Serve app: builder arguments and each deployment's live ``user_config``.
+
+Pydantic only; importing this module never touches torch or model weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CheckerRuntime(BaseModel):
+    """The checker's ``user_config``: applied by ``reconfigure()`` without restarting replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, le=1024)  # images per checker batch (across requests)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)  # how long a partial batch waits for more images
+    adjustment: float = Field(0.0, ge=-1, le=1)  # stricter filter when > 0
+    thresholds: dict[str, float] = Field(default_factory=dict)  # concept name or index -> threshold override
+    concepts: str | None = None  # a saved concept set (custom concepts + overrides) readable by every replica
+
+
+class CheckerArgs(BaseModel):
+    """How checker replicas load their model (fixed for a replica's life)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"  # hub id, local directory or "tiny"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_pixels: int = 40_000_000  # decompression-bomb limit for uploads
+    concept_text_model: str | None = None  # CLIP text tower for text concepts
+    factory: str | None = None  # "module:callable" returning a checker (tests inject faults through this)
+
+
+class GeneratorArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"  # Stable Diffusion hub id, local directory or "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    text_encoder: str | None = None  # e.g. aimagelab/safeclip_vit-l_14
+    factory: str | None = None  # "module:callable" returning a generator
+
+
+class IngressArgs(BaseModel):
+    """The HTTP front: limits, timeouts and the policy for flagged images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["block", "blur", "black"] = "block"  # what a flagged generated image becomes
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    checker_timeout_s: float = Field(30.0, gt=0)  # no verdict within this -> 503, no pixels
+    generator_timeout_s: float = Field(600.0, gt=0)
+    health_timeout_s: float = Field(5.0, gt=0)
+    retry_after_s: int = Field(1, ge=0)  # Retry-After on 503
+    limits: dict[str, Any] = Field(default_factory=dict)  # GenerationLimits overrides, e.g. {"max_images": 8}
+    api_key: str | None = None  # tests only: production reads DIFFGUARD_API_KEY from the environment
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``deployments.app:build_app`` (the ``args`` of a Serve config application)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checker: CheckerArgs = Field(default_factory=CheckerArgs)
+    generator: GeneratorArgs | None = Field(default_factory=GeneratorArgs)  # None: moderation-only service
+    ingress: IngressArgs = Field(default_factory=IngressArgs)
+
+    @model_validator(mode="after")
+    def _known_factories(self) -> AppArgs:
+        for part in (self.checker, self.generator):
+            if part is not None and part.factory is not None and ":" not in part.factory:
+                raise ValueError(f"factory must be 'module:callable', got {part.factory!r}")
+        return self
+
+
+def import_factory(path: str) -> Any:
+    import importlib
+
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)

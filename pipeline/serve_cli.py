@@ -1,0 +1,63 @@
+"""``diffguard serve``: start a local Ray (or join RAY_ADDRESS), deploy the Serve app, block until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("diffguard")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
+    p.add_argument("--config", type=Path, help="Serve config file (default: deployments/configs/local.yaml)")
+    p.add_argument("--host", help="HTTP host (default: the config's)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.run import deploy, load_config, url
+
+    from . import models
+
+    schema = load_config(args.config, args.host, args.port)  # bad config -> exit 2 before Ray starts
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    address = os.environ.get("RAY_ADDRESS") or None  # join a running cluster (KubeRay) or start a local one
+    ray.init(
+        address=address,
+        namespace="serve",
+        num_cpus=None if address else args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    try:
+        deploy(schema)
+        base = url(schema)
+        tiny = any("tiny" in str(app.args) for app in schema.applications)
+        print(f"diffguard is serving on {base}  (API docs: {base}/docs, health: {base}/healthz)", flush=True)
+        if tiny:
+            log.warning("WARNING: %s", models.TINY_BANNER)
+        print(
+            f"try: curl -s -X POST {base}/v1/generate -H 'Content-Type: application/json' "
+            f'-d \'{{"prompt": "a red bicycle", "seed": 1, "steps": 4}}\'',
+            flush=True,
+        )
+        print("press Ctrl-C to stop", flush=True)
+        stop.wait()
+        print("shutting down...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,59 @@
+"""Fault-injecting stand-ins loaded by Serve replicas through the deployments' ``factory`` argument.
+
+They replace the model, never the serving code under test: the ingress, batching and error paths run for real.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+
+class _FakeChecker:
+    fingerprint = "fault-injection"
+
+    def __init__(self, args: Any):
+        self.args = args
+
+    def configure(self, **settings: Any) -> None:
+        self.settings = settings
+
+    def info(self) -> dict[str, Any]:
+        return {"model": "fault-injection", "fingerprint": self.fingerprint, "demo_weights": True, "concepts": []}
+
+
+class RaisingChecker(_FakeChecker):
+    """A checker whose every call fails."""
+
+    def check(self, items: list[Any]) -> list[Any]:
+        raise RuntimeError("injected checker failure")
+
+
+class SlowChecker(_FakeChecker):
+    """A checker slower than any sane timeout; it would flag nothing, so a leak would be visible."""
+
+    def check(self, items: list[Any]) -> list[Any]:
+        from pipeline import Verdict
+
+        time.sleep(3)
+        return [Verdict(nsfw=False, concept_scores=[-1.0]) for _ in items]
+
+
+class FakeGenerator:
+    """Random pixels, instantly (the generate path's checker faults do not need a diffusion model)."""
+
+    def __init__(self, args: Any, limits: Any):
+        self.limits = limits
+
+    def render(self, request: Any) -> Any:
+        from pipeline.generator import Rendering
+
+        rng = np.random.default_rng(request.seed or 0)
+        size = request.width or 64
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(request.num_images)]
+        return Rendering(images, request.seed or 0, size, size)
+
+    def info(self) -> dict[str, Any]:
+        return {"model": "fake", "fingerprint": "fake", "demo_weights": True, "text_encoder": None}

@@ -1,0 +1,35 @@
+"""One real local Ray for every integration test in the session (2 CPUs, like CI), shut down at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    # Replicas import test fakes (tests/fakes.py) and the project from the checkout.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,284 @@
+"""The Serve app on a real local Ray with tiny models, driven over real HTTP like a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from deployments.run import DEFAULT_CONFIG, deploy, load_config
+from tests.conftest import encode, varied_images
+from tests.integration.conftest import free_port
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FAKE_GEN = {"factory": "tests.fakes:FakeGenerator"}
+LIGHT = {"ray_actor_options": {"num_cpus": 0.05}}
+
+
+def _fake_app(name: str, checker_factory: str, ingress: dict, ingress_options: dict | None = None, **kw) -> dict:
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "deployments.app:build_app",
+        "args": {"checker": {"factory": checker_factory}, "generator": FAKE_GEN, "ingress": ingress, **kw},
+        "deployments": [
+            {"name": "Ingress", **LIGHT, **(ingress_options or {})},
+            {"name": "Generator", **LIGHT, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+            {"name": "SafetyChecker", **LIGHT, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+        ],
+    }
+
+
+def build_config(port: int, adjustment: float = 0.0) -> dict:
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["http_options"]["port"] = port
+    main = raw["applications"][0]
+    main["args"]["ingress"].update(api_key=KEY, max_body_bytes=1_000_000)
+    for d in main["deployments"]:
+        if d["name"] == "SafetyChecker":
+            d["user_config"].update(batch_wait_timeout_s=0.25, adjustment=adjustment)
+            d["autoscaling_config"].update(max_replicas=1)  # one replica: every image meets the same batch queue
+    raw["applications"] += [
+        _fake_app("broken", "tests.fakes:RaisingChecker", {}),
+        _fake_app("slow", "tests.fakes:SlowChecker", {"checker_timeout_s": 1.0}),
+        _fake_app(
+            "overload",
+            "tests.fakes:SlowChecker",
+            {"checker_timeout_s": 30},
+            {"max_ongoing_requests": 1, "max_queued_requests": 1},
+        ),
+    ]
+    return raw
+
+
+def apply(raw: dict) -> None:
+    """Deploy through the same file -> schema -> controller path as `diffguard serve`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "serve.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        deploy(load_config(path), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster):
+    from ray import serve
+
+    port = free_port()
+    raw = build_config(port)
+    apply(raw)
+    base = f"http://127.0.0.1:{port}"
+    yield base, raw
+    serve.shutdown()  # free the CPUs for the other integration tests
+
+
+@pytest.fixture
+def client(service):
+    with httpx.Client(base_url=service[0], headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def _tiny_png(seed: int = 0) -> bytes:
+    return encode(varied_images(1, seed=seed)[0])
+
+
+def test_health_and_info(client):
+    assert client.get("/healthz", headers={}).json() == {
+        "ready": True,
+        "deployments": {"checker": "ready", "generator": "ready"},
+    }
+    info = client.get("/v1/info").json()
+    assert info["demo_weights"] is True and "meaningless" in info["note"]
+    assert len(info["checker"]["fingerprint"]) == 16 and info["checker"]["batching"]["max_batch_size"] == 16
+    assert len(info["checker"]["concepts"]) == 20
+    assert info["deployments"]["SafetyChecker"]["autoscaling_config"]["target_ongoing_requests"] == 16
+    assert info["deployments"]["SafetyChecker"]["max_ongoing_requests"] == 64
+    assert info["limits"]["max_images"] == 4
+    assert client.get("/docs", headers={}).status_code == 200
+    assert "/v1/generate" in client.get("/openapi.json", headers={}).json()["paths"]
+
+
+def test_generate_round_trip(client):
+    r = client.post("/v1/generate", json={"prompt": "a red bicycle", "num_images": 4, "steps": 2, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["request_id"] and r.headers["x-request-id"] == body["request_id"]
+    assert body["seed"] == 3 and (body["width"], body["height"]) == (64, 64)
+    assert [i["index"] for i in body["images"]] == [0, 1, 2, 3]
+    models = body["models"]
+    assert models["demo_weights"] is True and len(models["generator_fingerprint"]) == 16
+    for image in body["images"]:
+        mod = image["moderation"]
+        assert len(mod["concept_scores"]) == 17 and mod["error"] is None
+        assert mod["batch_size"] >= 4  # one request's images are separate items of the same batch
+        assert image["nsfw"] == mod["nsfw"]
+        if image["nsfw"]:
+            assert image["action"] == "block" and image["image_png_base64"] is None
+        else:
+            assert image["action"] == "allow"
+            png = Image.open(io.BytesIO(base64.b64decode(image["image_png_base64"])))
+            assert png.size == (64, 64)
+
+
+def test_moderate_multipart_and_raw(client):
+    files = [("files", ("a.png", _tiny_png(1), "image/png")), ("files", ("b.png", _tiny_png(2), "image/png"))]
+    files.append(("files", ("notes.txt", b"just text", "text/plain")))
+    r = client.post("/v1/moderate", files=files)
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    assert [row["filename"] for row in rows] == ["a.png", "b.png", "notes.txt"]
+    assert rows[0]["error"] is None and len(rows[0]["concept_scores"]) == 17
+    assert "not a recognised image format" in rows[2]["error"] and rows[2]["nsfw"] is False
+    assert all(row["batch_size"] >= 1 for row in rows)
+
+    raw = client.post("/v1/moderate", content=_tiny_png(1), headers={**AUTH, "Content-Type": "image/png"})
+    assert raw.status_code == 200
+    assert raw.json()["results"][0]["concept_scores"] == rows[0]["concept_scores"]
+
+
+def test_concurrent_requests_share_batches(service):
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=service[0], headers=AUTH, timeout=120) as c:
+            pngs = [_tiny_png(i) for i in range(20)]
+            calls = [c.post("/v1/moderate", files={"files": (f"{i}.png", p, "image/png")}) for i, p in enumerate(pngs)]
+            responses = await asyncio.gather(*calls)
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        return [r.json()["results"][0]["batch_size"] for r in responses]
+
+    sizes = asyncio.run(run())
+    print(f"batch sizes seen by 20 concurrent single-image requests: {sorted(sizes)}")
+    assert max(sizes) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "not valid JSON"),
+        ({"json": {"prompt": "a", "steps": 0}}, 422, "`steps` must be within 1..150, got 0"),
+        ({"json": {"prompt": "a", "width": 100}}, 422, "`width` must be a multiple of 8"),
+        ({"json": {"steps": 3}}, 422, "`prompt` is required"),
+        ({"json": {"prompt": "a", "num_images": "four"}}, 422, "`num_images`"),
+        ({"content": b"prompt=a", "headers": {"Content-Type": "text/plain"}}, 415, "application/json"),
+        ({"content": b"x" * 1_000_100, "headers": {"Content-Type": "application/json"}}, 413, "limit"),
+    ],
+)
+def test_generate_errors(client, kwargs, status, message):
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    r = client.post("/v1/generate", headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"] and r.json()["request_id"]
+    assert "image_png_base64" not in r.text
+
+
+def test_moderate_errors(client):
+    bad = client.post("/v1/moderate", files=[("files", ("x.png", b"\x89PNG broken", "image/png"))])
+    assert bad.status_code == 400 and "x.png" in bad.json()["error"]
+    empty = client.post("/v1/moderate", content=b"", headers={**AUTH, "Content-Type": "image/png"})
+    assert empty.status_code == 400 and "empty file" in empty.json()["error"]
+    wrong = client.post("/v1/moderate", json={"image": "abc"})
+    assert wrong.status_code == 415
+    no_files = client.post("/v1/moderate", data={"other": "1"}, files={"x": ("a.txt", b"1", "text/plain")})
+    assert no_files.status_code == 422 and "`files`" in no_files.json()["error"]
+    malformed = client.post(
+        "/v1/moderate",
+        content=b"--zzz\r\nnonsense",
+        headers={**AUTH, "Content-Type": "multipart/form-data; boundary=zzz"},
+    )
+    assert malformed.status_code in (400, 422)
+    too_big = client.post("/v1/moderate", content=b"\0" * 1_000_100, headers={**AUTH, "Content-Type": "image/png"})
+    assert too_big.status_code == 413
+
+
+def test_auth(service):
+    base = service[0]
+    assert httpx.post(f"{base}/v1/generate", json={"prompt": "a"}).status_code == 401
+    wrong = httpx.get(f"{base}/v1/info", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "Bearer" in wrong.json()["error"]
+    assert httpx.post(f"{base}/v1/moderate", content=_tiny_png()).status_code == 401
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_failing_checker_fails_closed(service):
+    base = service[0]
+    r = httpx.post(f"{base}/broken/v1/generate", json={"prompt": "a", "seed": 1, "num_images": 2}, timeout=60)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "nothing was released" in r.json()["error"] and "image_png_base64" not in r.text
+    m = httpx.post(f"{base}/broken/v1/moderate", content=_tiny_png(), timeout=60)
+    assert m.status_code == 503
+
+
+def test_slow_checker_times_out_closed(service):
+    base = service[0]
+    start = time.monotonic()
+    r = httpx.post(f"{base}/slow/v1/generate", json={"prompt": "a", "seed": 1}, timeout=60)
+    assert r.status_code == 503 and "within 1s" in r.json()["error"]
+    assert "image_png_base64" not in r.text
+    assert time.monotonic() - start < 30  # bounded, not a speed claim
+
+
+def test_overload_gets_503_with_retry_after(service):
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service[0], timeout=60) as c:
+            return await asyncio.gather(*(c.post("/overload/v1/moderate", content=_tiny_png()) for _ in range(8)))
+
+    responses = asyncio.run(run())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    assert all(r.headers.get("retry-after") for r in responses if r.status_code == 503)
+
+
+def _generate_until(base: str, request: dict, expected: str) -> dict:
+    """Poll until every image gets ``expected`` (a reconfigure reaches replicas asynchronously)."""
+    deadline = time.monotonic() + 120
+    while True:
+        body = httpx.post(f"{base}/v1/generate", json=request, headers=AUTH, timeout=120).json()
+        if all(i["action"] == expected for i in body["images"]) or time.monotonic() > deadline:
+            return body
+        time.sleep(1)
+
+
+def test_live_user_config_change_changes_verdicts(service):
+    from pipeline.generator import GenerationRequest, Generator
+
+    base, raw = service
+    request = {"prompt": "a red bicycle", "num_images": 2, "steps": 2, "seed": 11}
+    before = httpx.get(f"{base}/v1/info", headers=AUTH).json()["checker"]["fingerprint"]
+    try:
+        lenient, strict = copy.deepcopy(raw), copy.deepcopy(raw)
+        lenient["applications"][0]["deployments"][2]["user_config"]["adjustment"] = -1.0
+        strict["applications"][0]["deployments"][2]["user_config"]["adjustment"] = 1.0
+
+        apply(lenient)
+        allowed = _generate_until(base, request, "allow")
+        assert [i["action"] for i in allowed["images"]] == ["allow", "allow"]
+        assert allowed["models"]["checker_fingerprint"] != before
+        # The released pixels are exactly the generator's: compare with the core run in-process, on one thread like
+        # the replica (Ray gives fractional-CPU workers one OpenMP thread; float sums depend on the thread count).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            generator = Generator.load("tiny", device="cpu", dtype="float32")
+            expected = generator.generate(GenerationRequest.parse(request))
+        finally:
+            torch.set_num_threads(threads)
+        for image, pixels in zip(allowed["images"], expected, strict=True):
+            png = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["image_png_base64"]))))
+            assert np.array_equal(png, pixels)
+
+        apply(strict)
+        blocked = _generate_until(base, request, "block")
+        assert [(i["action"], i["image_png_base64"]) for i in blocked["images"]] == [("block", None)] * 2
+    finally:
+        apply(raw)
+    assert httpx.get(f"{base}/v1/info", headers=AUTH).json()["checker"]["fingerprint"] == before

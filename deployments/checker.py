@@ -62,7 +62,10 @@ class SafetyCheckerDeployment:
         runtime = CheckerRuntime(**(user_config or {}))
         with self._lock:
             self.checker.configure(
-                adjustment=runtime.adjustment, thresholds=runtime.thresholds, concepts=runtime.concepts
+                adjustment=runtime.adjustment,
+                thresholds=runtime.thresholds,
+                concepts=runtime.concepts,
+                policy=runtime.policy,
             )
             self.runtime = runtime
         self._score.set_max_batch_size(runtime.max_batch_size)
@@ -81,7 +84,7 @@ class SafetyCheckerDeployment:
         self.batch_sizes.observe(len(items))
         self.scored.inc(len(items))
         for v in verdicts:
-            for name in v.bad_concept_names:
+            for name in v.bad_concept_names + v.flagged_categories:
                 self.flagged.inc(tags={"concept": name})
         return [{"verdict": v, "batch_size": len(items), "fingerprint": fingerprint} for v in verdicts]
 

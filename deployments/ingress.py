@@ -211,7 +211,7 @@ class Ingress:
         )
         images = rendering["images"]
         results = await self._check(images, "generate")
-        moderated = moderate(images, [r["verdict"] for r in results], self.args.policy)
+        moderated = moderate(images, [r["verdict"] for r in results])
         checker_info, generator_info = await asyncio.gather(
             self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker"),
             self._call(self.generator.info.remote(), self.args.health_timeout_s, "generator"),
@@ -225,6 +225,7 @@ class Ingress:
                     "index": m.index,
                     "nsfw": m.nsfw,
                     "action": m.action,
+                    "flagged_categories": m.verdict.flagged_categories,
                     "image_png_base64": _png_base64(m.image) if m.image is not None else None,
                     "moderation": {**m.verdict.to_dict(), "batch_size": r["batch_size"]},
                 }
@@ -315,7 +316,7 @@ class Ingress:
                 "generator": generator,
                 "demo_weights": demo,
                 "note": "tiny demo weights: verdicts are meaningless" if demo else None,
-                "policy": self.args.policy,
+                "policy": checker.get("policy"),
                 "limits": self.limits.__dict__,
                 "deployments": _deployment_settings(),
             }

@@ -5,7 +5,7 @@ Pydantic only; importing this module never touches torch or model weights.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +20,7 @@ class CheckerRuntime(BaseModel):
     adjustment: float = Field(0.0, ge=-1, le=1)  # stricter filter when > 0
     thresholds: dict[str, float] = Field(default_factory=dict)  # concept name or index -> threshold override
     concepts: str | None = None  # a saved concept set (custom concepts + overrides) readable by every replica
+    policy: str | None = "default"  # policy file readable by every replica, or default | stock | block | blur | black
 
 
 class CheckerArgs(BaseModel):
@@ -46,11 +47,10 @@ class GeneratorArgs(BaseModel):
 
 
 class IngressArgs(BaseModel):
-    """The HTTP front: limits, timeouts and the policy for flagged images."""
+    """The HTTP front: limits and timeouts (the policy lives in the checker's user_config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["block", "blur", "black"] = "block"  # what a flagged generated image becomes
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)  # larger request bodies get 413
     checker_timeout_s: float = Field(30.0, gt=0)  # no verdict within this -> 503, no pixels
     generator_timeout_s: float = Field(600.0, gt=0)

@@ -19,8 +19,9 @@ import torch
 
 from . import models
 from .concepts import Concept, ConceptSet
-from .errors import ImageDecodeError, InvalidInput
-from .images import DEFAULT_MAX_PIXELS, DecodeLimits, load_images
+from .errors import ImageDecodeError, InvalidInput, ModelSourceError
+from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeLimits, load_images
+from .policy import Policy, load_policy, strongest
 from .preprocess import Preprocess, processor_class
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class Verdict:
     bad_concepts: list[int] = field(default_factory=list)  # indices into concept_scores
     bad_concept_names: list[str] = field(default_factory=list)
     special_care: bool = False
+    categories: dict[str, float] = field(default_factory=dict)  # category -> its highest concept margin
+    flagged_categories: list[str] = field(default_factory=list)  # categories with a margin > 0
+    action: str | None = None  # what the policy does: allow | flag | blur | black | block (None: no policy)
     error: str | None = None
 
     @classmethod
@@ -51,10 +55,11 @@ class Verdict:
 
 @dataclass
 class Scores:
-    """Whole-batch scoring output, tensors on CPU: (B, C) concept margins, (B, S) special margins."""
+    """Whole-batch scoring output on CPU: (B, C) concept margins, (B, S) special margins, (B, K) category scores."""
 
     concept: torch.Tensor
     special: torch.Tensor
+    categories: torch.Tensor
 
     @property
     def nsfw(self) -> torch.Tensor:
@@ -105,23 +110,31 @@ def weights_digest(*modules: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def score(embeds: torch.Tensor, concepts: torch.Tensor, thresholds: torch.Tensor, num_special: int, adjustment: float):
-    """The reference's rule on a whole batch.
+def score(embeds: torch.Tensor, concepts: ConceptSet, adjustment: float) -> Scores:
+    """The reference's rule on a whole batch, plus category scores.
 
-    ``embeds`` (B, D) float32 image embeddings; ``concepts`` (N, D) L2-normalised rows, special-care first;
-    ``thresholds`` (N,). Special-care rows are scored in order and, from the first hit on, the adjustment is raised by
-    0.01 for the remaining rows of that image, exactly as ``StableDiffusionSafetyChecker.forward`` does; every margin
-    is rounded to 3 decimals before it is compared with 0.
+    ``embeds`` (B, D) float32 image embeddings. Every concept row is compared in one matmul. Special-care rows are
+    scored in order and, from the first hit on, the adjustment is raised by 0.01 for the image's remaining special
+    rows and its stock/custom rows, exactly as ``StableDiffusionSafetyChecker.forward`` does; every margin is rounded
+    to 3 decimals before it is compared with 0. Policy rows take the adjustment but not the special-care bump.
+    A category's score is the maximum margin over its rows.
     """
-    cos = torch.nn.functional.normalize(embeds.float()) @ concepts.T  # (B, N) cosines, one matmul
-    margins = cos - thresholds + adjustment  # (B, N) float32, as the reference computes with numpy float32
+    rows = concepts.embeds  # (N, D) L2-normalised
+    cos = torch.nn.functional.normalize(embeds.float()) @ rows.T  # (B, N) cosines, one matmul
+    margins = cos - concepts.thresholds() + adjustment  # (B, N) float32, as the reference computes with numpy
+    special_rows, nsfw_rows = concepts.special_rows, concepts.nsfw_rows
     bump = torch.zeros(embeds.shape[0], dtype=torch.float32)  # (B,) 0.01 once a special-care row hit
-    special = torch.empty((embeds.shape[0], num_special), dtype=torch.float32)
-    for j in range(num_special):  # a handful of rows; each step is whole-batch
-        special[:, j] = torch.round(margins[:, j] + bump, decimals=3)
-        bump = torch.where(special[:, j] > 0, SPECIAL_CARE_BUMP, bump)
-    concept = torch.round(margins[:, num_special:] + bump[:, None], decimals=3)
-    return Scores(concept=concept, special=special)
+    for j in special_rows:  # a handful of rows; each step is whole-batch
+        margins[:, j] = torch.round(margins[:, j] + bump, decimals=3)
+        bump = torch.where(margins[:, j] > 0, SPECIAL_CARE_BUMP, bump)
+    bumped = torch.zeros(len(concepts.concepts), dtype=torch.bool)
+    bumped[nsfw_rows] = True
+    others = torch.ones_like(bumped)
+    others[special_rows] = False
+    margins[:, others] = torch.round(margins[:, others] + bump[:, None] * bumped[others], decimals=3)
+    mask = concepts.category_mask()  # (K, N)
+    categories = margins[:, None, :].masked_fill(~mask, float("-inf")).amax(dim=2) if len(mask) else margins[:, :0]
+    return Scores(concept=margins[:, nsfw_rows], special=margins[:, special_rows], categories=categories)
 
 
 class SafetyChecker:
@@ -173,6 +186,7 @@ class SafetyChecker:
         adjustment: float = 0.0,
         concepts: str | Path | None = None,
         thresholds: dict[str | int, float] | None = None,
+        policy: str | Path | Policy | None = "default",
         **kwargs: Any,
     ) -> SafetyChecker:
         """Load from ``tiny``, a local directory (a checker, or a Stable Diffusion pipeline folder) or a hub id."""
@@ -204,10 +218,7 @@ class SafetyChecker:
             adjustment=adjustment,
             **kwargs,
         )
-        if concepts is not None:
-            checker.load_concepts(concepts)
-        for name, value in (thresholds or {}).items():
-            checker.set_threshold(name, value)
+        checker.configure(adjustment=adjustment, thresholds=thresholds, concepts=concepts, policy=policy)
         return checker
 
     # --- configuration ------------------------------------------------------------------------------------------------
@@ -232,18 +243,98 @@ class SafetyChecker:
         adjustment: float = 0.0,
         thresholds: dict[str | int, float] | None = None,
         concepts: str | Path | None = None,
+        policy: str | Path | Policy | None = "default",
     ) -> None:
-        """Replace the whole scoring policy at once: stock concepts, then ``concepts``, ``thresholds``, ``adjustment``.
+        """Replace the whole scoring policy at once: stock concepts, then ``concepts`` (a saved concept set),
+        ``policy`` (file or keyword; None: no categories), ``thresholds`` (by concept name or index), ``adjustment``.
 
         Declarative (the same settings always give the same fingerprint) and atomic: on any error nothing changes.
         """
         fresh = copy.deepcopy(self._stock)
         if concepts is not None:
             fresh.apply_file(concepts)
+        if policy is not None:
+            self._add_policy(fresh, load_policy(policy))
         for name, value in (thresholds or {}).items():
             fresh.set_threshold(int(name) if isinstance(name, str) and name.isdigit() else name, value)
         self.adjustment = adjustment  # validates before anything is replaced
         self.concepts = fresh
+
+    def set_policy(self, policy: str | Path | Policy | None) -> None:
+        """Apply a policy (file, keyword or :class:`Policy`) on top of the current concepts, replacing any other."""
+        fresh = copy.deepcopy(self.concepts)
+        fresh.concepts = [c for c in fresh.concepts if c.kind != "policy"]
+        fresh.embeds = fresh.embeds[[i for i, c in enumerate(self.concepts.concepts) if c.kind != "policy"]]
+        fresh.categories, fresh.policy_digest, fresh.nsfw_action = [], "", "block"
+        if policy is not None:
+            self._add_policy(fresh, load_policy(policy))
+        self.concepts = fresh
+
+    def _add_policy(self, concepts: ConceptSet, policy: Policy) -> None:
+        """Add a policy's concept rows and categories to ``concepts`` (text via the text tower, images embedded)."""
+        needs_text = any(spec.text for c in policy.categories for spec in c.concepts)
+        if needs_text and policy.name.startswith("diffguard-default"):
+            try:
+                self._text_encoder()
+            except ModelSourceError as exc:
+                log.warning(
+                    "the default policy's text concepts need the CLIP text tower %r, which cannot be loaded (%s); "
+                    "using the stock policy: hate, harassment, violence, self-harm, shocking and illegal-activity "
+                    "are NOT checked. Download the tower (see README) or pass a policy file.",
+                    self.concept_text_model,
+                    exc.message.split(". ")[0],
+                )
+                policy = load_policy("stock")
+        texts = [(c, i, spec) for c in policy.categories for i, spec in enumerate(c.concepts) if spec.text]
+        text_embeds = self.embed_text([spec.text for _, _, spec in texts]) if texts else None
+        text_rows = {
+            (c.name, i): row for (c, i, _), row in zip(texts, [] if text_embeds is None else text_embeds, strict=True)
+        }
+        stock = [i for i, c in enumerate(concepts.concepts) if c.kind == "stock"]
+        special = concepts.special_rows
+        for category in policy.categories:
+            rows: list[str] = []
+            for i, spec in enumerate(category.concepts):
+                kind = spec.kind()
+                if kind in ("stock", "special"):
+                    pool, ref = (stock, spec.stock) if kind == "stock" else (special, spec.special)
+                    picked = pool if ref == "all" else [pool[self._ref_index(ref, len(pool), category.name)]]
+                    for row in picked:
+                        if spec.threshold is not None:
+                            concepts.concepts[row].threshold = float(spec.threshold)
+                    rows += [concepts.concepts[row].name for row in picked]
+                    continue
+                if kind == "text":
+                    embed, source, threshold = text_rows[(category.name, i)], spec.text, spec.threshold
+                else:
+                    embed, source, threshold = self._image_set(policy.base_dir / str(spec.images), category.name)
+                    threshold = spec.threshold if spec.threshold is not None else threshold
+                concepts.add(Concept(f"{category.name}:{i}", "policy", float(threshold), str(source)), embed)
+                rows.append(f"{category.name}:{i}")
+            concepts.categories.append((category.name, category.action, rows))
+        concepts.nsfw_action = policy.nsfw_action
+        concepts.policy_digest = policy.digest()
+
+    @staticmethod
+    def _ref_index(ref: Any, size: int, category: str) -> int:
+        if not isinstance(ref, int) or not 0 <= ref < size:
+            raise InvalidInput(f"category {category!r}: stock reference must be 'all' or 0..{size - 1}, got {ref!r}")
+        return ref
+
+    def _image_set(self, directory: Path, category: str) -> tuple[torch.Tensor, str, float]:
+        """A folder of example images -> (centroid, description, default threshold: every example is a hit)."""
+        files = (
+            sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if directory.is_dir() else []
+        )
+        if not files:
+            raise InvalidInput(f"category {category!r}: no example images under {directory}")
+        embeds = torch.nn.functional.normalize(self.embed(files))
+        centroid = torch.nn.functional.normalize(embeds.mean(0), dim=0)
+        return (
+            centroid,
+            f"{len(files)} example images in {directory}",
+            round(float((embeds @ centroid).min()) - 1e-3, 4),
+        )
 
     def save_concepts(self, path: str | Path) -> None:
         self.concepts.save(path)
@@ -267,6 +358,10 @@ class SafetyChecker:
             "adjustment": self.adjustment,
             "max_batch_size": self.max_batch_size,
             "concepts": [{"name": c.name, "kind": c.kind, "threshold": c.threshold} for c in self.concepts.concepts],
+            "policy": {
+                "nsfw_action": self.concepts.nsfw_action,
+                "categories": {name: action for name, action, _ in self.concepts.categories},
+            },
         }
 
     # --- custom concepts ----------------------------------------------------------------------------------------------
@@ -300,8 +395,7 @@ class SafetyChecker:
         self.concepts.set_threshold(name, concept.threshold)  # validates the range
         return concept
 
-    def embed_text(self, texts: list[str]) -> torch.Tensor:
-        """(T, D) float32 text embeddings from the concept text tower (loaded on first use)."""
+    def _text_encoder(self) -> tuple[Any, Any]:
         if self._text_tower is None:
             from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -309,7 +403,11 @@ class SafetyChecker:
             tower = models.from_pretrained(CLIPTextModelWithProjection, src, "concept text tower").eval()
             tokenizer = models.from_pretrained(CLIPTokenizer, src, "concept text tokenizer")
             self._text_tower = (tower, tokenizer)
-        tower, tokenizer = self._text_tower
+        return self._text_tower
+
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """(T, D) float32 text embeddings from the concept text tower (loaded on first use)."""
+        tower, tokenizer = self._text_encoder()
         if tower.config.projection_dim != self.concepts.embeds.shape[1]:
             raise InvalidInput(
                 f"concept text tower {self.concept_text_model!r} projects to {tower.config.projection_dim}-d, but the "
@@ -334,9 +432,7 @@ class SafetyChecker:
 
     def score_embeddings(self, embeds: torch.Tensor) -> Scores:
         with torch.inference_mode():
-            return score(
-                embeds, self.concepts.embeds, self.concepts.thresholds(), self.concepts.num_special, self.adjustment
-            )
+            return score(embeds, self.concepts, self.adjustment)
 
     def check_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
         """Preprocessed pixels (B, 3, H, W) -> verdicts (for adapters that preprocess elsewhere)."""
@@ -371,13 +467,18 @@ class SafetyChecker:
     def verdicts(self, scores: Scores) -> list[Verdict]:
         """Tensors -> per-image Python objects (the only per-image loop, after all the arithmetic)."""
         names = self.concepts.names
+        cats = [(name, action) for name, action, _ in self.concepts.categories]
         concept = np.round(scores.concept.double().numpy(), 3)
         special = np.round(scores.special.double().numpy(), 3)
-        hits = concept > 0
+        category = np.round(scores.categories.double().numpy(), 3)
+        hits, flagged = concept > 0, category > 0
         special_hit = (special > 0).any(axis=1)
+        policy = bool(cats) or self.concepts.policy_digest != ""
         out = []
         for i in range(concept.shape[0]):
             bad = np.flatnonzero(hits[i]).tolist()
+            flags = [cats[k][0] for k in np.flatnonzero(flagged[i])]
+            actions = [cats[k][1] for k in np.flatnonzero(flagged[i])] + ([self.concepts.nsfw_action] if bad else [])
             out.append(
                 Verdict(
                     nsfw=bool(bad),
@@ -386,6 +487,9 @@ class SafetyChecker:
                     bad_concepts=bad,
                     bad_concept_names=[names[j] for j in bad],
                     special_care=bool(special_hit[i]),
+                    categories={name: float(category[i, k]) for k, (name, _) in enumerate(cats)},
+                    flagged_categories=flags,
+                    action=strongest(actions) if policy else None,
                 )
             )
         return out

@@ -1,8 +1,9 @@
 """Concept sets: the rows every image embedding is compared against, with their thresholds.
 
 Rows are the checker's 3 stock special-care concepts, its 17 stock concepts, then any custom concepts (from example
-images or text). A saved concept set holds the custom rows and any threshold overrides of stock rows, in one
-safetensors file with JSON metadata, so it can be applied to any checker with the same embedding width.
+images or text) and a policy's category concepts. Stock and custom rows decide ``nsfw``; policy rows only feed their
+categories. A saved concept set holds the custom rows and any threshold overrides of stock rows, in one safetensors
+file with JSON metadata, so it can be applied to any checker with the same embedding width.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ FORMAT = "diffguard.concepts/1"
 
 @dataclass
 class Concept:
-    name: str  # unique; stock rows are concept_0..concept_16 and special_0..special_2
-    kind: str  # "stock" | "special" | "image" | "text"
+    name: str  # unique; stock rows are concept_0..concept_16 and special_0..special_2; policy rows "<category>:<i>"
+    kind: str  # "stock" | "special" | "image" | "text" (these decide nsfw) | "policy" (feeds categories only)
     threshold: float  # cosine above which (after adjustment) the concept is hit
     source: str = ""  # the text phrase, or how many example images made it
 
@@ -36,6 +37,9 @@ class ConceptSet:
     concepts: list[Concept]
     embeds: torch.Tensor
     stock_thresholds: dict[str, float] = field(default_factory=dict)  # the weights' own thresholds, for overrides
+    categories: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (name, action, row names)
+    nsfw_action: str = "block"  # the action the stock decision leads to
+    policy_digest: str = ""  # the policy these categories came from
 
     @classmethod
     def from_checker(cls, model: torch.nn.Module) -> ConceptSet:
@@ -57,12 +61,29 @@ class ConceptSet:
         return sum(c.kind == "special" for c in self.concepts)
 
     @property
+    def nsfw_rows(self) -> list[int]:
+        """Rows of ``concept_scores``: stock and custom concepts, in order."""
+        return [i for i, c in enumerate(self.concepts) if c.kind in ("stock", "image", "text")]
+
+    @property
+    def special_rows(self) -> list[int]:
+        return [i for i, c in enumerate(self.concepts) if c.kind == "special"]
+
+    @property
     def names(self) -> list[str]:
-        return [c.name for c in self.concepts if c.kind != "special"]
+        return [self.concepts[i].name for i in self.nsfw_rows]
 
     @property
     def special_names(self) -> list[str]:
-        return [c.name for c in self.concepts if c.kind == "special"]
+        return [self.concepts[i].name for i in self.special_rows]
+
+    def category_mask(self) -> torch.Tensor:
+        """(C, N) bool: which rows each category takes its maximum over."""
+        mask = torch.zeros((len(self.categories), len(self.concepts)), dtype=torch.bool)
+        row = {c.name: i for i, c in enumerate(self.concepts)}
+        for k, (_, _, names) in enumerate(self.categories):
+            mask[k, [row[n] for n in names]] = True
+        return mask
 
     def thresholds(self) -> torch.Tensor:
         """(N,) float32 in row order, the same dtype the reference compares in."""
@@ -71,9 +92,10 @@ class ConceptSet:
     def index(self, name_or_index: str | int) -> int:
         """Row of a concept given by name, or by index into ``concept_scores`` (ints)."""
         if isinstance(name_or_index, int):
-            if not 0 <= name_or_index < len(self.names):
-                raise InvalidInput(f"concept index {name_or_index} is out of range 0..{len(self.names) - 1}")
-            return self.num_special + name_or_index
+            rows = self.nsfw_rows
+            if not 0 <= name_or_index < len(rows):
+                raise InvalidInput(f"concept index {name_or_index} is out of range 0..{len(rows) - 1}")
+            return rows[name_or_index]
         for row, c in enumerate(self.concepts):
             if c.name == name_or_index:
                 return row
@@ -85,9 +107,13 @@ class ConceptSet:
             raise InvalidInput(f"concept name {concept.name!r} is empty or already used")
         if embed.shape != (self.embeds.shape[1],):
             raise InvalidInput(f"concept embedding must have shape ({self.embeds.shape[1]},), got {tuple(embed.shape)}")
-        self.concepts.append(concept)
+        # Canonical order (special, stock, custom, policy) whatever the order of edits: one policy, one fingerprint.
+        at = len(self.concepts)
+        if concept.kind != "policy":
+            at = next((i for i, c in enumerate(self.concepts) if c.kind == "policy"), at)
+        self.concepts.insert(at, concept)
         row = torch.nn.functional.normalize(embed.detach().float().cpu(), dim=0)
-        self.embeds = torch.cat([self.embeds, row[None]])
+        self.embeds = torch.cat([self.embeds[:at], row[None], self.embeds[at:]])
 
     def set_threshold(self, name_or_index: str | int, value: float) -> None:
         value = float(value)
@@ -141,4 +167,5 @@ class ConceptSet:
         h = hashlib.sha256()
         h.update(self.embeds.contiguous().numpy().tobytes())
         h.update(json.dumps([c.__dict__ for c in self.concepts], sort_keys=True).encode())
+        h.update(json.dumps([self.categories, self.nsfw_action, self.policy_digest]).encode())
         return h.hexdigest()

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from . import models
-from .policy import POLICIES
 
 log = logging.getLogger("diffguard")
 
@@ -30,7 +29,12 @@ def register(sub: Any) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--safety", default="off", choices=["off", "weak", "medium", "strong", "max"])
-    p.add_argument("--policy", default="block", choices=POLICIES, help="what to do with flagged images")
+    p.add_argument(
+        "--policy",
+        default="default",
+        help="policy file (YAML) or keyword: default | stock | block | blur | black (the default policy, with "
+        "flagged images blocked, blurred or blackened)",
+    )
     p.add_argument("--model", default=models.TINY, help="Stable Diffusion: hub id, directory or 'tiny' (default)")
     p.add_argument("--text-encoder", help="swap the text encoder, e.g. aimagelab/safeclip_vit-l_14 (or 'tiny')")
     p.add_argument("--force", action="store_true", help="replace earlier diffguard output in --out")
@@ -70,6 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .checker import SafetyChecker
     from .generator import GenerationRequest, Generator
     from .moderate import generate_moderated
+    from .policy import load_policy
 
     fields = {
         "prompt": args.prompt,
@@ -83,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "safety": args.safety,
     }
     request = GenerationRequest.parse(fields)  # invalid parameters exit 2 before anything is loaded or written
+    load_policy(args.policy)
     _prepare_out(args.out, args.force)
     generator = Generator.load(args.model, args.device, args.dtype, text_encoder=args.text_encoder)
     checker = SafetyChecker.load(
@@ -93,10 +99,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         concepts=args.concepts,
         max_batch_size=args.batch_size,
         concept_text_model=args.concept_text_model,
+        policy=args.policy,
     )
     if generator.demo or checker.demo:
         log.warning("WARNING: %s", models.TINY_BANNER)
-    result = generate_moderated(generator, checker, request, args.policy)
+    result = generate_moderated(generator, checker, request)
     report = result.report()
     for moderated, entry in zip(result.images, report["images"], strict=True):
         entry["file"] = None

@@ -14,14 +14,14 @@ import numpy as np
 from .checker import SafetyChecker, Verdict
 from .errors import Unavailable
 from .generator import GenerationRequest, Generator
-from .policy import ImagePolicy, apply_policy, check_policy
+from .policy import apply_action
 
 
 @dataclass
 class ModeratedImage:
     index: int
     verdict: Verdict
-    action: str  # allow | block | blur | black
+    action: str  # allow | flag | blur | black | block
     image: np.ndarray | None  # the pixels that may leave; None when blocked
 
     @property
@@ -29,7 +29,13 @@ class ModeratedImage:
         return self.verdict.nsfw
 
     def report(self) -> dict[str, Any]:
-        return {"index": self.index, "nsfw": self.nsfw, "action": self.action, "moderation": self.verdict.to_dict()}
+        return {
+            "index": self.index,
+            "nsfw": self.nsfw,
+            "action": self.action,
+            "flagged_categories": self.verdict.flagged_categories,
+            "moderation": self.verdict.to_dict(),
+        }
 
 
 @dataclass
@@ -53,14 +59,13 @@ class ModeratedGeneration:
         }
 
 
-def moderate(images: list[np.ndarray], verdicts: list[Verdict], policy: ImagePolicy = "block") -> list[ModeratedImage]:
-    """Pair images with their verdicts and apply the policy. A missing verdict means nothing leaves."""
-    check_policy(policy)
+def moderate(images: list[np.ndarray], verdicts: list[Verdict]) -> list[ModeratedImage]:
+    """Pair images with their verdicts and carry out each verdict's action. A missing verdict means nothing leaves."""
     if len(verdicts) != len(images):
         raise Unavailable(f"the checker returned {len(verdicts)} verdicts for {len(images)} images; nothing released")
     out = []
     for i, (image, verdict) in enumerate(zip(images, verdicts, strict=True)):
-        action, pixels = apply_policy(image, verdict, policy)
+        action, pixels = apply_action(image, verdict)
         out.append(ModeratedImage(i, verdict, action, pixels))
     return out
 
@@ -76,17 +81,15 @@ def model_info(generator_info: dict[str, Any], checker_info: dict[str, Any]) -> 
     }
 
 
-def generate_moderated(
-    generator: Generator, checker: SafetyChecker, request: GenerationRequest, policy: ImagePolicy = "block"
-) -> ModeratedGeneration:
-    """Generate, score every image, apply the policy: the only way the CLI releases generated pixels."""
+def generate_moderated(generator: Generator, checker: SafetyChecker, request: GenerationRequest) -> ModeratedGeneration:
+    """Generate, score every image, apply the checker's policy: the only way the CLI releases generated pixels."""
     rendering = generator.render(request)
     verdicts = checker.check_arrays(rendering.images)
     return ModeratedGeneration(
         request=request,
         seed=rendering.seed,
         size=(rendering.width, rendering.height),
-        images=moderate(rendering.images, verdicts, policy),
+        images=moderate(rendering.images, verdicts),
         models=model_info(generator.info(), checker.info()),
         warnings=rendering.warnings,
     )

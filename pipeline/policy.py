@@ -1,13 +1,22 @@
-"""What happens to a flagged image: ``block`` (no pixels leave), ``blur`` (unrecoverably blurred) or ``black``.
+"""Moderation policy: categories of concepts with thresholds and actions, and what an action does to an image.
 
-Fail closed: an image whose verdict has an error (it was not scored) is always blocked, whatever the policy.
+A policy (YAML, versioned, part of the checker's fingerprint) groups concept rows into categories. Each concept is a
+text phrase (CLIP text tower), a set of example images (the checker's own image embeddings) or a reference to the
+stock checker's concepts. A category's score is its highest concept margin; a category with score > 0 is flagged,
+and the image's action is the strongest of the flagged categories' actions and, when the stock checker's decision
+(``nsfw``) is set, ``nsfw_action``. Fail closed: an image that was not scored is always blocked.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import yaml
 from PIL import Image, ImageFilter
 
 from .errors import InvalidInput
@@ -15,17 +24,157 @@ from .errors import InvalidInput
 if TYPE_CHECKING:
     from .checker import Verdict
 
-ImagePolicy = Literal["block", "blur", "black"]
-POLICIES: tuple[str, ...] = ("block", "blur", "black")
+Action = Literal["allow", "flag", "blur", "black", "block"]
+ACTIONS: tuple[str, ...] = ("allow", "flag", "blur", "black", "block")  # weakest to strongest
+RANK = {a: i for i, a in enumerate(ACTIONS)}
+IMAGE_POLICIES: tuple[str, ...] = ("block", "blur", "black")  # keywords: the default policy, blocking done this way
+KEYWORDS: tuple[str, ...] = ("default", "stock", *IMAGE_POLICIES)
 BLUR_KEEP_PIXELS = 16  # a blurred image keeps at most this many pixels of information on its short side
+DEFAULT_POLICY_FILE = Path(__file__).parent / "policies" / "default.yaml"
+POLICY_VERSION = 1
 
 
-def check_policy(policy: str) -> ImagePolicy:
-    if policy not in POLICIES:
-        raise InvalidInput(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy  # type: ignore[return-value]
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept of a category: exactly one of ``text``, ``images``, ``stock`` or ``special``."""
+
+    text: str | None = None  # zero-shot phrase for the CLIP text tower
+    images: str | None = None  # directory of example images (relative to the policy file)
+    stock: int | str | None = None  # a stock concept index, or "all"
+    special: int | str | None = None  # a stock special-care index, or "all"
+    threshold: float | None = None  # cosine threshold; stock references default to the weights' own
+
+    def kind(self) -> str:
+        return next(k for k in ("text", "images", "stock", "special") if getattr(self, k) is not None)
 
 
+@dataclass(frozen=True)
+class Category:
+    name: str
+    action: Action
+    concepts: tuple[ConceptSpec, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy file. ``base_dir`` resolves relative image-set paths."""
+
+    name: str
+    categories: tuple[Category, ...]
+    nsfw_action: Action = "block"
+    version: int = POLICY_VERSION
+    calibrated: bool = False
+    base_dir: Path = Path(".")
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. calibration metadata, kept on save
+
+    def digest(self) -> str:
+        data = {
+            "name": self.name,
+            "nsfw_action": self.nsfw_action,
+            "version": self.version,
+            "categories": [asdict(c) for c in self.categories],
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        data: dict[str, Any] = {
+            "version": self.version,
+            "name": self.name,
+            "calibrated": self.calibrated,
+            "nsfw_action": self.nsfw_action,
+            **self.extra,
+            "categories": {},
+        }
+        for c in self.categories:
+            specs = [{k: v for k, v in asdict(s).items() if v is not None} for s in c.concepts]
+            data["categories"][c.name] = {"action": c.action, "concepts": specs}
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _check_action(value: Any, where: str) -> Action:
+    if value not in ACTIONS:
+        raise InvalidInput(f"{where}: action must be one of {', '.join(ACTIONS)}, got {value!r}")
+    return value
+
+
+def parse_policy(data: Any, base_dir: Path = Path("."), source: str = "policy") -> Policy:
+    """A YAML mapping -> :class:`Policy`, with errors that name the place and what is allowed."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source}: a policy must be a mapping with `version`, `name` and `categories`")
+    if data.get("version") != POLICY_VERSION:
+        raise InvalidInput(f"{source}: `version` must be {POLICY_VERSION}, got {data.get('version')!r}")
+    cats = data.get("categories")
+    if not isinstance(cats, dict) or not cats:
+        raise InvalidInput(f"{source}: `categories` must be a non-empty mapping of name -> category")
+    categories = []
+    for name, body in cats.items():
+        where = f"{source}: category {name!r}"
+        if not isinstance(body, dict) or not isinstance(body.get("concepts"), list) or not body["concepts"]:
+            raise InvalidInput(f"{where} needs `action` and a non-empty `concepts` list")
+        specs = []
+        for i, raw in enumerate(body["concepts"]):
+            if not isinstance(raw, dict):
+                raise InvalidInput(f"{where}, concept {i}: expected a mapping, got {raw!r}")
+            unknown = set(raw) - {"text", "images", "stock", "special", "threshold"}
+            kinds = [k for k in ("text", "images", "stock", "special") if k in raw]
+            if unknown or len(kinds) != 1:
+                raise InvalidInput(
+                    f"{where}, concept {i}: exactly one of text, images, stock, special (plus an optional "
+                    f"threshold) is allowed; got keys {sorted(raw)}"
+                )
+            threshold = raw.get("threshold")
+            if threshold is not None and not (isinstance(threshold, int | float) and -1 <= threshold <= 1):
+                raise InvalidInput(f"{where}, concept {i}: threshold must be a cosine in [-1, 1], got {threshold!r}")
+            if kinds[0] == "text" and threshold is None:
+                raise InvalidInput(f"{where}, concept {i}: text concepts need a threshold")
+            specs.append(ConceptSpec(**raw))
+        categories.append(Category(str(name), _check_action(body.get("action"), where), tuple(specs)))
+    known = {"version", "name", "calibrated", "nsfw_action", "categories"}
+    return Policy(
+        name=str(data.get("name", "unnamed")),
+        categories=tuple(categories),
+        nsfw_action=_check_action(data.get("nsfw_action", "block"), f"{source}: nsfw_action"),
+        calibrated=bool(data.get("calibrated", False)),
+        base_dir=base_dir,
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+def load_policy(spec: str | Path | Policy = "default") -> Policy:
+    """A policy file path, or a keyword: ``default`` (built in), ``stock`` (the stock checker only), or
+    ``block`` | ``blur`` | ``black`` (the default policy, with its blocking done that way)."""
+    if isinstance(spec, Policy):
+        return spec
+    text = str(spec)
+    if text == "stock":
+        return Policy(
+            name="stock",
+            categories=(
+                Category("sexual", "block", (ConceptSpec(stock="all"),)),
+                Category("special_care", "flag", (ConceptSpec(special="all"),)),
+            ),
+        )
+    if text in ("default", *IMAGE_POLICIES):
+        policy = load_policy(DEFAULT_POLICY_FILE)
+        if text == "default":
+            return policy
+        cats = tuple(replace(c, action=text) if c.action == "block" else c for c in policy.categories)
+        return replace(policy, name=f"{policy.name}+{text}", categories=cats, nsfw_action=text)
+    path = Path(text)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"policy {text!r} is neither a file nor one of {', '.join(KEYWORDS)}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read policy file {path}: {exc}") from None
+    return parse_policy(data, path.parent, str(path))
+
+
+def strongest(actions: list[str]) -> str:
+    return max(actions, key=RANK.__getitem__, default="allow")
+
+
+# --- what an action does to an image -------------------------------------------------------------------------------
 def blur(image: np.ndarray) -> np.ndarray:
     """Strong, unrecoverable blur: downsample to ≤16 px on the short side, upsample, then Gaussian-blur."""
     h, w = image.shape[:2]
@@ -35,14 +184,22 @@ def blur(image: np.ndarray) -> np.ndarray:
     return np.asarray(big, dtype=np.uint8)
 
 
-def apply_policy(image: np.ndarray, verdict: Verdict, policy: ImagePolicy) -> tuple[str, np.ndarray | None]:
-    """-> (action, pixels to release or None). Actions: allow | block | blur | black."""
+def image_action(verdict: Verdict) -> str:
+    """The verdict's action; unscored images are blocked; a bare verdict falls back to the stock decision."""
     if verdict.error is not None:
-        return "block", None
-    if not verdict.nsfw:
-        return "allow", image
-    if policy == "blur":
-        return "blur", blur(image)
-    if policy == "black":
-        return "black", np.zeros_like(image)
+        return "block"
+    if verdict.action is None:
+        return "block" if verdict.nsfw else "allow"
+    return verdict.action
+
+
+def apply_action(image: np.ndarray, verdict: Verdict) -> tuple[str, np.ndarray | None]:
+    """-> (action, pixels to release or None)."""
+    action = image_action(verdict)
+    if action in ("allow", "flag"):
+        return action, image
+    if action == "blur":
+        return action, blur(image)
+    if action == "black":
+        return action, np.zeros_like(image)
     return "block", None

@@ -101,7 +101,9 @@ def test_health_and_info(client):
     info = client.get("/v1/info").json()
     assert info["demo_weights"] is True and "meaningless" in info["note"]
     assert len(info["checker"]["fingerprint"]) == 16 and info["checker"]["batching"]["max_batch_size"] == 16
-    assert len(info["checker"]["concepts"]) == 20
+    kinds = [c["kind"] for c in info["checker"]["concepts"]]
+    assert kinds.count("special") == 3 and kinds.count("stock") == 17
+    assert set(info["policy"]["categories"]) >= {"violence", "self-harm", "hate", "sexual"}
     assert info["deployments"]["SafetyChecker"]["autoscaling_config"]["target_ongoing_requests"] == 16
     assert info["deployments"]["SafetyChecker"]["max_ongoing_requests"] == 64
     assert info["limits"]["max_images"] == 4
@@ -282,3 +284,29 @@ def test_live_user_config_change_changes_verdicts(service):
     finally:
         apply(raw)
     assert httpx.get(f"{base}/v1/info", headers=AUTH).json()["checker"]["fingerprint"] == before
+
+
+def test_policy_reload_through_user_config(service, tmp_path):
+    base, raw = service
+    policy = tmp_path / "everything.yaml"
+    policy.write_text(
+        "version: 1\nname: everything\nnsfw_action: block\ncategories:\n  everything:\n    action: blur\n"
+        "    concepts:\n      - {text: 'anything at all', threshold: -1.0}\n      - {stock: all}\n"
+    )
+    changed = copy.deepcopy(raw)
+    user_config = changed["applications"][0]["deployments"][2]["user_config"]
+    user_config.update(policy=str(policy), thresholds={str(i): 1.0 for i in range(17)})  # stock never fires
+    request = {"prompt": "a red bicycle", "num_images": 2, "steps": 2, "seed": 12}
+    try:
+        apply(changed)
+        body = _generate_until(base, request, "blur")
+        for image in body["images"]:
+            assert image["action"] == "blur" and image["flagged_categories"] == ["everything"]
+            assert image["moderation"]["categories"]["everything"] > 0 and image["nsfw"] is False
+            assert image["image_png_base64"]  # blurred pixels are released
+        info = httpx.get(f"{base}/v1/info", headers=AUTH).json()
+        assert info["policy"]["categories"] == {"everything": "blur"}
+    finally:
+        apply(raw)
+    body = httpx.post(f"{base}/v1/generate", json=request, headers=AUTH, timeout=120).json()
+    assert "everything" not in body["images"][0]["moderation"]["categories"]

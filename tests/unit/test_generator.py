@@ -135,20 +135,27 @@ def test_long_prompts_report_truncation(gen):
     assert gen.render(req()).warnings == []
 
 
-def test_moderation_policies():
+def test_moderation_carries_out_each_verdicts_action():
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    ok, bad, failed = Verdict(nsfw=False), Verdict(nsfw=True, bad_concepts=[1]), Verdict.failed("checker error")
-    for policy, action in (("block", "block"), ("blur", "blur"), ("black", "black")):
-        out = moderate([img, img, img], [ok, bad, failed], policy)
-        assert [m.action for m in out] == ["allow", action, "block"]
-        assert out[0].image is img and out[2].image is None  # an unscored image never leaves
-    assert moderate([img], [bad], "black")[0].image.max() == 0
-    with pytest.raises(InvalidInput, match="policy must be one of"):
-        moderate([img], [ok], "hide")
+    verdicts = [
+        Verdict(action="allow"),
+        Verdict(nsfw=True, action="flag", flagged_categories=["violence"]),
+        Verdict(nsfw=True, action="blur"),
+        Verdict(nsfw=True, action="black"),
+        Verdict(nsfw=True, action="block"),
+        Verdict.failed("checker error"),  # unscored: blocked whatever it says
+        Verdict(nsfw=True),  # no policy: the stock decision blocks
+        Verdict(nsfw=False),
+    ]
+    out = moderate([img] * len(verdicts), verdicts)
+    assert [m.action for m in out] == ["allow", "flag", "blur", "black", "block", "block", "block", "allow"]
+    assert out[0].image is img and out[1].image is img
+    assert not np.array_equal(out[2].image, img) and out[3].image.max() == 0
+    assert out[4].image is None and out[5].image is None and out[6].image is None
     from pipeline.errors import Unavailable
 
     with pytest.raises(Unavailable, match="1 verdicts for 2 images"):
-        moderate([img, img], [ok], "block")
+        moderate([img, img], [verdicts[0]])
 
 
 def test_blur_destroys_detail():
@@ -159,7 +166,7 @@ def test_blur_destroys_detail():
 
 
 def test_generate_moderated_scores_every_image(gen, checker):
-    result = generate_moderated(gen, checker, req(num_images=3), "block")
+    result = generate_moderated(gen, checker, req(num_images=3))
     assert len(result.images) == 3 and result.seed == 1
     report = result.report()
     assert report["models"]["generator_fingerprint"] == gen.fingerprint

@@ -33,7 +33,7 @@ def test_saved_directory_loads_like_real_weights(tmp_path, checker):
     src = tiny_path("checker")
     StableDiffusionSafetyChecker.from_pretrained(src).save_pretrained(tmp_path / "ckpt")
     processor_class().from_pretrained(src).save_pretrained(tmp_path / "ckpt")
-    loaded = SafetyChecker.load(str(tmp_path / "ckpt"), device="cpu", dtype="float32")
+    loaded = SafetyChecker.load(str(tmp_path / "ckpt"), device="cpu", dtype="float32", concept_text_model="tiny")
     assert not loaded.demo  # no tiny marker: treated as user weights
     assert loaded.fingerprint == checker.fingerprint
     imgs = varied_images(4)
@@ -51,7 +51,8 @@ def test_stable_diffusion_pipeline_folder_layout(tmp_path, checker):
     StableDiffusionSafetyChecker.from_pretrained(src).save_pretrained(tmp_path / "safety_checker")
     processor_class().from_pretrained(src).save_pretrained(tmp_path / "feature_extractor")
     (tmp_path / "model_index.json").write_text("{}")
-    assert SafetyChecker.load(str(tmp_path), device="cpu", dtype="float32").fingerprint == checker.fingerprint
+    loaded = SafetyChecker.load(str(tmp_path), device="cpu", dtype="float32", concept_text_model="tiny")
+    assert loaded.fingerprint == checker.fingerprint
 
 
 def test_unreachable_hub_fails_fast_with_instructions(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import generate_cli, models, scan_cli, serve_cli
+from . import evaluate_cli, generate_cli, models, serve_cli
 from .errors import DiffguardError
 from .images import IMAGE_SUFFIXES
 
@@ -61,6 +61,8 @@ def add_checker_options(p: argparse.ArgumentParser, model_flag: str = "--model")
     p.add_argument("--concept-text-model", help="CLIP text tower for text concepts (default matches --model)")
     p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="refuse larger images (default 40 MP)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model call (default 32)")
+    if model_flag == "--model":  # generate adds its own --policy (the same option, with image-policy keywords)
+        p.add_argument("--policy", default="default", help="policy file (YAML) or keyword: default | stock")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Other command families live in their own modules; each registers its subparsers here (cheap imports only).
     generate_cli.register(sub)
     serve_cli.register(sub)
-    scan_cli.register(sub)
+    evaluate_cli.register(sub)
     return parser
 
 
@@ -116,6 +118,7 @@ def load_checker(args: argparse.Namespace):
         max_batch_size=args.batch_size,
         max_pixels=args.max_pixels,
         concept_text_model=args.concept_text_model,
+        policy=args.policy,
     )
     if checker.demo:
         log.warning("WARNING: %s", models.TINY_BANNER)
@@ -129,7 +132,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise UsageError(f"no image files found under {', '.join(map(str, args.paths))}")
     flagged = unreadable = 0
     if not args.json:
-        print(f"{'verdict':<8} {'top score':>9}  {'hits':<28} path")
+        print(f"{'action':<8} {'top score':>9}  {'concepts and categories hit':<28} path")
     for start in range(0, len(inputs), CHUNK):
         chunk = inputs[start : start + CHUNK]
         for path, verdict in zip(chunk, checker.check(chunk), strict=True):
@@ -153,8 +156,8 @@ def _table_row(row: dict) -> str:
     if row["error"]:
         return f"{'ERROR':<8} {'':>9}  {row['error'][:60]:<28} {row['path']}"
     top = max(row["concept_scores"], default=0.0)
-    hits = ",".join(row["bad_concept_names"]) or "-"
-    return f"{'NSFW' if row['nsfw'] else 'ok':<8} {top:>9.3f}  {hits[:28]:<28} {row['path']}"
+    hits = ",".join(row["bad_concept_names"] + row["flagged_categories"]) or "-"
+    return f"{row['action'] or ('NSFW' if row['nsfw'] else 'ok'):<8} {top:>9.3f}  {hits[:28]:<28} {row['path']}"
 
 
 def cmd_models_download(args: argparse.Namespace) -> int:

@@ -260,6 +260,20 @@ class SafetyChecker:
         self.adjustment = adjustment  # validates before anything is replaced
         self.concepts = fresh
 
+    def adopt(self, concepts: ConceptSet, adjustment: float) -> None:
+        """Score with rows another checker resolved (concept sets, policy, thresholds), as a copy.
+
+        Workers of a distributed job use it so that only one process reads concept files, policy image folders and
+        the text tower; the fingerprint then matches the resolving checker's exactly when the weights do too.
+        """
+        if concepts.embeds.shape[1] != self._stock.embeds.shape[1]:
+            raise InvalidInput(
+                f"concept rows of width {concepts.embeds.shape[1]} do not fit this checker's "
+                f"{self._stock.embeds.shape[1]}-d embeddings (they belong to another model)"
+            )
+        self.adjustment = adjustment  # validates before anything is replaced
+        self.concepts = copy.deepcopy(concepts)
+
     def set_policy(self, policy: str | Path | Policy | None) -> None:
         """Apply a policy (file, keyword or :class:`Policy`) on top of the current concepts, replacing any other."""
         fresh = copy.deepcopy(self.concepts)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import evaluate_cli, generate_cli, models, serve_cli
+from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli
 from .errors import DiffguardError
 from .images import IMAGE_SUFFIXES
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cli.register(sub)
     serve_cli.register(sub)
     evaluate_cli.register(sub)
+    scan_cli.register(sub)
     return parser
 
 

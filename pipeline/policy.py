@@ -28,6 +28,7 @@ Action = Literal["allow", "flag", "blur", "black", "block"]
 ACTIONS: tuple[str, ...] = ("allow", "flag", "blur", "black", "block")  # weakest to strongest
 RANK = {a: i for i, a in enumerate(ACTIONS)}
 IMAGE_POLICIES: tuple[str, ...] = ("block", "blur", "black")  # keywords: the default policy, blocking done this way
+WITHHELD: tuple[str, ...] = ("blur", "black", "block")  # actions that keep an image from being shown as it is
 KEYWORDS: tuple[str, ...] = ("default", "stock", *IMAGE_POLICIES)
 BLUR_KEEP_PIXELS = 16  # a blurred image keeps at most this many pixels of information on its short side
 DEFAULT_POLICY_FILE = Path(__file__).parent / "policies" / "default.yaml"
@@ -191,6 +192,11 @@ def image_action(verdict: Verdict) -> str:
     if verdict.action is None:
         return "block" if verdict.nsfw else "allow"
     return verdict.action
+
+
+def withheld(verdict: Verdict) -> bool:
+    """A scored image that the policy does not release as it is: what a bucket scan's quarantine or tag acts on."""
+    return verdict.error is None and image_action(verdict) in WITHHELD
 
 
 def apply_action(image: np.ndarray, verdict: Verdict) -> tuple[str, np.ndarray | None]:

@@ -105,3 +105,25 @@ def test_verdicts_serialise_to_json(fresh):
     again = json.loads(json.dumps(v.to_dict()))
     assert set(again) >= {"nsfw", "concept_scores", "special_scores", "bad_concepts", "special_care", "error"}
     assert len(again["concept_scores"]) == 17 and len(again["special_scores"]) == 3
+
+
+def test_adopt_scores_exactly_like_the_checker_that_resolved_the_rows(fresh):
+    """What scan actors do: load weights only, adopt the driver's resolved rows, and match its fingerprint."""
+    import dataclasses
+
+    import torch
+
+    driver = SafetyChecker.load("tiny", device="cpu", dtype="float32", policy="stock", adjustment=0.05)
+    driver.add_concept("reds", images=_solid((200, 20, 20)))
+    worker = SafetyChecker.load("tiny", device="cpu", dtype="float32", policy=None)
+    assert worker.fingerprint != driver.fingerprint
+    worker.adopt(driver.concepts, driver.adjustment)
+    assert worker.fingerprint == driver.fingerprint
+    images = varied_images(12, seed=3) + _solid((200, 20, 20), n=2)
+    assert [v.to_dict() for v in worker.check(images)] == [v.to_dict() for v in driver.check(images)]
+    assert any(v.nsfw for v in worker.check(images[-2:]))
+
+    narrow = dataclasses.replace(driver.concepts, embeds=torch.zeros(len(driver.concepts.concepts), 7))
+    with pytest.raises(InvalidInput, match="width 7"):
+        worker.adopt(narrow, 0.0)
+    assert worker.fingerprint == driver.fingerprint  # unchanged after a refused adopt

@@ -1,0 +1,395 @@
+"""The bucket scan: a Ray Data job over S3 (or a local directory) that scores every image with the core checker.
+
+list (driver, boto3 paginator) -> plan against DEST's current view (key, etag, fingerprint) -> Ray Data:
+read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an
+actor pool holding the core ``SafetyChecker``) -> the driver commits rows as Parquet parts under DEST -> actions on
+flagged objects -> compaction into a snapshot. See ``pipeline.scan_state`` for the layout and ``scan_actions`` for
+quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .concepts import ConceptSet
+from .errors import ImageDecodeError, InvalidInput
+from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeLimits, decode_image
+from .policy import image_action, withheld
+from .scan_actions import ActionReport, apply_actions, quarantine_location, recover
+from .scan_state import PartWriter, compact, load_state, rows_table
+from .storage import LocalStore, Location, ObjectInfo, S3Store, StorageError, Store, parse_location, sha256
+
+log = logging.getLogger("diffguard")
+
+DECODE_CPUS = 0.5  # read + decode tasks: I/O-bound reads overlap with decoding
+COMMIT_EVERY_S = 30.0  # commit a part at least this often, even when it has fewer than part_rows rows
+MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
+READ_THREADS = 16  # concurrent GETs per read task
+HANG_AFTER_PARTS = "DIFFGUARD_TEST_HANG_AFTER_PARTS"  # tests only: stall after N commits so a real kill lands mid-run
+
+
+@dataclass(frozen=True)
+class CheckerSpec:
+    """How the driver loads the checker, and how every scoring actor loads the same one.
+
+    The driver resolves the concept set, the policy (text tower, example-image folders) and the thresholds once;
+    actors load only the weights and adopt the driver's concept rows, so files and towers need not exist on workers.
+    """
+
+    model: str = "tiny"  # hub id, directory (present on every node) or "tiny"
+    device: str = "auto"  # in the actors: "auto" takes the GPU Ray assigned, if any
+    dtype: str = "auto"
+    adjustment: float = 0.0
+    concepts: Path | None = None  # a saved concept set (read by the driver only)
+    policy: str | None = "default"  # policy file or keyword (read by the driver only); None: no categories
+    max_batch_size: int = 32  # images per vision pass
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    concept_text_model: str | None = None  # text tower for the policy's text concepts (driver only)
+
+    def load(self, device: str | None = None, dtype: str | None = None, concepts: ConceptSet | None = None) -> Any:
+        """The driver's checker (``concepts=None``), or an actor's that adopts the driver's resolved rows."""
+        from .checker import SafetyChecker
+
+        checker = SafetyChecker.load(
+            self.model,
+            device or self.device,
+            dtype or self.dtype,
+            adjustment=self.adjustment,
+            concepts=self.concepts if concepts is None else None,
+            policy=self.policy if concepts is None else None,
+            max_batch_size=self.max_batch_size,
+            max_pixels=self.max_pixels,
+            concept_text_model=self.concept_text_model,
+        )
+        if concepts is not None:
+            checker.adopt(concepts, self.adjustment)
+        return checker
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    source: str  # s3://bucket/prefix or a local directory
+    output: str  # DEST: s3://bucket/prefix or a local directory
+    checker: CheckerSpec = CheckerSpec()
+    endpoint_url: str | None = None  # S3-compatible endpoint for every s3:// location (None: AWS / $AWS_ENDPOINT_URL)
+    full: bool = False  # rescore everything, not only new or changed objects
+    quarantine: str | None = None  # move flagged objects under this prefix (with apply)
+    tag: bool = False  # tag flagged objects moderation=nsfw (with apply)
+    apply: bool = False  # without it, actions are a dry run
+    batch_size: int = 32  # rows per map_batches call in every stage
+    num_gpus: float = 0.0  # per scoring actor
+    max_actors: int | None = None  # scoring actors (default: GPUs / num_gpus, or half the CPUs)
+    part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
+
+
+@dataclass
+class ScanSummary:
+    source: str
+    output: str
+    run: int
+    fingerprint: str
+    demo: bool
+    listed: int = 0  # image objects listed
+    scanned: int = 0  # read and scored, or failed, in this run
+    skipped_unchanged: int = 0
+    skipped_non_image: int = 0
+    flagged: int = 0  # of those scanned: the policy withholds them (what --quarantine/--tag act on)
+    reported: int = 0  # of those scanned: released with the policy's `flag` action (reported, not withheld)
+    errors: int = 0  # of those scanned
+    actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
+
+    def as_json(self) -> dict[str, Any]:
+        keys = ("scanned", "skipped_unchanged", "skipped_non_image", "flagged", "errors")
+        return {**{k: getattr(self, k) for k in keys}, "output": self.output}
+
+
+READ_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("last_modified_us", pa.int64()),  # microseconds since the epoch, UTC
+        ("data", pa.large_binary()),
+        ("sha256", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+    ]
+)
+
+
+# --- Ray Data stages (module-level so workers import them; each takes a batch and returns one of the same length) ---
+def read_objects(batch: pa.Table, store: Store) -> pa.Table:
+    """Keys -> bytes, sha256 and the etag/size/mtime of exactly the version read; a failed read is that row's error."""
+    listed = batch.to_pylist()
+
+    def read(obj: dict[str, Any]) -> dict[str, Any]:
+        try:
+            data, info = store.read(obj["key"])  # botocore retries throttling and network errors first
+        except StorageError as exc:
+            return {**obj, "data": None, "sha256": None, "error": str(exc), "error_kind": "read"}
+        read_version = {"etag": info.etag, "size": len(data), "last_modified_us": _us(info.last_modified)}
+        return obj | read_version | {"data": data, "sha256": sha256(data), "error": None, "error_kind": None}
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores reward concurrent GETs
+        rows = list(pool.map(read, listed))
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def decode_and_preprocess(batch: pa.Table, preprocess: Any, max_pixels: int) -> pa.Table:
+    """Bytes -> the checker's input pixels (B, 3, H, W) float32 with the core's decoder and preprocessing."""
+    from ray.data.extensions import ArrowTensorArray
+
+    limits = DecodeLimits(max_pixels=max_pixels)
+    errors, kinds = batch["error"].to_pylist(), batch["error_kind"].to_pylist()
+    arrays: dict[int, np.ndarray] = {}
+    for i, body in enumerate(batch["data"].to_pylist()):
+        if errors[i] is not None:
+            continue
+        try:
+            arrays[i] = decode_image(body, limits)
+        except ImageDecodeError as exc:
+            errors[i], kinds[i] = str(exc), "decode"
+    ch, cw = preprocess.crop
+    pixels = np.zeros((batch.num_rows, 3, ch, cw), np.float32)  # rows without an image stay zero and are not scored
+    if arrays:
+        try:
+            pixels[list(arrays)] = preprocess(list(arrays.values())).numpy()
+        except Exception:  # noqa: BLE001 - find the bad image instead of failing the batch
+            for i, arr in arrays.items():
+                try:
+                    pixels[i] = preprocess([arr]).numpy()[0]
+                except Exception as exc:  # noqa: BLE001
+                    errors[i], kinds[i] = f"cannot preprocess image: {exc}", "decode"
+    table = batch.drop_columns(["data", "error", "error_kind"])
+    table = table.append_column("error", pa.array(errors, pa.string()))
+    table = table.append_column("error_kind", pa.array(kinds, pa.string()))
+    return table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
+
+
+class ScoreActor:
+    """A Ray Data callable class holding the core checker: pixels in, result rows out."""
+
+    def __init__(self, spec: CheckerSpec, concepts: ConceptSet, fingerprint: str, bucket: str):
+        self.checker = spec.load(concepts=concepts)
+        if self.checker.fingerprint != fingerprint:
+            raise InvalidInput(
+                f"the checker loaded on this worker has fingerprint {self.checker.fingerprint}, the driver's is "
+                f"{fingerprint}: model {spec.model!r} differs between nodes"
+            )
+        self.bucket, self.max_pixels = bucket, spec.max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from .checker import Verdict
+
+        meta = batch.drop_columns(["pixels"]).to_pylist()
+        pixels = np.concatenate([chunk.to_numpy() for chunk in batch["pixels"].chunks])  # (B, 3, H, W) float32
+        ok = np.array([m["error"] is None for m in meta], bool)
+        verdicts = iter(self.checker.check_pixels(torch.from_numpy(pixels[ok])) if ok.any() else [])
+        now = datetime.now(UTC)
+        rows = []
+        for m, scored in zip(meta, ok, strict=True):
+            verdict = next(verdicts) if scored else Verdict.failed(m["error"])
+            rows.append(
+                {
+                    "bucket": self.bucket,
+                    **{k: m[k] for k in ("key", "etag", "size", "sha256")},
+                    "last_modified": datetime.fromtimestamp(m["last_modified_us"] / 1e6, UTC),
+                    **verdict.to_dict(),
+                    "action": image_action(verdict) if scored else None,
+                    "flagged": withheld(verdict),
+                    "error_kind": m["error_kind"],
+                    "model_fingerprint": self.checker.fingerprint,
+                    "max_pixels": self.max_pixels,
+                    "scanned_at": now,
+                    "quarantined_to": None,
+                    "tagged": False,
+                }
+            )
+        return rows_table(rows)
+
+
+def _us(t: datetime) -> int:
+    return int(t.timestamp() * 1_000_000)
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+def ensure_ray() -> bool:
+    """Connect to $RAY_ADDRESS, or start a local Ray. Returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def list_source(source: Location, exclude: list[str]) -> tuple[list[ObjectInfo], int]:
+    """Image objects under the source (sorted by key) and the number of other objects skipped."""
+    images, others = [], []
+    for info in source.store.list(source.prefix):
+        if any(info.key.startswith(p) for p in exclude):
+            continue
+        (images if Path(info.key).suffix.lower() in IMAGE_SUFFIXES else others).append(info)
+    if others:
+        log.info("skipping %d objects that are not images (e.g. %s)", len(others), others[0].key)
+    return sorted(images, key=lambda o: o.key), len(others)
+
+
+def plan(images: list[ObjectInfo], current: pa.Table, fingerprint: str, max_pixels: int, full: bool):
+    """Split the listing into objects to score and objects whose current row still holds. Returns (todo, unchanged)."""
+    if full or current.num_rows == 0:
+        return images, 0
+    cols = ("key", "etag", "model_fingerprint", "error_kind", "max_pixels")
+    rows = {r[0]: r[1:] for r in zip(*(current[c].to_pylist() for c in cols), strict=True)}
+    todo = []
+    for obj in images:
+        etag, fp, kind, limit = rows.get(obj.key, (None, None, None, None))
+        same = etag == obj.etag and fp == fingerprint
+        # a read error is retried; a decode error is not while the bytes are unchanged (unless the pixel limit moved)
+        if not same or kind == "read" or (kind == "decode" and limit != max_pixels):
+            todo.append(obj)
+    return todo, len(images) - len(todo)
+
+
+def _layout(cfg: ScanConfig) -> tuple[Location, Location, Location | None, list[str]]:
+    source = parse_location(cfg.source, cfg.endpoint_url, "SOURCE")
+    dest = parse_location(cfg.output, cfg.endpoint_url, "--output")
+    quarantine = quarantine_location(cfg.quarantine, source, cfg.endpoint_url) if cfg.quarantine else None
+    if isinstance(source.store, LocalStore) and not Path(source.store.root).is_dir():
+        raise InvalidInput(f"SOURCE {cfg.source!r} is not a directory (or an s3://bucket/prefix)")
+    if cfg.tag and not isinstance(source.store, S3Store):
+        raise InvalidInput("--tag sets S3 object tags and needs an s3:// SOURCE; for a directory use --quarantine")
+    exclude = []
+    for name, loc in (("--output", dest), ("--quarantine", quarantine)):
+        if loc is None:
+            continue
+        if source.within(loc) is not None:
+            raise InvalidInput(f"{name} {loc} must not be SOURCE {source} or contain it")
+        if (inside := loc.within(source)) is not None:
+            exclude.append(inside)  # never scan our own results or the quarantine
+    return source, dest, quarantine, exclude
+
+
+def run_scan(cfg: ScanConfig) -> ScanSummary:
+    source, dest, quarantine, exclude = _layout(cfg)
+    next(iter(source.store.list(source.prefix)), None)  # fail fast, with the bucket and credential source, on no access
+    state = load_state(dest)
+    if state.manifest.get("source", str(source)) != str(source):
+        raise InvalidInput(f"--output {dest} holds results for {state.manifest['source']}, not {source}")
+    checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
+    if checker.demo:
+        from .models import TINY_BANNER
+
+        log.warning("WARNING: %s", TINY_BANNER)
+    summary = ScanSummary(str(source), cfg.output, state.last_run + 1, checker.fingerprint, checker.demo)
+    writer = PartWriter(dest, summary.run)
+    recovered, pending = recover(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
+    images, summary.skipped_non_image = list_source(source, exclude)
+    if recovered:
+        state = load_state(dest)
+    todo, summary.skipped_unchanged = plan(images, state.current, checker.fingerprint, cfg.checker.max_pixels, cfg.full)
+    summary.listed = len(images)
+    log.info("%d images listed: %d to score, %d unchanged", len(images), len(todo), summary.skipped_unchanged)
+    if todo:
+        bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
+        _score(cfg, todo, source.store, bucket, checker, writer, summary)
+    del checker
+    action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
+    listed = {o.key: o.etag for o in images}
+    current = load_state(dest).current
+    summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer)
+    summary.actions.recovered, summary.actions.pending = recovered, pending
+    manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
+    compact(dest, summary.run, str(source), set(listed), manifest_summary)
+    return summary
+
+
+def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa: ANN001
+    import ray
+
+    started = ensure_ray()
+    try:
+        max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
+        max_actors = max(1, min(max_actors, math.ceil(len(todo) / cfg.batch_size)))
+        items = [{"key": o.key, "etag": o.etag, "size": o.size, "last_modified_us": _us(o.last_modified)} for o in todo]
+        ds = ray.data.from_items(items, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(items) / cfg.batch_size)))
+        ds = ds.map_batches(
+            read_objects,
+            fn_kwargs={"store": store},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=DECODE_CPUS,
+        )
+        ds = ds.map_batches(
+            decode_and_preprocess,
+            fn_kwargs={"preprocess": checker.preprocess, "max_pixels": cfg.checker.max_pixels},
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=DECODE_CPUS,
+        )
+        ds = ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs={
+                "spec": cfg.checker,
+                "concepts": checker.concepts,
+                "fingerprint": checker.fingerprint,
+                "bucket": bucket,
+            },
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+            num_cpus=1,
+            **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
+        )
+        pending: list[pa.Table] = []
+        last_commit = time.monotonic()
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pending.append(block)
+            if sum(t.num_rows for t in pending) >= cfg.part_rows or time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                _commit(writer, pending, summary)
+                last_commit = time.monotonic()
+        _commit(writer, pending, summary)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _commit(writer: PartWriter, pending: list[pa.Table], summary: ScanSummary) -> None:
+    if not pending:
+        return
+    table = pa.concat_tables(pending)
+    pending.clear()
+    writer.commit(table)
+    summary.scanned += table.num_rows
+    summary.errors += table.num_rows - table["error"].null_count
+    summary.flagged += sum(bool(v) for v in table["flagged"].to_pylist())
+    summary.reported += sum(a == "flag" for a in table["action"].to_pylist())
+    if (n := os.environ.get(HANG_AFTER_PARTS)) and writer.parts >= int(n):
+        log.warning("%s=%s: stalling so a test can kill this run", HANG_AFTER_PARTS, n)
+        time.sleep(3600)
+
+
+def _default_actors(num_gpus: float) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    if num_gpus:
+        gpus = resources.get("GPU", 0)
+        if not gpus:
+            log.warning("--num-gpus %s but the Ray cluster reports no GPUs (yet): one actor, waiting", num_gpus)
+        return max(1, int(gpus // num_gpus))
+    return max(1, int(resources.get("CPU", 2)) // 2)

@@ -1,0 +1,230 @@
+"""What a scan does to flagged objects: ``--quarantine`` (copy, verify, delete) or ``--tag``; dry run unless --apply.
+
+Actions follow the current view, not just this run's rows: every flagged object whose action has not been applied
+yet is eligible, so ``--apply`` after a dry run acts without rescoring. Each action is idempotent.
+
+No object is ever lost by a quarantine move:
+
+1. a journal entry ``DEST/_quarantine/<id>.json`` records the move before anything is copied;
+2. the object is copied (S3: server-side, only the scanned version: ``CopySourceIfMatch``);
+3. the copy is verified: its size and sha256 must equal those of the bytes that were scored;
+4. only then is the original deleted, and only if it still has the scanned etag;
+5. the row update (``quarantined_to``) is committed, then the journal entry is removed.
+
+A run that dies anywhere in between leaves the original, the copy or both, plus the journal entry; the next run's
+:func:`recover` finishes the move (deleting only with ``--apply``) or records it, and forgets moves that never copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import DiffguardError, InvalidInput
+from .scan_state import PartWriter
+from .storage import LocalStore, Location, S3Store, StorageError, Store, parse_location, sha256
+
+log = logging.getLogger(__name__)
+
+TAGS = {"moderation": "nsfw"}
+JOURNAL = "_quarantine/"
+WORKERS = 8  # objects acted on concurrently
+
+
+@dataclass
+class ActionReport:
+    action: str | None  # "quarantine" | "tag" | None
+    applied: bool  # False: dry run
+    eligible: int = 0  # flagged objects the action has not been applied to yet
+    done: int = 0
+    failed: int = 0
+    recovered: int = 0  # interrupted quarantine moves finished or recorded at the start of the run
+    pending: int = 0  # interrupted moves whose original still exists, left for an --apply run
+
+
+def quarantine_location(text: str, source: Location, endpoint_url: str | None) -> Location:
+    """``s3://bucket/prefix`` or, for an S3 source, a bare prefix in the source's bucket; else a local directory."""
+    if text.startswith("s3://") or not isinstance(source.store, S3Store):
+        return parse_location(text, endpoint_url, "--quarantine")
+    prefix = text.strip("/")
+    return Location(source.store, prefix + "/" if prefix else "")
+
+
+def _verified(store: Store, key: str, size: int, digest: str) -> bool:
+    """True when ``key`` exists with exactly ``size`` bytes whose sha256 is ``digest``."""
+    info = store.head(key)
+    if info is None or info.size != size:
+        return False
+    data, _ = store.read(key)
+    return len(data) == size and sha256(data) == digest
+
+
+def _target(quarantine: Location, row: dict[str, Any]) -> tuple[str, bool]:
+    """Where the object goes, and whether an identical copy is already there. Never overwrites different bytes."""
+    key = quarantine.key(row["key"])
+    stem, ext = posixpath.splitext(key)
+    for candidate in (key, f"{stem}.{row['sha256'][:12]}{ext}"):
+        if quarantine.store.head(candidate) is None:
+            return candidate, False
+        if _verified(quarantine.store, candidate, row["size"], row["sha256"]):
+            return candidate, True
+    raise StorageError(f"{quarantine.store.url(key)} and its alternative hold other objects; not overwritten")
+
+
+def _journal_key(dest: Location, key: str) -> str:
+    return dest.key(JOURNAL + hashlib.sha1(key.encode()).hexdigest() + ".json")
+
+
+def _store_ref(store: Store) -> dict[str, str]:
+    if isinstance(store, S3Store):
+        return {"kind": "s3", "bucket": store.bucket}
+    return {"kind": "local", "root": store.root}  # type: ignore[attr-defined]
+
+
+def _store_from(ref: dict[str, str], endpoint_url: str | None) -> Store:
+    return S3Store(ref["bucket"], endpoint_url) if ref["kind"] == "s3" else LocalStore(ref["root"])
+
+
+def move(row: dict[str, Any], source: Location, quarantine: Location, dest: Location) -> str:
+    """Quarantine one object (steps 1-4 above); returns where it now is."""
+    if not row.get("sha256"):
+        raise StorageError(f"{source.store.url(row['key'])} has no checksum from its scan; rescan before quarantine")
+    dst_key, present = _target(quarantine, row)
+    entry = {
+        "key": row["key"],
+        "etag": row["etag"],
+        "size": row["size"],
+        "sha256": row["sha256"],
+        "dst": {**_store_ref(quarantine.store), "key": dst_key},
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    dest.store.write(_journal_key(dest, row["key"]), json.dumps(entry).encode())
+    if not present:
+        source.store.copy(row["key"], quarantine.store, dst_key, row["etag"])
+        if not _verified(quarantine.store, dst_key, row["size"], row["sha256"]):
+            raise StorageError(f"copy at {quarantine.store.url(dst_key)} does not match the original; original kept")
+    source.store.delete(row["key"], etag=row["etag"])
+    return quarantine.store.url(dst_key)
+
+
+def _updated(current: pa.Table, rows: dict[int, Any], column: str) -> pa.Table:
+    """The rows at the given indices of ``current`` with ``column`` set to the given values (all columns kept)."""
+    indices = sorted(rows)
+    table = current.take(indices)
+    i = table.column_names.index(column)
+    values = pa.array([rows[j] for j in indices], table.schema.field(column).type)
+    return table.set_column(i, table.schema.field(column), values)
+
+
+def recover(
+    dest: Location, source: Location, current: pa.Table, writer: PartWriter, apply: bool, endpoint_url: str | None
+) -> tuple[int, int]:
+    """Finish or forget quarantine moves a killed run left in the journal. Returns (recovered, pending)."""
+    index = {k: i for i, k in enumerate(current["key"].to_pylist())}
+    done: dict[int, str] = {}
+    resolved: list[str] = []
+    pending = 0
+    for info in list(dest.store.list(dest.key(JOURNAL))):
+        raw, _ = dest.store.read(info.key)
+        entry = json.loads(raw)
+        dst_store, dst_key = _store_from(entry["dst"], endpoint_url), entry["dst"]["key"]
+        original = source.store.head(entry["key"])
+        copied = _verified(dst_store, dst_key, entry["size"], entry["sha256"])
+        if copied and (original is None or original.etag == entry["etag"]):
+            if original is not None:
+                if not apply:
+                    pending += 1
+                    log.warning("an interrupted quarantine of %s is pending: rerun with --apply", entry["key"])
+                    continue
+                source.store.delete(entry["key"], etag=entry["etag"])
+            row = index.get(entry["key"])
+            if row is not None and current["etag"][row].as_py() == entry["etag"]:
+                done[row] = dst_store.url(dst_key)
+            log.info("finished an interrupted quarantine: %s -> %s", entry["key"], dst_store.url(dst_key))
+        elif original is None:
+            log.warning("%s is gone and no verified copy is at %s", entry["key"], dst_store.url(dst_key))
+        resolved.append(info.key)
+    if done:
+        writer.commit(_updated(current, done, "quarantined_to"))
+    for key in resolved:
+        dest.store.delete(key)
+    return len(done), pending
+
+
+def eligible(current: pa.Table, listed: dict[str, str], action: str) -> list[int]:
+    """Rows of flagged objects (the policy withholds them) still present with the scanned etag, not yet acted on."""
+    out = []
+    cols = ("key", "etag", "flagged", "error", "quarantined_to", "tagged")
+    for i, r in enumerate(zip(*(current[c].to_pylist() for c in cols), strict=True)):
+        key, etag, flagged, error, quarantined_to, tagged = r
+        pending = quarantined_to is None if action == "quarantine" else not tagged
+        if flagged and error is None and listed.get(key) == etag and pending:
+            out.append(i)
+    return out
+
+
+def apply_actions(
+    action: str | None,
+    apply: bool,
+    current: pa.Table,
+    listed: dict[str, str],
+    source: Location,
+    quarantine: Location | None,
+    dest: Location,
+    writer: PartWriter,
+) -> ActionReport:
+    report = ActionReport(action, apply)
+    if action is None:
+        return report
+    if action == "quarantine" and quarantine is None:
+        raise InvalidInput("the quarantine action needs a quarantine location")
+    rows = eligible(current, listed, action)
+    report.eligible = len(rows)
+    if not apply:
+        if rows:
+            log.info("dry run: would %s %d flagged objects (add --apply to act)", action, len(rows))
+        return report
+
+    def act(i: int) -> Any:
+        row = {c: current[c][i].as_py() for c in ("key", "etag", "size", "sha256")}
+        if action == "quarantine":
+            return move(row, source, quarantine, dest)  # type: ignore[arg-type]
+        source.store.tag(row["key"], TAGS, row["etag"])
+        return True
+
+    results: dict[int, Any] = {}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for i, outcome in zip(rows, pool.map(_safely(act), rows), strict=True):
+            if isinstance(outcome, DiffguardError):
+                report.failed += 1
+                log.warning("could not %s %s: %s", action, current["key"][i].as_py(), outcome)
+            else:
+                results[i] = outcome
+    report.done = len(results)
+    if results:
+        writer.commit(_updated(current, results, "quarantined_to" if action == "quarantine" else "tagged"))
+        if action == "quarantine":
+            for i in results:
+                dest.store.delete(_journal_key(dest, current["key"][i].as_py()))
+    return report
+
+
+def _safely(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+    """Per-object storage failures become that object's outcome; anything else still stops the run."""
+
+    def wrapped(i: int) -> Any:
+        try:
+            return fn(i)
+        except (StorageError, InvalidInput) as exc:
+            return exc
+
+    return wrapped

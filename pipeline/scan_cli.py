@@ -1,0 +1,170 @@
+"""``diffguard scan`` (score a bucket or a directory with Ray Data) and ``diffguard scan-results`` (the current view).
+
+Exit codes of ``scan``: 0 the job completed (bad objects are rows, counted in the summary); 1 the job failed (no access
+to a bucket, a storage or Ray failure: rerunning resumes); 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("diffguard")
+
+EXIT_FAILED = 1
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def register(sub: Any) -> None:
+    from .cli import _positive_int, add_checker_options
+
+    p = sub.add_parser("scan", help="score every image under s3://bucket/prefix or a directory; Parquet results")
+    p.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix or a local directory")
+    p.add_argument("--output", required=True, metavar="DEST", help="results: s3://bucket/prefix or a local directory")
+    add_checker_options(p)
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default $AWS_ENDPOINT_URL or AWS")
+    p.add_argument("--full", action="store_true", help="rescore every object, not only new or changed ones")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--quarantine", metavar="PREFIX", help="move flagged objects under PREFIX (with --apply)")
+    action.add_argument("--tag", action="store_true", help="tag flagged objects moderation=nsfw (with --apply)")
+    p.add_argument("--apply", action="store_true", help="perform the action (default: dry run)")
+    p.add_argument("--num-gpus", type=_non_negative_float, default=0.0, help="GPUs per scoring actor (default 0)")
+    p.add_argument("--max-actors", type=_positive_int, help="scoring actors (default: GPUs/--num-gpus, or CPUs/2)")
+    p.add_argument("--part-rows", type=_positive_int, default=500, help="rows per committed Parquet part (500)")
+    p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
+    p.set_defaults(run=cmd_scan)
+
+    r = sub.add_parser("scan-results", help="print the current view of scan results: one JSON object per object")
+    r.add_argument("dest", metavar="DEST", help="the --output of a scan")
+    r.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)")
+    r.add_argument("--flagged", action="store_true", help="only flagged objects (the policy withholds them)")
+    r.set_defaults(run=cmd_scan_results)
+
+
+def endpoint(args: argparse.Namespace) -> str | None:
+    return args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@contextlib.contextmanager
+def stdout_reserved() -> Iterator[None]:
+    """Send everything written to stdout meanwhile (Ray, workers, libraries, child processes) to stderr."""
+    sys.stdout.flush()
+    saved_fd, saved_stdout = os.dup(1), sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        sys.stdout = saved_stdout
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+    from .errors import DiffguardError
+    from .scan import CheckerSpec, ScanConfig, run_scan
+    from .storage import StorageError
+
+    if args.apply and not (args.quarantine or args.tag):
+        raise UsageError("--apply needs an action: --quarantine PREFIX or --tag")
+    spec = CheckerSpec(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        adjustment=args.adjustment,
+        concepts=args.concepts,
+        policy=args.policy,
+        max_batch_size=args.batch_size,
+        max_pixels=args.max_pixels,
+        concept_text_model=args.concept_text_model,
+    )
+    cfg = ScanConfig(
+        source=args.source,
+        output=args.output,
+        checker=spec,
+        endpoint_url=endpoint(args),
+        full=args.full,
+        quarantine=args.quarantine,
+        tag=args.tag,
+        apply=args.apply,
+        batch_size=args.batch_size,
+        num_gpus=args.num_gpus,
+        max_actors=args.max_actors,
+        part_rows=args.part_rows,
+    )
+    with stdout_reserved():
+        try:
+            summary = run_scan(cfg)
+        except StorageError as exc:
+            log.error("diffguard: error: %s", exc)
+            return EXIT_FAILED
+        except DiffguardError:
+            raise  # bad arguments, a model that cannot be loaded: exit 2 in cli.main
+        except Exception as exc:  # noqa: BLE001 - Ray or anything else: the job failed, a rerun resumes
+            log.error("diffguard: the scan failed: %s (rerun to resume)", str(exc).splitlines()[0] if str(exc) else exc)
+            log.debug("traceback", exc_info=True)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(summary.as_json()), flush=True)
+    else:
+        print(summary_table(summary), flush=True)
+    return 0
+
+
+def summary_table(s: Any) -> str:
+    demo = ", tiny demo weights: MEANINGLESS" if s.demo else ""
+    lines = [
+        f"scan {s.source} -> {s.output} (run {s.run}, fingerprint {s.fingerprint}{demo})",
+        "",
+        f"  {'image objects listed':<24}{s.listed:>10,}",
+        f"  {'scanned in this run':<24}{s.scanned:>10,}",
+        f"  {'  flagged (withheld)':<24}{s.flagged:>10,}",
+        f"  {'  reported (flag)':<24}{s.reported:>10,}",
+        f"  {'  errors':<24}{s.errors:>10,}",
+        f"  {'skipped: unchanged':<24}{s.skipped_unchanged:>10,}",
+        f"  {'skipped: not images':<24}{s.skipped_non_image:>10,}",
+    ]
+    a = s.actions
+    if a.action:
+        if a.applied:
+            state = f"{a.done:,} done" + (f", {a.failed:,} failed (see the log)" if a.failed else "")
+        else:
+            state = f"{a.eligible:,} would be done (dry run: add --apply)"
+        lines.append(f"  {a.action + ' (flagged)':<24}{state:>10}")
+    if a.recovered or a.pending:
+        lines.append(f"  {'interrupted moves':<24}{a.recovered:>10,} finished, {a.pending} pending --apply")
+    lines += ["", f"current view: diffguard scan-results {s.output}  (or pipeline.scan_state.read_current)"]
+    return "\n".join(lines)
+
+
+def cmd_scan_results(args: argparse.Namespace) -> int:
+    from .scan_state import read_current
+    from .storage import StorageError
+
+    try:
+        table = read_current(args.dest, endpoint(args))
+    except StorageError as exc:
+        log.error("diffguard: error: %s", exc)
+        return EXIT_FAILED
+    if args.flagged:
+        table = table.filter(table["flagged"])
+    for row in table.to_pylist(maps_as_pydicts="strict"):
+        print(json.dumps(row, default=str, ensure_ascii=False))
+    return 0

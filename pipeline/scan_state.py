@@ -1,0 +1,205 @@
+"""Scan results under DEST: committed Parquet parts, compacted snapshots, a manifest, and the current view.
+
+```
+DEST/
+  _diffguard_scan.json                  manifest: the source, the current snapshot, the last completed run's summary
+  snapshots/run-000007.parquet          one row per object, as of completed run 7
+  parts/run-000008/part-000000.parquet  rows committed by later runs, one file per commit
+  _quarantine/<id>.json                 quarantine moves in flight (pipeline.scan_actions)
+```
+
+Every file is written atomically (an S3 PUT, or a local temp file renamed into place), so a part is either all there
+or absent. The **current view** is the manifest's snapshot plus every part of a later run, keeping the latest row per
+key (parts are ordered by run number, then part number): a row is visible once its part is committed, never twice,
+and a killed run's committed parts count for the rerun. A completed run compacts: it writes a new snapshot (objects
+still present, plus quarantined ones), then the manifest that names it, then deletes what the snapshot replaced.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import InvalidInput
+from .storage import Location, StorageError, parse_location
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_diffguard_scan.json"
+FORMAT = 1
+_TS = pa.timestamp("us", tz="UTC")
+
+# One row per object. New columns may be added (readers fill older rows with nulls); never rename these.
+ROW_SCHEMA = pa.schema(
+    [
+        ("bucket", pa.string()),  # S3 bucket, or the absolute source directory
+        ("key", pa.string()),  # S3 object key, or the path relative to the source directory
+        ("etag", pa.string()),  # of the bytes scored (S3 ETag without quotes; local: "<size>-<mtime_ns>" in hex)
+        ("size", pa.int64()),  # bytes
+        ("last_modified", _TS),
+        ("sha256", pa.string()),  # of the bytes scored (null when they could not be read); verifies quarantine copies
+        ("nsfw", pa.bool_()),
+        ("concept_scores", pa.list_(pa.float64())),  # margins: cosine - threshold + adjustment; > 0 is a hit
+        ("special_scores", pa.list_(pa.float64())),
+        ("bad_concepts", pa.list_(pa.int32())),  # indices into concept_scores
+        ("bad_concept_names", pa.list_(pa.string())),
+        ("special_care", pa.bool_()),
+        ("categories", pa.map_(pa.string(), pa.float64())),  # policy category -> its highest concept margin
+        ("flagged_categories", pa.list_(pa.string())),  # categories with a margin > 0
+        ("action", pa.string()),  # what the policy does with the image: allow | flag | blur | black | block
+        ("flagged", pa.bool_()),  # the policy withholds the image (blur | black | block): what actions act on
+        ("error", pa.string()),  # why the object has no scores (null when scored)
+        ("error_kind", pa.string()),  # "read": retried next run | "decode": not retried while the etag is unchanged
+        ("model_fingerprint", pa.string()),  # SafetyChecker.fingerprint: weights, concept rows, policy, adjustment
+        ("max_pixels", pa.int64()),  # decode limit in force (a changed limit retries "too large" errors)
+        ("scanned_at", _TS),
+        ("quarantined_to", pa.string()),  # where the object now is, once moved by --quarantine --apply
+        ("tagged", pa.bool_()),  # moderation=nsfw was set by --tag --apply
+    ]
+)
+
+_PART = re.compile(r"^parts/run-(\d{6,})/part-(\d{6,})\.parquet$")
+_SNAPSHOT = re.compile(r"^snapshots/run-(\d{6,})\.parquet$")
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Add the schema's missing columns as nulls and cast known ones; columns this version does not know are kept."""
+    for f in ROW_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        elif table.schema.field(f.name).type != f.type:
+            i = table.column_names.index(f.name)
+            table = table.set_column(i, f, table[f.name].cast(f.type))
+    names = ROW_SCHEMA.names + [n for n in table.column_names if n not in ROW_SCHEMA.names]
+    return table.select(names)
+
+
+def latest_per_key(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate in commit order and keep each key's last row."""
+    if not tables:
+        return ROW_SCHEMA.empty_table()
+    table = pa.concat_tables([conform(t) for t in tables], promote_options="default")
+    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+    last = table.group_by("key").aggregate([("_order", "max")])["_order_max"]
+    return table.filter(pc.is_in(table["_order"], value_set=last)).drop_columns(["_order"]).sort_by("key")
+
+
+def _read_parquet(dest: Location, rel: str) -> pa.Table:
+    data, _ = dest.store.read(dest.key(rel))
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StorageError(f"{dest.store.url(dest.key(rel))} is not a readable Parquet file: {exc}") from None
+
+
+@dataclass
+class State:
+    """What DEST holds: the manifest and the current view (one row per key)."""
+
+    manifest: dict[str, Any]
+    current: pa.Table
+    last_run: int  # the highest run number found (snapshot or parts); the next run is last_run + 1
+
+    def index(self) -> dict[str, int]:
+        """key -> row number in ``current``."""
+        return {k: i for i, k in enumerate(self.current["key"].to_pylist())}
+
+
+def _files(dest: Location) -> list[tuple[str, int, int, str]]:
+    """("part" | "snapshot", run, part, relative key) of every results file under DEST."""
+    out = []
+    for info in dest.store.list(dest.prefix):
+        rel = info.key[len(dest.prefix) :]
+        if m := _PART.match(rel):
+            out.append(("part", int(m[1]), int(m[2]), rel))
+        elif m := _SNAPSHOT.match(rel):
+            out.append(("snapshot", int(m[1]), -1, rel))
+    return out
+
+
+def load_state(dest: Location) -> State:
+    manifest: dict[str, Any] = {}
+    if dest.store.head(dest.key(MANIFEST)) is not None:
+        raw, _ = dest.store.read(dest.key(MANIFEST))
+        manifest = json.loads(raw)
+        if manifest.get("format") != FORMAT:
+            raise InvalidInput(f"{dest} holds scan results of format {manifest.get('format')}, expected {FORMAT}")
+    snap_run = int(manifest.get("snapshot_run", 0))
+    files = _files(dest)
+    parts = sorted((run, part, rel) for kind, run, part, rel in files if kind == "part" and run > snap_run)
+    tables = [_read_parquet(dest, manifest["snapshot"])] if manifest.get("snapshot") else []
+    tables += [_read_parquet(dest, rel) for _, _, rel in parts]
+    last_run = max([snap_run, *(run for _, run, _, _ in files)])
+    return State(manifest, latest_per_key(tables), last_run)
+
+
+def read_current(dest: str | Location, endpoint_url: str | None = None) -> pa.Table:
+    """The current view of a scan's results: exactly one row per object (the latest committed row).
+
+    >>> from pipeline.scan_state import read_current
+    >>> table = read_current("s3://bucket/scan-results")   # or a local directory; a pyarrow.Table
+    >>> flagged = table.filter(table["flagged"])           # what the policy withholds (nsfw: the stock decision)
+    """
+    location = parse_location(dest, endpoint_url, "results") if isinstance(dest, str) else dest
+    return load_state(location).current
+
+
+class PartWriter:
+    """Commits rows of one run as numbered Parquet parts, each written atomically."""
+
+    def __init__(self, dest: Location, run: int):
+        self.dest, self.run, self.parts = dest, run, 0
+
+    def commit(self, table: pa.Table) -> str | None:
+        if table.num_rows == 0:
+            return None
+        rel = f"parts/run-{self.run:06d}/part-{self.parts:06d}.parquet"
+        buf = io.BytesIO()
+        pq.write_table(conform(table), buf, compression="zstd")
+        self.dest.store.write(self.dest.key(rel), buf.getvalue())
+        self.parts += 1
+        log.debug("committed %s (%d rows)", rel, table.num_rows)
+        return rel
+
+
+def compact(dest: Location, run: int, source: str, keep: set[str], summary: dict[str, Any]) -> State:
+    """Fold everything committed so far into one snapshot of the objects in ``keep`` plus quarantined ones.
+
+    Order makes it crash-safe: the snapshot is written first, then the manifest that names it (the commit), and only
+    then are the files it replaced deleted; until the manifest changes, readers use the old snapshot and the parts.
+    """
+    current = load_state(dest).current
+    listed = pc.is_in(current["key"], value_set=pa.array(sorted(keep), pa.string()))
+    snapshot = current.filter(pc.or_(listed, pc.is_valid(current["quarantined_to"])))
+    rel = f"snapshots/run-{run:06d}.parquet"
+    buf = io.BytesIO()
+    pq.write_table(snapshot, buf, compression="zstd")
+    dest.store.write(dest.key(rel), buf.getvalue())
+    manifest = {
+        "format": FORMAT,
+        "source": source,
+        "snapshot": rel,
+        "snapshot_run": run,
+        "rows": snapshot.num_rows,
+        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "last_run": summary,
+    }
+    dest.store.write(dest.key(MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+    for _kind, file_run, _, file_rel in _files(dest):
+        if file_rel != rel and file_run <= run:
+            dest.store.delete(dest.key(file_rel))
+    dest.store.tidy(dest.prefix)
+    return State(manifest, snapshot, run)

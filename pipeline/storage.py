@@ -1,0 +1,366 @@
+"""One small interface over object storage: S3 (AWS or any S3-compatible store) and local directories.
+
+A location is ``s3://bucket/prefix`` or a local directory. A :class:`Store` lists objects with an etag, size and
+modification time, reads them, writes atomically (readers see the whole object or nothing), copies, deletes only the
+version it was told about, and tags. Stores pickle (boto3 clients are created lazily in each process), so Ray tasks
+take them as arguments. Credentials come only from boto3's standard chain.
+
+For local directories the etag is ``<size>-<mtime_ns>`` in hex: cheap to list (no file is read to list it) and it
+changes whenever a file is rewritten; a ``touch`` alone also changes it, which only costs a rescore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import DiffguardError, InvalidInput
+
+S3_RETRIES = {"mode": "standard", "max_attempts": 8}  # botocore: throttling, 5xx and connection errors, with backoff
+
+
+class StorageError(DiffguardError):
+    """The store cannot be reached or refuses access (no such bucket, denied, no credentials, network)."""
+
+    status_code = 502
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's root (S3: the full object key)
+    etag: str  # S3: the ETag without quotes; local: "<size>-<mtime_ns>" in hex
+    size: int  # bytes
+    last_modified: datetime  # UTC
+
+
+class Store(ABC):
+    """Objects under one root: an S3 bucket or a local directory. Keys are '/'-separated and relative to the root."""
+
+    @abstractmethod
+    def url(self, key: str = "") -> str: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` (folder markers excluded), in key order for S3, walk order locally."""
+
+    @abstractmethod
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The bytes and the etag/size/mtime of exactly the version read."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def write(self, key: str, data: bytes) -> None:
+        """Atomic: a reader sees the previous object, or the whole new one."""
+
+    @abstractmethod
+    def delete(self, key: str, etag: str | None = None) -> None:
+        """Delete (only the version with ``etag`` when given: raises :class:`StorageError` if it changed)."""
+
+    def copy(self, key: str, dst: Store, dst_key: str, etag: str) -> None:
+        """Copy the version ``etag`` of ``key`` to ``dst``/``dst_key`` (raises if the source changed)."""
+        data, info = self.read(key)
+        if info.etag != etag:
+            raise StorageError(f"{self.url(key)} changed since it was scanned (etag {info.etag}, expected {etag})")
+        dst.write(dst_key, data)
+
+    def tag(self, key: str, tags: dict[str, str], etag: str) -> None:
+        raise InvalidInput(f"{self.url()} does not support object tags (use an S3 source, or --quarantine)")
+
+    def access_hint(self) -> str:
+        """Where credentials come from (for error messages)."""
+        return "local filesystem permissions"
+
+    def tidy(self, prefix: str = "") -> None:
+        """Remove what crashed writes left behind under ``prefix`` (nothing to do for S3: a PUT is all or nothing)."""
+        return None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- local directories ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LocalStore(Store):
+    root: str  # absolute directory path
+
+    def url(self, key: str = "") -> str:
+        return str(Path(self.root, key)) if key else self.root
+
+    def _path(self, key: str) -> Path:
+        path = Path(self.root, key)
+        if ".." in Path(key).parts or Path(key).is_absolute():
+            raise InvalidInput(f"key {key!r} escapes {self.root}")
+        return path
+
+    @staticmethod
+    def _info(key: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(
+            key, f"{st.st_size:x}-{st.st_mtime_ns:x}", st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = Path(self.root, prefix)
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(self.root)
+            for name in sorted(filenames):
+                if name.startswith(".diffguard-tmp-"):
+                    continue  # our own half-written files
+                key = (rel_dir / name).as_posix()
+                try:
+                    st = Path(dirpath, name).stat()
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                yield self._info(key.removeprefix("./"), st)
+
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        try:
+            with open(self._path(key), "rb") as f:
+                st = os.fstat(f.fileno())
+                return f.read(), self._info(key, st)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.url(key)}: {exc.strerror or exc}") from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            return self._info(key, self._path(key).stat())
+        except FileNotFoundError:
+            return None
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".diffguard-tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
+
+    def tidy(self, prefix: str = "") -> None:
+        base = Path(self.root, prefix)
+        for dirpath, _, filenames in os.walk(base, topdown=False):
+            for name in filenames:
+                if name.startswith(".diffguard-tmp-"):
+                    Path(dirpath, name).unlink(missing_ok=True)
+            if Path(dirpath) != base and not os.listdir(dirpath):
+                os.rmdir(dirpath)
+
+    def delete(self, key: str, etag: str | None = None) -> None:
+        path = self._path(key)
+        if etag is not None:
+            current = self.head(key)
+            if current is not None and current.etag != etag:
+                raise StorageError(f"{path} changed since it was scanned; not deleted")
+        path.unlink(missing_ok=True)
+
+
+# --- S3 ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class S3Store(Store):
+    bucket: str
+    endpoint_url: str | None = None  # None: AWS (or $AWS_ENDPOINT_URL, which boto3 reads itself)
+    _local: Any = field(default_factory=threading.local, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {"bucket": self.bucket, "endpoint_url": self.endpoint_url}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "bucket", state["bucket"])
+        object.__setattr__(self, "endpoint_url", state["endpoint_url"])
+        object.__setattr__(self, "_local", threading.local())
+
+    @property
+    def client(self) -> Any:
+        """One boto3 client per thread (sessions are not thread-safe; clients are cheap to reuse)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries=S3_RETRIES, connect_timeout=10, read_timeout=60, max_pool_connections=32)
+            client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+            self._local.client = client
+        return client
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def access_hint(self) -> str:
+        import boto3
+
+        session = boto3.session.Session()
+        creds = session.get_credentials()
+        where = f"endpoint {self.endpoint_url or session.client('s3').meta.endpoint_url}"
+        if creds is None:
+            return (
+                f"no credentials found by boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"AWS_PROFILE and ~/.aws, web identity, instance or pod role); {where}"
+            )
+        profile = f", profile {session.profile_name!r}" if session.profile_name != "default" else ""
+        return f"credentials from boto3's {creds.method!r} provider{profile}; {where}"
+
+    def _error(self, action: str, key: str, exc: Exception) -> StorageError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+        reason = f"{code}: {exc}" if code else f"{type(exc).__name__}: {exc}"
+        return StorageError(f"cannot {action} {self.url(key)}: {reason}")
+
+    @staticmethod
+    def _info(key: str, etag: str, size: int, modified: datetime) -> ObjectInfo:
+        return ObjectInfo(key, etag.strip('"'), int(size), modified.astimezone(UTC))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # folder marker written by consoles and sync tools
+                    yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"])
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
+
+    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            data = resp["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("read", key, exc) from None
+        return data, self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+
+    def head(self, key: str) -> ObjectInfo | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._error("inspect", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("inspect", key, exc) from None
+        return self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+
+    def write(self, key: str, data: bytes) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # a single PUT is atomic in S3: the object appears whole or not at all
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("write", key, exc) from None
+
+    def delete(self, key: str, etag: str | None = None) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if etag is not None:
+            current = self.head(key)
+            if current is None:
+                return
+            if current.etag != etag:
+                raise StorageError(f"{self.url(key)} changed since it was scanned; not deleted")
+        try:
+            kwargs = {"IfMatch": f'"{etag}"'} if etag else {}
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, **kwargs)
+            except ClientError as exc:
+                if not kwargs or exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidArgument"):
+                    raise
+                self.client.delete_object(Bucket=self.bucket, Key=key)  # stores without conditional deletes
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("delete", key, exc) from None
+
+    def copy(self, key: str, dst: Store, dst_key: str, etag: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not (isinstance(dst, S3Store) and dst.endpoint_url == self.endpoint_url):
+            return super().copy(key, dst, dst_key, etag)
+        try:  # server-side, and only the version that was scanned
+            dst.client.copy_object(
+                Bucket=dst.bucket,
+                Key=dst_key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                CopySourceIfMatch=f'"{etag}"',
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("copy", key, exc) from None
+
+    def tag(self, key: str, tags: dict[str, str], etag: str) -> None:
+        """Merge ``tags`` into the object's tag set (S3 replaces the whole set, so read it first)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        current = self.head(key)
+        if current is None or current.etag != etag:
+            raise StorageError(f"{self.url(key)} changed since it was scanned; not tagged")
+        try:
+            existing = self.client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+            merged = {t["Key"]: t["Value"] for t in existing} | tags
+            tag_set = [{"Key": k, "Value": v} for k, v in sorted(merged.items())]
+            self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging={"TagSet": tag_set})
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("tag", key, exc) from None
+
+
+# --- locations --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Location:
+    """A store and a key prefix inside it ("" or ending in '/')."""
+
+    store: Store
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return self.store.url(self.prefix)
+
+    def key(self, rel: str) -> str:
+        return self.prefix + rel
+
+    def within(self, other: Location) -> str | None:
+        """The key prefix, in ``other``'s key space, under which this location lies; None when it is elsewhere."""
+        if isinstance(self.store, S3Store) and isinstance(other.store, S3Store):
+            same = (self.store.bucket, self.store.endpoint_url) == (other.store.bucket, other.store.endpoint_url)
+            return self.prefix if same and self.prefix.startswith(other.prefix) else None
+        if isinstance(self.store, LocalStore) and isinstance(other.store, LocalStore):
+            mine, theirs = Path(self.store.root, self.prefix), Path(other.store.root, other.prefix)
+            if mine == theirs or theirs in mine.parents:
+                rel = mine.relative_to(other.store.root).as_posix()
+                return "" if rel == "." else rel + "/"
+        return None
+
+
+def parse_location(text: str, endpoint_url: str | None = None, what: str = "location") -> Location:
+    """``s3://bucket/prefix`` or a local directory path -> :class:`Location`."""
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[5:].partition("/")
+        if not bucket:
+            raise InvalidInput(f"{what} {text!r} has no bucket: expected s3://bucket/prefix")
+        prefix = prefix.strip("/")
+        return Location(S3Store(bucket, endpoint_url), prefix + "/" if prefix else "")
+    if "://" in text:
+        raise InvalidInput(f"{what} {text!r}: expected s3://bucket/prefix or a local directory")
+    return Location(LocalStore(str(Path(text).expanduser().resolve())))

@@ -1,0 +1,85 @@
+"""A scan killed part-way (SIGKILL, with its own Ray) and rerun: the rest is scored, nothing twice, nothing lost."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from tests.conftest import ROOT
+from tests.integration.scan_support import (
+    all_keys,
+    new_bucket,
+    png,
+    put_many,
+    rows_by_key,
+    s3_endpoint_fixture,  # noqa: F401 - fixture
+    s3_fixture,  # noqa: F401 - fixture
+    summary,
+)
+
+N = 40
+
+
+def start_scan(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "scan", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the kill takes its Ray processes too
+    )
+
+
+def test_killed_scan_resumes(s3, s3_endpoint):
+    bucket = new_bucket(s3)
+    images = {f"imgs/{i:03d}.png": png(700 + i) for i in range(N)}
+    put_many(s3, bucket, images)
+    dest = f"s3://{bucket}/results"
+    args = [f"s3://{bucket}/imgs", "--output", dest, "--endpoint-url", s3_endpoint, "--json"]
+    args += ["--batch-size", "4", "--part-rows", "4", "--dtype", "float32", "--device", "cpu"]
+
+    proc = start_scan(args, DIFFGUARD_TEST_HANG_AFTER_PARTS="3")  # stalls after its third commit, mid-job
+    deadline = time.monotonic() + 240
+    parts: set[str] = set()
+    while len(parts) < 3:
+        assert proc.poll() is None, f"the scan ended before it could be killed:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no parts were committed in time"
+        time.sleep(0.2)
+        parts = {k for k in all_keys(s3, bucket, "results/parts/") if k.endswith(".parquet")}
+    killed = proc.pid  # also its process group id
+    os.killpg(killed, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert "results/_diffguard_scan.json" not in all_keys(s3, bucket, "results/")  # the run never completed
+    committed = [pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts]
+    done = {key for table in committed for key in table["key"].to_pylist()}
+    assert 12 <= len(done) < N and sum(t.num_rows for t in committed) == len(done)
+
+    proc = start_scan(args)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(out.splitlines()) == 1, out  # Ray, its workers and the logs stay off stdout
+    assert json.loads(out) == summary(N - len(done), len(done), 0, json.loads(out)["flagged"], 0, dest)
+
+    rows = rows_by_key(dest, s3_endpoint)  # exactly one current row per object
+    assert set(rows) == set(images)
+    for table in committed:  # the killed run's committed rows count: they were not scored again
+        for row in table.select(["key", "scanned_at"]).to_pylist():
+            assert rows[row["key"]]["scanned_at"] == row["scanned_at"]
+    assert all_keys(s3, bucket, "results/") == {"results/_diffguard_scan.json", "results/snapshots/run-000002.parquet"}
+    for _ in range(50):  # and the killed run left no process behind
+        try:
+            os.killpg(killed, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("processes of the killed scan are still running")

@@ -70,7 +70,8 @@ def _request_id(request: Request) -> str:
 @api.exception_handler(DiffguardError)
 async def _diffguard_error(request: Request, exc: DiffguardError) -> JSONResponse:
     retry = request.app.state.retry_after_s if exc.status_code == 503 else None
-    return _error(exc.status_code, exc.message, _request_id(request), retry)
+    message = getattr(exc, "message", None) or str(exc)  # errors re-raised from another replica keep only str()
+    return _error(exc.status_code, message, _request_id(request), retry)
 
 
 @api.exception_handler(Exception)

@@ -35,3 +35,11 @@ test: setup lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+.PHONY: k8s
+k8s: setup ## serveConfigV2 from deployments/configs into k8s/, then every overlay rendered offline to build/k8s/
+	$(BIN)/python -m k8s.sync
+	mkdir -p build/k8s
+	for o in dev dev/scan prod prod/scan; do \
+		$(BIN)/python -m k8s.kustomize k8s/overlays/$$o > build/k8s/$$(echo $$o | tr / -).yaml || exit 1; done
+	ls build/k8s/*.yaml

@@ -1,0 +1,297 @@
+"""KubeRay manifests: every overlay renders what it should, the Serve configs are the deployments' configs, worker
+pods match Serve's autoscaling, GPUs, dev and scans are wired right, and no secret value is in a manifest.
+
+Also: test_k8s_crds.py (the KubeRay CRDs), test_k8s_image.py (Dockerfile, Ray pin, README), test_k8s_tools.py."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import pytest
+import yaml
+
+from k8s import kustomize, model_cache, sync
+from pipeline import models
+from tests.unit.k8s_support import (
+    GPU,
+    K8S,
+    OVERLAYS,
+    RAY_KINDS,
+    ROOT,
+    Resource,
+    cluster_spec,
+    containers,
+    entrypoint_args,
+    hub_ids,
+    one,
+    pod_specs,
+    quantity,
+    rendered,
+    serve_app,
+)
+
+SECRET_ENV = {"DIFFGUARD_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
+GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
+
+
+# --- parsing and rendering ---
+def test_every_yaml_file_parses_and_every_resource_is_named():
+    files = sorted(K8S.rglob("*.yaml"))
+    assert {"rayservice.yaml", "rayjob-scan.yaml"} <= {f.name for f in files if f.parent == K8S}
+    for path in files:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, path
+        for doc in docs:
+            if isinstance(doc, list):  # a JSON 6902 patch
+                assert all({"op", "path"} <= set(op) for op in doc), path
+            else:
+                assert {"apiVersion", "kind"} <= set(doc), path
+                assert doc["kind"] == "Kustomization" or doc["metadata"]["name"], path
+
+
+def test_the_issue_paths_are_the_base_manifests():
+    for name in ("rayservice.yaml", "rayjob-scan.yaml"):
+        assert (K8S / name).resolve() == (K8S / "base" / name).resolve()
+
+
+@pytest.mark.parametrize(
+    "overlay, kinds",
+    [
+        ("dev", ["RayService"]),
+        ("dev/scan", ["RayJob"]),
+        ("prod", ["PersistentVolumeClaim", "RayService"]),
+        ("prod/scan", ["RayJob"]),
+    ],
+)
+def test_each_overlay_renders_one_workload(overlay, kinds):
+    assert sorted(r["kind"] for r in rendered(overlay)) == kinds
+
+
+@pytest.mark.parametrize("env", ["dev", "prod"])
+def test_endpoint_and_scan_overlays_run_the_one_image_their_kustomization_names(env):
+    (image,) = yaml.safe_load((K8S / "overlays" / env / "kustomization.yaml").read_text())["images"]
+    wanted = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    for overlay in (env, f"{env}/scan"):
+        for resource in rendered(overlay):
+            if resource["kind"] in RAY_KINDS:
+                assert {c["image"] for c in containers(resource)} == {wanted}, overlay
+
+
+# --- Serve configs ---
+@pytest.mark.parametrize("overlay", ["base", "dev", "prod"])
+def test_serve_config_v2_validates_and_its_import_path_imports(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.settings import AppArgs
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(one(overlay, "RayService")["spec"]["serveConfigV2"]))
+    assert schema.http_options.host == "0.0.0.0"  # a Service can only reach a proxy listening on the pod's address
+    assert schema.proxy_location == "EveryNode"  # KubeRay's worker readiness probe asks the worker's own proxy
+    for app in schema.applications:
+        module, _, attr = app.import_path.partition(":")
+        assert module.split(".")[0] == "deployments"
+        assert callable(getattr(importlib.import_module(module), attr))
+        AppArgs(**app.args)
+
+
+def test_serve_configs_are_the_deployments_configs():
+    assert sync.stale() == [], "run `make k8s` (python -m k8s.sync)"
+    production = (ROOT / "deployments/configs/production.yaml").read_text()
+    for overlay in ("base", "prod"):
+        serve_config = one(overlay, "RayService")["spec"]["serveConfigV2"]
+        assert serve_config == production.rstrip("\n") + "\n"  # verbatim, comments included
+    local = yaml.safe_load((ROOT / "deployments/configs/local.yaml").read_text())
+    dev = yaml.safe_load(one("dev", "RayService")["spec"]["serveConfigV2"])
+    assert dev == kustomize.merge_patch(local, sync.DEV_OVERRIDES)
+
+
+def test_the_service_exposes_the_serve_port_and_unhealthy_thresholds_are_set():
+    service = one("prod", "RayService")
+    spec = service["spec"]
+    assert spec["serveService"]["metadata"]["name"] == "diffguard-serve"
+    assert spec["serveService"]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    head = cluster_spec(service)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]  # KubeRay routes the Service to this port
+    assert yaml.safe_load(spec["serveConfigV2"])["http_options"]["port"] == 8000
+    assert spec["serviceUnhealthySecondThreshold"] > 0 and spec["deploymentUnhealthySecondThreshold"] > 0
+
+
+# --- autoscaling at both levels ---
+def replicas_needed(service: Resource, which: str) -> list[tuple[Fraction, Fraction]]:
+    """(cpus, gpus) of every Serve replica when each deployment is at its ``min_replicas`` or ``max_replicas``."""
+    items = []
+    for d in serve_app(service)["deployments"]:
+        options = d.get("ray_actor_options", {})
+        auto = d.get("autoscaling_config")
+        count = auto[f"{which}_replicas"] if auto else d.get("num_replicas", 1)
+        items += [(Fraction(str(options.get("num_cpus", 1))), Fraction(str(options.get("num_gpus", 0))))] * count
+    return items
+
+
+def pods_needed(items: list[tuple[Fraction, Fraction]], cpus: Fraction, gpus: Fraction) -> int:
+    """First-fit decreasing: how many identical worker pods hold these replicas (Ray never splits a replica)."""
+    free: list[list[Fraction]] = []
+    for cpu, gpu in sorted(items, key=lambda i: (i[1], i[0]), reverse=True):
+        assert cpu <= cpus and gpu <= gpus, f"a replica needing {cpu} CPU / {gpu} GPU fits no worker pod"
+        pod = next((p for p in free if p[0] >= cpu and p[1] >= gpu), None)
+        if pod is None:
+            free.append(pod := [cpus, gpus])
+        pod[0] -= cpu
+        pod[1] -= gpu
+    return len(free)
+
+
+def test_pods_needed_packs_fractional_gpus():
+    generator, checker, ingress = (Fraction(2), Fraction(1)), (Fraction(1), Fraction(1, 4)), (Fraction(1, 2), 0)
+    assert pods_needed([generator] * 4 + [checker] * 8 + [ingress] * 4, Fraction(8), Fraction(1)) == 6
+    assert pods_needed([checker] * 5, Fraction(8), Fraction(1)) == 2
+    assert pods_needed([ingress] * 5, Fraction(2), Fraction(0)) == 2
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev", "prod"])
+def test_worker_replicas_match_the_serve_autoscaling_range(overlay):
+    service = one(overlay, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head schedules no replica
+    (group,) = cluster["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpus, gpus = quantity(limits["cpu"]), quantity(limits.get(GPU, 0))
+    at_min = pods_needed(replicas_needed(service, "min"), cpus, gpus)
+    at_max = pods_needed(replicas_needed(service, "max"), cpus, gpus)
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    if cluster.get("enableInTreeAutoscaling"):
+        # Serve adds replicas between min_replicas and max_replicas; the Ray autoscaler adds the GPU pods they need.
+        # Exactly: no GPU pod idles at Serve's minimum, and Serve's maximum fits.
+        assert (group["minReplicas"], group["maxReplicas"]) == (at_min, at_max)
+    else:
+        assert group["replicas"] >= at_max, "without the Ray autoscaler the fixed workers must hold every maximum"
+    assert cluster.get("enableInTreeAutoscaling") is (overlay != "dev")
+
+
+# --- GPUs, dev, scans ---
+@pytest.mark.parametrize(
+    "overlay, kind", [("base", "RayService"), ("base", "RayJob"), ("prod", "RayService"), ("prod/scan", "RayJob")]
+)
+def test_gpu_workers_request_gpus_and_tolerate_gpu_nodes(overlay, kind):
+    (head, *workers) = pod_specs(one(overlay, kind))
+    assert GPU not in str(head[1])
+    for _, pod in workers:
+        resources = pod["containers"][0]["resources"]
+        assert quantity(resources["requests"][GPU]) == quantity(resources["limits"][GPU]) >= 1
+        assert GPU_TOLERATION in pod["tolerations"]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "dev/scan"])
+def test_dev_overlays_run_on_cpu_with_tiny_models(overlay):
+    text = str(rendered(overlay))
+    assert GPU not in text and "tolerations" not in text and "persistentVolumeClaim" not in text
+    for resource in rendered(overlay):
+        if resource["kind"] == "RayService":
+            args = serve_app(resource)["args"]
+            assert args["checker"]["model"] == args["generator"]["model"] == "tiny"
+        else:
+            args = entrypoint_args(resource)
+            assert args.model == "tiny" and args.num_gpus == 0
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod/scan"])
+def test_prod_overlays_load_real_models(overlay):
+    for resource in rendered(overlay):
+        if resource["kind"] == "RayService":
+            args = serve_app(resource)["args"]
+            loaded = [args["checker"]["model"], args["generator"]["model"]]
+        elif resource["kind"] == "RayJob":
+            loaded = [entrypoint_args(resource).model]
+        else:
+            continue
+        for model in loaded:
+            assert hub_ids(model) == {model}, model  # a hub id, neither tiny nor a path baked into the image
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev/scan", "prod/scan"])
+def test_rayjob_runs_diffguard_scan_on_a_bucket_and_cleans_up(overlay):
+    job = one(overlay, "RayJob")
+    args = entrypoint_args(job)
+    assert args.command == "scan" and args.source.startswith("s3://") and args.output.startswith("s3://")
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+    worker_gpus = [quantity(p["containers"][0]["resources"]["limits"].get(GPU, 0)) for _, p in pod_specs(job)[1:]]
+    assert args.num_gpus <= max(worker_gpus)
+    assert (args.num_gpus > 0) == (max(worker_gpus) > 0)  # GPU workers are used, and only then asked for
+
+
+# --- secrets ---
+def env_entries(node: Any) -> Iterator[Resource]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield from value
+            else:
+                yield from env_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from env_entries(item)
+
+
+def test_no_manifest_holds_a_secret_value():
+    everything = [r for overlay in ["base", *OVERLAYS] for r in rendered(overlay)]
+    assert not [r for r in everything if r["kind"] == "Secret"]
+    for entry in env_entries(everything):
+        if entry["name"] in SECRET_ENV or entry["name"].startswith("AWS_"):
+            assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry
+    for path in [*K8S.rglob("*.yaml"), ROOT / "Dockerfile"]:
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), path
+        assert not re.search(r"(?i)(secret_access_key|api_key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}", text), path
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev", "prod"])
+def test_api_key_comes_from_its_secret_on_head_and_workers(overlay):
+    for name, pod in pod_specs(one(overlay, "RayService")):
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        ref = env["DIFFGUARD_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "diffguard-api-key", "key": "api-key"}, name  # not optional: no key, no pod
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev/scan", "prod/scan"])
+def test_scan_credentials_come_from_the_s3_secret(overlay):
+    for name, pod in pod_specs(one(overlay, "RayJob")):
+        assert {"secretRef": {"name": "diffguard-s3"}} in pod["containers"][0]["envFrom"], name
+
+
+# --- the model cache ---
+def assert_fills_the_cache_the_pod_reads(init: Resource, pod: Resource) -> None:
+    assert init["command"] == ["python", "-m", "k8s.model_cache"]
+    main = pod["containers"][0]
+    home = {e["name"]: e.get("value") for e in init["env"]}["HF_HOME"]
+    assert home == {e["name"]: e.get("value") for e in main["env"]}["HF_HOME"]
+    assert init["volumeMounts"][0] in main["volumeMounts"] and home.startswith(init["volumeMounts"][0]["mountPath"])
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod"])
+def test_model_cache_init_containers_fetch_what_the_endpoint_loads(overlay):
+    args = serve_app(one(overlay, "RayService"))["args"]
+    generator, checker = args.get("generator") or {}, args["checker"]
+    for _, pod in pod_specs(one(overlay, "RayService"))[1:]:  # the head runs no replica
+        (init,) = pod["initContainers"]
+        fetch = model_cache.parse_args(init["args"])
+        assert set(fetch.pipeline) == hub_ids(generator.get("model"))
+        assert set(fetch.model) == hub_ids(
+            checker["model"], checker.get("concept_text_model"), generator.get("text_encoder")
+        )
+        assert_fills_the_cache_the_pod_reads(init, pod)
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod/scan"])
+def test_model_cache_init_containers_fetch_what_the_scan_loads(overlay):
+    job = one(overlay, "RayJob")
+    scan = entrypoint_args(job)
+    # The checker, and the CLIP text tower that text concepts of the policy need (the default one if unnamed).
+    wanted = hub_ids(scan.model, scan.concept_text_model or models.DEFAULT_TEXT_TOWER)
+    for _, pod in pod_specs(job):  # the driver on the head loads the checker too (for its fingerprint)
+        (init,) = pod["initContainers"]
+        assert set(model_cache.parse_args(init["args"]).model) == wanted
+        assert_fills_the_cache_the_pod_reads(init, pod)

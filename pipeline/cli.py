@@ -107,20 +107,25 @@ def iter_inputs(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def load_checker(args: argparse.Namespace):
-    from .checker import SafetyChecker
+def checker_spec(args: argparse.Namespace, model: str | None = None):
+    """The options of ``add_checker_options`` as a :class:`pipeline.checker.CheckerSpec` (``model``: another flag's)."""
+    from .checker import CheckerSpec
 
-    checker = SafetyChecker.load(
-        args.model,
-        args.device,
-        args.dtype,
+    return CheckerSpec(
+        model=model or args.model,
+        device=args.device,
+        dtype=args.dtype,
         adjustment=args.adjustment,
         concepts=args.concepts,
+        policy=args.policy,
         max_batch_size=args.batch_size,
         max_pixels=args.max_pixels,
         concept_text_model=args.concept_text_model,
-        policy=args.policy,
     )
+
+
+def load_checker(args: argparse.Namespace):
+    checker = checker_spec(args).load()
     if checker.demo:
         log.warning("WARNING: %s", models.TINY_BANNER)
     return checker

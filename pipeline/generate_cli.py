@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from .checker import SafetyChecker
+    from .cli import checker_spec
     from .generator import GenerationRequest, Generator
     from .moderate import generate_moderated
     from .policy import load_policy
@@ -91,16 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_policy(args.policy)
     _prepare_out(args.out, args.force)
     generator = Generator.load(args.model, args.device, args.dtype, text_encoder=args.text_encoder)
-    checker = SafetyChecker.load(
-        args.checker_model,
-        args.device,
-        args.dtype,
-        adjustment=args.adjustment,
-        concepts=args.concepts,
-        max_batch_size=args.batch_size,
-        concept_text_model=args.concept_text_model,
-        policy=args.policy,
-    )
+    checker = checker_spec(args, model=args.checker_model).load()
     if generator.demo or checker.demo:
         log.warning("WARNING: %s", models.TINY_BANNER)
     result = generate_moderated(generator, checker, request)

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .checker import CheckerSpec
 from .concepts import ConceptSet
 from .errors import ImageDecodeError, InvalidInput
-from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeLimits, decode_image
+from .images import IMAGE_SUFFIXES, DecodeLimits, decode_image
 from .policy import image_action, withheld
 from .scan_actions import ActionReport, apply_actions, quarantine_location, recover
 from .scan_state import PartWriter, compact, load_state, rows_table
@@ -37,44 +38,6 @@ COMMIT_EVERY_S = 30.0  # commit a part at least this often, even when it has few
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
 HANG_AFTER_PARTS = "DIFFGUARD_TEST_HANG_AFTER_PARTS"  # tests only: stall after N commits so a real kill lands mid-run
-
-
-@dataclass(frozen=True)
-class CheckerSpec:
-    """How the driver loads the checker, and how every scoring actor loads the same one.
-
-    The driver resolves the concept set, the policy (text tower, example-image folders) and the thresholds once;
-    actors load only the weights and adopt the driver's concept rows, so files and towers need not exist on workers.
-    """
-
-    model: str = "tiny"  # hub id, directory (present on every node) or "tiny"
-    device: str = "auto"  # in the actors: "auto" takes the GPU Ray assigned, if any
-    dtype: str = "auto"
-    adjustment: float = 0.0
-    concepts: Path | None = None  # a saved concept set (read by the driver only)
-    policy: str | None = "default"  # policy file or keyword (read by the driver only); None: no categories
-    max_batch_size: int = 32  # images per vision pass
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    concept_text_model: str | None = None  # text tower for the policy's text concepts (driver only)
-
-    def load(self, device: str | None = None, dtype: str | None = None, concepts: ConceptSet | None = None) -> Any:
-        """The driver's checker (``concepts=None``), or an actor's that adopts the driver's resolved rows."""
-        from .checker import SafetyChecker
-
-        checker = SafetyChecker.load(
-            self.model,
-            device or self.device,
-            dtype or self.dtype,
-            adjustment=self.adjustment,
-            concepts=self.concepts if concepts is None else None,
-            policy=self.policy if concepts is None else None,
-            max_batch_size=self.max_batch_size,
-            max_pixels=self.max_pixels,
-            concept_text_model=self.concept_text_model,
-        )
-        if concepts is not None:
-            checker.adopt(concepts, self.adjustment)
-        return checker
 
 
 @dataclass(frozen=True)

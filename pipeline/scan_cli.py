@@ -77,28 +77,17 @@ def stdout_reserved() -> Iterator[None]:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .cli import UsageError
+    from .cli import UsageError, checker_spec
     from .errors import DiffguardError
-    from .scan import CheckerSpec, ScanConfig, run_scan
+    from .scan import ScanConfig, run_scan
     from .storage import StorageError
 
     if args.apply and not (args.quarantine or args.tag):
         raise UsageError("--apply needs an action: --quarantine PREFIX or --tag")
-    spec = CheckerSpec(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        adjustment=args.adjustment,
-        concepts=args.concepts,
-        policy=args.policy,
-        max_batch_size=args.batch_size,
-        max_pixels=args.max_pixels,
-        concept_text_model=args.concept_text_model,
-    )
     cfg = ScanConfig(
         source=args.source,
         output=args.output,
-        checker=spec,
+        checker=checker_spec(args),
         endpoint_url=endpoint(args),
         full=args.full,
         quarantine=args.quarantine,

@@ -34,9 +34,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    address = os.environ.get("RAY_ADDRESS") or None  # join a running cluster (KubeRay) or start a local one
+    address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     ray.init(
-        address=address,
+        address=address or "local",
         namespace="serve",
         num_cpus=None if address else args.num_cpus,
         include_dashboard=False,

@@ -25,7 +25,8 @@ def ray_cluster():
         return
     # Replicas import test fakes (tests/fakes.py) and the project from the checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    # address="local": always a new cluster of our own, never one that `ray start` left running on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     try:
         yield ray
     finally:

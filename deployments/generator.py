@@ -44,7 +44,8 @@ class GeneratorDeployment:
         parsed = GenerationRequest.parse(request, self.limits)
         rendering = await asyncio.to_thread(self.generator.render, parsed)  # off the replica's event loop
         self.generated.inc(len(rendering.images))
-        return rendering.__dict__
+        # The model info travels with the images: a separate info() call would queue behind other renders.
+        return {**rendering.__dict__, "info": self.generator.info()}
 
     def info(self) -> dict[str, Any]:
         return self.generator.info()

@@ -213,11 +213,8 @@ class Ingress:
         images = rendering["images"]
         results = await self._check(images, "generate")
         moderated = moderate(images, [r["verdict"] for r in results])
-        checker_info, generator_info = await asyncio.gather(
-            self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker"),
-            self._call(self.generator.info.remote(), self.args.health_timeout_s, "generator"),
-        )
-        models = model_info(generator_info, checker_info)
+        checker_info = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
+        models = model_info(rendering["info"], checker_info)  # the generator replica that rendered these images
         models["checker_fingerprint"] = results[0]["fingerprint"]  # the policy that scored these very images
         out = []
         for m, r in zip(moderated, results, strict=True):

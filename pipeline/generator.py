@@ -160,6 +160,8 @@ class Generator:
             output_type="np",
         )
         with self._lock, torch.inference_mode():
+            # Under the lock too: the tokenizer is shared and a call sets its padding/truncation state for everyone.
+            notes = self.truncation_warnings(request)
             if request.safety == "off":
                 out = self.pipe(**kwargs)
             else:
@@ -168,7 +170,7 @@ class Generator:
                     out = self.safe_pipeline()(**kwargs, **SLD_PRESETS[request.safety])
         images = np.asarray(out.images)  # (N, H, W, 3) float in [0, 1]
         pixels = (np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8)
-        return Rendering(list(pixels), seed, width, height, self.truncation_warnings(request))
+        return Rendering(list(pixels), seed, width, height, notes)
 
     def generate(self, request: GenerationRequest) -> list[np.ndarray]:
         """The request's images as uint8 (H, W, 3) arrays. Unmoderated: use ``pipeline.moderate`` to serve them."""

@@ -25,6 +25,7 @@ from typing import Any
 from .errors import DiffguardError, InvalidInput
 
 S3_RETRIES = {"mode": "standard", "max_attempts": 8}  # botocore: throttling, 5xx and connection errors, with backoff
+BODY_ATTEMPTS = 4  # GETs whose body breaks off mid-stream (botocore's retries end when the headers arrive)
 
 
 class StorageError(DiffguardError):
@@ -223,7 +224,8 @@ class S3Store(Store):
         return f"credentials from boto3's {creds.method!r} provider{profile}; {where}"
 
     def _error(self, action: str, key: str, exc: Exception) -> StorageError:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+        response = getattr(exc, "response", None) or {}  # some botocore errors carry response=None
+        code = response.get("Error", {}).get("Code")
         reason = f"{code}: {exc}" if code else f"{type(exc).__name__}: {exc}"
         return StorageError(f"cannot {action} {self.url(key)}: {reason}")
 
@@ -245,14 +247,21 @@ class S3Store(Store):
             raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
 
     def read(self, key: str) -> tuple[bytes, ObjectInfo]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore import exceptions as e
 
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-            data = resp["Body"].read()
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error("read", key, exc) from None
-        return data, self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+        broken_body = (e.IncompleteReadError, e.ReadTimeoutError, e.ResponseStreamingError)
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                data = resp["Body"].read()
+            except broken_body as exc:
+                if attempt < BODY_ATTEMPTS:  # the body broke off mid-stream: botocore retries only the request
+                    continue
+                raise self._error("read", key, exc) from None
+            except (e.BotoCoreError, e.ClientError) as exc:
+                raise self._error("read", key, exc) from None
+            return data, self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+        raise AssertionError("unreachable")
 
     def head(self, key: str) -> ObjectInfo | None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -289,7 +298,10 @@ class S3Store(Store):
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=key, **kwargs)
             except ClientError as exc:
-                if not kwargs or exc.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidArgument"):
+                code = exc.response.get("Error", {}).get("Code")
+                if kwargs and code in ("NoSuchKey", "404"):
+                    return  # already gone: e.g. an earlier attempt landed and its answer was lost (botocore retried)
+                if not kwargs or code not in ("NotImplemented", "InvalidArgument"):
                     raise
                 self.client.delete_object(Bucket=self.bucket, Key=key)  # stores without conditional deletes
         except (BotoCoreError, ClientError) as exc:

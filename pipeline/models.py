@@ -242,34 +242,47 @@ def tiny_text_config(**overrides: Any) -> Any:
     return CLIPTextConfig(**{**settings, **overrides})
 
 
-@tiny_builder("checker")
-def _build_tiny_checker(directory: Path) -> None:
+def random_checker(vision: dict[str, Any], projection_dim: int, probe: Any = None) -> Any:
+    """A randomly initialised ``StableDiffusionSafetyChecker`` with this CLIP vision architecture (seed torch first).
+
+    Random concept rows; thresholds at high quantiles of their cosines over ``probe`` (normalised pixels
+    (B, 3, H, W); default: 64 smooth random pictures), so verdicts are mixed. Tiny weights and the benchmarks use it.
+    """
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
-    from .preprocess import processor_class
-
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
-    )
     config = CLIPConfig(
-        text_config=tiny_text_config().to_dict(), vision_config=vision, projection_dim=TINY_PROJECTION_DIM
+        text_config=tiny_text_config(projection_dim=projection_dim).to_dict(),
+        vision_config=vision,
+        projection_dim=projection_dim,
     )
     model = StableDiffusionSafetyChecker(config).eval()
     with torch.no_grad():
-        model.concept_embeds.copy_(torch.randn(17, TINY_PROJECTION_DIM))
-        model.special_care_embeds.copy_(torch.randn(3, TINY_PROJECTION_DIM))
-        # Thresholds sit high in the cosine distribution of smooth random pictures, so demo verdicts are mixed.
-        mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
-        std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
-        probe = (torch.nn.functional.interpolate(torch.rand(64, 3, 4, 4), size=224, mode="bilinear") - mean) / std
+        model.concept_embeds.copy_(torch.randn(17, projection_dim))
+        model.special_care_embeds.copy_(torch.randn(3, projection_dim))
+        # Thresholds sit high in the cosine distribution of the probe pictures, so verdicts are mixed.
+        if probe is None:
+            mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
+            std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
+            size = vision["image_size"]
+            probe = (torch.nn.functional.interpolate(torch.rand(64, 3, 4, 4), size=size, mode="bilinear") - mean) / std
         embeds = torch.nn.functional.normalize(model.visual_projection(model.vision_model(probe)[1]))
         cos = embeds @ torch.nn.functional.normalize(model.concept_embeds).T
         special = embeds @ torch.nn.functional.normalize(model.special_care_embeds).T
         model.concept_embeds_weights.copy_(torch.quantile(cos, 0.97, dim=0))
         model.special_care_embeds_weights.copy_(torch.quantile(special, 0.9, dim=0))
-    model.save_pretrained(directory)
+    return model
+
+
+@tiny_builder("checker")
+def _build_tiny_checker(directory: Path) -> None:
+    from .preprocess import processor_class
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32
+    )
+    random_checker(vision, TINY_PROJECTION_DIM).save_pretrained(directory)
     processor_class()().save_pretrained(directory)
 
 

@@ -75,12 +75,13 @@ class Preprocess:
         for (h, w), idx in groups.items():
             batch = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2)  # (G, 3, H, W) uint8
             nh, nw = self.output_size(h, w)
-            if (nh, nw) != (h, w):
-                batch = F.interpolate(batch.contiguous(), size=(nh, nw), mode=self.resample, antialias=True)
+            if (nh, nw) != (h, w):  # channels-last (as decoded) takes torch's vectorised uint8 kernel: ~3x faster
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = F.interpolate(batch, size=(nh, nw), mode=self.resample, antialias=True)
             out[idx] = self._crop(batch).float()
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (out * self.rescale_factor - mean) / std
+        return out.mul_(self.rescale_factor).sub_(mean).div_(std)  # in place: same arithmetic, no temporaries
 
     def _crop(self, batch: torch.Tensor) -> torch.Tensor:
         """Centre crop (B, 3, H, W), zero-padding any side smaller than the crop as transformers does."""

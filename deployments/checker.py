@@ -36,6 +36,10 @@ class SafetyCheckerDeployment:
 
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = CheckerArgs(**(args or {}))
+        if self.args.threads:  # a 0.5-CPU replica gets OMP_NUM_THREADS=1 from Ray: half a 2-core machine's matmuls
+            import torch
+
+            torch.set_num_threads(self.args.threads)
         if self.args.factory:
             self.checker = import_factory(self.args.factory)(self.args)
         else:

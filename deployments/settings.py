@@ -33,6 +33,7 @@ class CheckerArgs(BaseModel):
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_pixels: int = 40_000_000  # decompression-bomb limit for uploads
     concept_text_model: str | None = None  # CLIP text tower for text concepts
+    threads: int | None = Field(None, ge=1, le=256)  # torch CPU threads (None: Ray's, = the replica's num_cpus)
     factory: str | None = None  # "module:callable" returning a checker (tests inject faults through this)
 
 

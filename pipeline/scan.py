@@ -53,6 +53,7 @@ class ScanConfig:
     batch_size: int = 32  # rows per map_batches call in every stage
     num_gpus: float = 0.0  # per scoring actor
     max_actors: int | None = None  # scoring actors (default: GPUs / num_gpus, or half the CPUs)
+    threads: int | None = None  # torch threads per CPU scoring actor (default: the cluster's CPUs / actors)
     part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
 
 
@@ -143,7 +144,11 @@ def decode_and_preprocess(batch: pa.Table, preprocess: Any, max_pixels: int) -> 
 class ScoreActor:
     """A Ray Data callable class holding the core checker: pixels in, result rows out."""
 
-    def __init__(self, spec: CheckerSpec, concepts: ConceptSet, fingerprint: str, bucket: str):
+    def __init__(self, spec: CheckerSpec, concepts: ConceptSet, fingerprint: str, bucket: str, threads: int | None):
+        if threads:  # Ray gives a 1-CPU actor OMP_NUM_THREADS=1: a third of a 2-core machine's matmul throughput
+            import torch
+
+            torch.set_num_threads(threads)
         self.checker = spec.load(concepts=concepts)
         if self.checker.fingerprint != fingerprint:
             raise InvalidInput(
@@ -311,6 +316,7 @@ def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa:
                 "concepts": checker.concepts,
                 "fingerprint": checker.fingerprint,
                 "bucket": bucket,
+                "threads": cfg.threads or (None if cfg.num_gpus else _default_threads(max_actors)),
             },
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
@@ -344,6 +350,18 @@ def _commit(writer: PartWriter, pending: list[pa.Table], summary: ScanSummary) -
     if (n := os.environ.get(HANG_AFTER_PARTS)) and writer.parts >= int(n):
         log.warning("%s=%s: stalling so a test can kill this run", HANG_AFTER_PARTS, n)
         time.sleep(3600)
+
+
+def _default_threads(actors: int) -> int:
+    """Torch threads per CPU scoring actor: the cluster's CPUs shared among the actors, at most one node's cores.
+
+    The actors score while the 0.5-CPU read/decode tasks run beside them; decoding is a small share of the work, so
+    the scoring matmuls get every core rather than the one CPU the actor reserves.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(cpus // actors, len(os.sched_getaffinity(0))))
 
 
 def _default_actors(num_gpus: float) -> int:

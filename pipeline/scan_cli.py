@@ -45,6 +45,9 @@ def register(sub: Any) -> None:
     p.add_argument("--apply", action="store_true", help="perform the action (default: dry run)")
     p.add_argument("--num-gpus", type=_non_negative_float, default=0.0, help="GPUs per scoring actor (default 0)")
     p.add_argument("--max-actors", type=_positive_int, help="scoring actors (default: GPUs/--num-gpus, or CPUs/2)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="torch threads per CPU scoring actor (default: the CPUs / the actors)"
+    )
     p.add_argument("--part-rows", type=_positive_int, default=500, help="rows per committed Parquet part (500)")
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
@@ -96,6 +99,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_gpus=args.num_gpus,
         max_actors=args.max_actors,
+        threads=args.threads,
         part_rows=args.part_rows,
     )
     with stdout_reserved():

@@ -43,3 +43,10 @@ k8s: setup ## serveConfigV2 from deployments/configs into k8s/, then every overl
 	for o in dev dev/scan prod prod/scan; do \
 		$(BIN)/python -m k8s.kustomize k8s/overlays/$$o > build/k8s/$$(echo $$o | tr / -).yaml || exit 1; done
 	ls build/k8s/*.yaml
+
+.PHONY: bench bench-quick
+bench: setup ## every benchmark in one run (< 20 min on 2 cores): tables on stdout, JSON + Markdown in bench/results/
+	$(BIN)/python -m bench
+
+bench-quick: setup ## the same at small sizes, ViT-B/32 only (< 2 min; CI runs it once as a smoke test)
+	$(BIN)/python -m bench --quick

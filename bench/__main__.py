@@ -1,0 +1,135 @@
+"""``python -m bench [--quick] [--out DIR] [--only SECTION,...]``: every benchmark in one run.
+
+Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``.
+Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("core", "preprocess", "service", "scan")
+
+log = logging.getLogger("bench")
+
+
+def plans(quick: bool) -> dict[str, Any]:
+    from .core import CorePlan
+    from .scan import ScanPlan
+    from .service import ServicePlan
+
+    if quick:
+        return {
+            "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=64, small_images=8)},
+            "preprocess": (16, 2),
+            "service": ServicePlan(clients=(8, 32), warmup_s=1.5, measure_s=3),
+            "scan": ScanPlan(images=64, small=0),
+        }
+    return {
+        "core": {
+            "vit-b-32": CorePlan(batches=(1, 8, 32), agree_images=256, small_images=64),
+            "vit-l-14": CorePlan(batches=(1, 8, 32), agree_images=64, small_images=12),
+        },
+        "preprocess": (32, 5),
+        "service": ServicePlan(clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,)),
+        "scan": ScanPlan(images=512, small=64, one_thread_run=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the CI smoke run: small sizes, ViT-B/32 only (< 2 min)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON/Markdown go")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only print and rewrite the tables of a results file"
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        from . import report
+
+        results = json.loads(args.render.read_text())
+        results["targets"] = report.targets(results)
+        _write(results, args.render.parent)
+        return 0
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown sections {unknown}; choose from {list(SECTIONS)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    # Before torch and Ray start: replicas and workers inherit these. The default policy's CLIP text tower is not
+    # cached on a benchmark machine; the checkers fall back to the stock policy without probing the network.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+    from . import measure, report
+
+    plan = plans(args.quick)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": measure.machine()}
+    if "core" in only:
+        from .core import run_core
+
+        results["core"] = [run_core(arch, p) for arch, p in plan["core"].items()]
+    if "preprocess" in only:
+        from .core import run_preprocess
+
+        results["preprocess"] = run_preprocess(*plan["preprocess"])
+    if "service" in only:
+        results["service"] = _service(plan["service"])
+    if "scan" in only:
+        from .scan import run_scan_bench
+
+        results["scan"] = run_scan_bench(plan["scan"], str(ROOT))
+    results["targets"] = report.targets(results)
+    results["seconds"] = time.perf_counter() - started
+    results["load_average_after"] = os.getloadavg()
+    _write(results, args.out)
+    return 0
+
+
+def _service(plan: Any) -> dict[str, Any]:
+    import ray
+
+    from tests.integration.conftest import free_port
+
+    from .service import run_service
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
+    try:
+        return run_service(plan, free_port())
+    finally:
+        ray.shutdown()
+
+
+def _write(results: dict[str, Any], out: Path) -> None:
+    from . import report
+
+    m = results["machine"]
+    header = (
+        f"diffguard benchmarks ({results['mode']}), {m['date']}: {m['cpu']}, {m['cores']} cores, "
+        f"torch {m['versions']['torch']} ({m['torch_threads']} threads), load average before "
+        f"{m['load_average'][0]:.2f}, after {results['load_average_after'][0]:.2f}, {results['seconds']:.0f} s"
+    )
+    blocks = report.sections(results)
+    print(header)
+    for title, cells in blocks:
+        print(f"\n{title}\n{report.text(cells)}")
+    out.mkdir(parents=True, exist_ok=True)
+    name = results["mode"]
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = [f"_{header}_"] + [f"**{title}**\n\n{report.markdown(cells)}" for title, cells in blocks]
+    (out / f"{name}.md").write_text("\n\n".join(md) + "\n")
+    print(f"\nwritten: {out / (name + '.json')}, {out / (name + '.md')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""A closed-loop HTTP load generator: N concurrent clients (asyncio + httpx), each sending its next request as soon
+as the previous one is answered. Reports throughput, latency percentiles and what the server said about batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+
+@dataclass
+class Sample:
+    start: float
+    end: float
+    ok: bool
+    batch_size: int | None
+
+
+async def _drive(
+    url: str, bodies: list[bytes], clients: int, warmup_s: float, measure_s: float
+) -> tuple[list[Sample], tuple[float, float]]:
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        t0 = time.perf_counter()
+        stop = t0 + warmup_s + measure_s
+
+        async def one_client(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop:
+                body = bodies[k % len(bodies)]
+                k += clients
+                start = time.perf_counter()
+                try:
+                    r = await client.post(url, content=body, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200
+                    batch = r.json()["results"][0]["batch_size"] if ok else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    ok, batch = False, None
+                samples.append(Sample(start, time.perf_counter(), ok, batch))
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    window = (t0 + warmup_s, stop)
+    return [s for s in samples if window[0] <= s.end <= window[1]], window
+
+
+def run_load(url: str, bodies: list[bytes], clients: int, warmup_s: float, measure_s: float) -> dict[str, Any]:
+    """Requests answered inside the measurement window (after the warm-up) are counted; the clients keep sending
+    until the window closes, so the window sees a steady state once the warm-up is longer than a few latencies."""
+    samples, (lo, hi) = asyncio.run(_drive(url, bodies, clients, warmup_s, measure_s))
+    ok = [s for s in samples if s.ok]
+    lat = np.array([s.end - s.start for s in ok]) * 1000
+    batches = [s.batch_size for s in ok if s.batch_size]
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "images_per_s": len(ok) / (hi - lo),
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "mean_batch": float(np.mean(batches)) if batches else None,
+    }

@@ -1,0 +1,51 @@
+"""`python -m bench --quick` as `make bench-quick` runs it: every section produces results (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_quick_benchmark_runs_every_section(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as `make bench` does
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "quick.json").read_text())
+    assert (tmp_path / "quick.md").read_text().count("|") > 50
+    for title in ("Core vs diffusers", "Preprocessing", "Service /v1/moderate", "Scan", "Targets"):
+        assert title in proc.stdout
+
+    (core,) = results["core"]
+    assert {(r["impl"], r["dtype"], r["batch"]) for r in core["rows"]} == {
+        (impl, dtype, batch)
+        for impl in ("diffusers", "diffguard")
+        for dtype in ("float32", "bfloat16")
+        for batch in (1, 8)
+    }
+    assert all(r["images_per_s"] > 0 and r["roofline"] > 0 for r in core["rows"])
+    # Thresholds make both decisions occur, or agreement would mean nothing.
+    for setting in ("calibrated", "parity"):
+        assert 0 < core["agreement"]["flagged_by_reference"][setting] < core["agreement"]["images"]
+    assert {r["images"] for r in results["preprocess"]} == {"512x512", "varied"}
+
+    service = results["service"]["rows"]
+    assert {(r["variant"], r["clients"]) for r in service} == {
+        (v, c) for v in ("batched", "unbatched") for c in (8, 32)
+    }
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in service)
+    assert all(r["mean_batch"] == 1 for r in service if r["variant"] == "unbatched")
+
+    (run,) = results["scan"]["runs"]
+    assert run["scanned"] == run["objects"] == 64 and run["errors"] == 0
+    assert results["targets"] and results["machine"]["versions"]["torch"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,29 +25,26 @@ class Sample:
 
 
 async def _drive(
-    url: str, bodies: list[bytes], clients: int, warmup_s: float, measure_s: float
+    send: Callable[[bytes], Awaitable[tuple[bool, int | None]]],
+    bodies: list[bytes],
+    clients: int,
+    warmup_s: float,
+    measure_s: float,
 ) -> tuple[list[Sample], tuple[float, float]]:
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
-        t0 = time.perf_counter()
-        stop = t0 + warmup_s + measure_s
+    t0 = time.perf_counter()
+    stop = t0 + warmup_s + measure_s
 
-        async def one_client(i: int) -> None:
-            k = i
-            while time.perf_counter() < stop:
-                body = bodies[k % len(bodies)]
-                k += clients
-                start = time.perf_counter()
-                try:
-                    r = await client.post(url, content=body, headers={"content-type": "image/png"})
-                    ok = r.status_code == 200
-                    batch = r.json()["results"][0]["batch_size"] if ok else None
-                except (httpx.HTTPError, ValueError, KeyError):
-                    ok, batch = False, None
-                samples.append(Sample(start, time.perf_counter(), ok, batch))
+    async def one_client(i: int) -> None:
+        k = i
+        while time.perf_counter() < stop:
+            body = bodies[k % len(bodies)]
+            k += clients
+            start = time.perf_counter()
+            ok, batch = await send(body)
+            samples.append(Sample(start, time.perf_counter(), ok, batch))
 
-        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    await asyncio.gather(*(one_client(i) for i in range(clients)))
     window = (t0 + warmup_s, stop)
     return [s for s in samples if window[0] <= s.end <= window[1]], window
 
@@ -54,7 +52,36 @@ async def _drive(
 def run_load(url: str, bodies: list[bytes], clients: int, warmup_s: float, measure_s: float) -> dict[str, Any]:
     """Requests answered inside the measurement window (after the warm-up) are counted; the clients keep sending
     until the window closes, so the window sees a steady state once the warm-up is longer than a few latencies."""
-    samples, (lo, hi) = asyncio.run(_drive(url, bodies, clients, warmup_s, measure_s))
+
+    async def drive() -> tuple[list[Sample], tuple[float, float]]:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+            async def send(body: bytes) -> tuple[bool, int | None]:
+                try:
+                    r = await client.post(url, content=body, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200
+                    return ok, r.json()["results"][0]["batch_size"] if ok else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    return False, None
+
+            return await _drive(send, bodies, clients, warmup_s, measure_s)
+
+    return _summary(clients, *asyncio.run(drive()))
+
+
+def run_handle_load(handle: Any, bodies: list[bytes], clients: int, warmup_s: float, measure_s: float) -> dict:
+    """The same closed loop straight into the checker deployment's handle: no HTTP proxy, no ingress."""
+
+    async def send(body: bytes) -> tuple[bool, int | None]:
+        (result,) = await handle.check_many.remote([body])
+        return "verdict" in result, result.get("batch_size")
+
+    return _summary(clients, *asyncio.run(_drive(send, bodies, clients, warmup_s, measure_s)))
+
+
+def _summary(clients: int, samples: list[Sample], window: tuple[float, float]) -> dict[str, Any]:
+    lo, hi = window
     ok = [s for s in samples if s.ok]
     lat = np.array([s.end - s.start for s in ok]) * 1000
     batches = [s.batch_size for s in ok if s.batch_size]

@@ -21,7 +21,7 @@ from deployments.run import DEFAULT_CONFIG, deploy, load_config
 
 from . import models
 from .core import bytes_rates
-from .load import run_load
+from .load import run_handle_load, run_load
 
 log = logging.getLogger("bench")
 
@@ -36,7 +36,7 @@ class ServicePlan:
     images: int = 64  # distinct PNGs the clients cycle through
     size: int = 512  # Stable Diffusion 1.x output size
     torch_threads: int | None = None  # the checker's `threads` (None: the shipped config's)
-    default_threads_clients: tuple[int, ...] = ()  # also drive a batched replica with Ray's default threads (1)
+    default_threads_clients: tuple[int, ...] = ()  # also drive a batched replica with Ray's defaults (before)
 
 
 def serve_config(port: int, checker_dir: Path, plan: ServicePlan) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def serve_config(port: int, checker_dir: Path, plan: ServicePlan) -> dict[str, A
     threads = plan.torch_threads or base["args"]["checker"].get("threads")
     variants = [("batched", batch, threads), ("unbatched", 1, threads)]
     if plan.default_threads_clients:
-        variants.append(("batched-ray-threads", batch, None))
+        variants.append(("batched-ray-defaults", batch, None))
     apps = []
     for name, max_batch, variant_threads in variants:
         app = copy.deepcopy(base)
@@ -61,6 +61,8 @@ def serve_config(port: int, checker_dir: Path, plan: ServicePlan) -> dict[str, A
             if d["name"] == "SafetyChecker":
                 d["user_config"].update(max_batch_size=max_batch, policy="stock")
                 d["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+                if name == "batched-ray-defaults":  # 1 torch thread, spinning OpenMP waits: before the config's tuning
+                    d["ray_actor_options"].pop("runtime_env", None)
         apps.append(app)
     raw["applications"] = apps
     return raw
@@ -77,16 +79,22 @@ def run_service(plan: ServicePlan, port: int) -> dict[str, Any]:
         path.write_text(yaml.safe_dump(raw))
         deploy(load_config(path), timeout_s=600)
     bodies = models.pngs(models.images(plan.images, seed=3, size=plan.size))
-    rows = []
+    rows, window = [], (plan.warmup_s, plan.measure_s)
     try:
         for app in raw["applications"]:
             url = f"http://127.0.0.1:{port}{app['route_prefix']}/v1/moderate"
             run_load(url, bodies[:4], 1, 0.5, 0.5)  # first requests: connection set-up, lazy initialisation
-            levels = plan.default_threads_clients if app["name"] == "batched-ray-threads" else plan.clients
+            levels = plan.default_threads_clients if app["name"] == "batched-ray-defaults" else plan.clients
             for clients in levels:
-                row = {"variant": app["name"], **run_load(url, bodies, clients, plan.warmup_s, plan.measure_s)}
+                row = {"variant": app["name"], **run_load(url, bodies, clients, *window)}
                 rows.append(row)
                 log.info("service %s", row)
+            if app["name"] == "batched":  # the checker replica alone: what the HTTP front costs on shared cores
+                handle = serve.get_deployment_handle("SafetyChecker", app_name=app["name"])
+                for clients in plan.clients[-2:]:
+                    row = {"variant": "batched-handle", **run_handle_load(handle, bodies, clients, *window)}
+                    rows.append(row)
+                    log.info("service %s", row)
     finally:
         serve.shutdown()
     core = bytes_rates(checker_dir, CHECKER_DTYPE, bodies, sorted({max(1, round(r["mean_batch"] or 1)) for r in rows}))

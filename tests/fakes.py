@@ -57,3 +57,20 @@ class FakeGenerator:
 
     def info(self) -> dict[str, Any]:
         return {"model": "fake", "fingerprint": "fake", "demo_weights": True, "text_encoder": None}
+
+
+GATE_ENV = "DIFFGUARD_TEST_GATE"
+
+
+def gated_checker(args: Any) -> Any:
+    """The real tiny checker, absent until the file named by $DIFFGUARD_TEST_GATE exists: the replica's constructor
+    waits for it, so the deployment has no ready replica (the checker is "absent at start-up") until a test opens it."""
+    import os
+    from pathlib import Path
+
+    from pipeline import SafetyChecker
+
+    gate = Path(os.environ[GATE_ENV])
+    while not gate.exists():
+        time.sleep(0.2)
+    return SafetyChecker.load("tiny", "cpu", "float32", max_pixels=args.max_pixels)

@@ -13,7 +13,7 @@ from tests.reliability.apps import apply
 from tests.reliability.load import disallowed, verify_samples
 from tests.reliability.soak import soak, soak_config
 
-MEMORY_SLACK_MIB = 256  # allowed growth per deployment beyond half its starting size
+MEMORY_SLACK_MIB = 256  # allowed growth of a replica beyond half its starting size
 
 
 @pytest.fixture(scope="module")

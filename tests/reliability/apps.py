@@ -125,14 +125,27 @@ def rss_mib(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def replica_memory(app_name: str) -> dict[str, float]:
-    """Total resident memory of each deployment's running replicas, in MiB."""
+def replica_memory(app_name: str) -> dict[str, dict[str, float]]:
+    """Resident memory of each deployment's running replicas, by replica id, in MiB."""
     deployments = details()["applications"][app_name]["deployments"]
     out = {}
     for name, d in deployments.items():
-        pids = [r["pid"] for r in d["replicas"] if r["state"] == "RUNNING" and r.get("pid")]
-        out[name] = round(sum(rss_mib(pids).values()), 1)
+        running = {r["pid"]: r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING" and r.get("pid")}
+        out[name] = {running[pid]: round(mib, 1) for pid, mib in rss_mib(list(running)).items()}
     return out
+
+
+def memory_growth(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per deployment, the largest growth of one replica alive at both moments (autoscaling adds and removes
+    replicas; a new replica's whole footprint is not growth)."""
+    return {
+        d: round(max((after[d][r] - before[d][r] for r in before[d].keys() & after.get(d, {}).keys()), default=0.0), 1)
+        for d in before
+    }
+
+
+def largest_replica(memory: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {d: max(by_replica.values(), default=0.0) for d, by_replica in memory.items()}
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> float:

@@ -152,7 +152,7 @@ def section(s: dict[str, Any]) -> str:
     if "memory_timeline" in f:
         names = list(f["memory_timeline"][0][1])
         points = [f"{t:g} s: {' / '.join(f'{m.get(n, 0):.0f}' for n in names)}" for t, m in f["memory_timeline"]]
-        out.append(f"| replica memory over the soak, MiB ({' / '.join(names)}) | {'; '.join(points)} |")
+        out.append(f"| largest replica's memory over the soak, MiB ({' / '.join(names)}) | {'; '.join(points)} |")
     out += ["", "Invariants:", ""]
     out += [f"- {'✅' if ok else '❌ FAILED:'} {name}" for name, ok in s["invariants"].items()]
     if "cases" in f:

@@ -157,7 +157,7 @@ def soak_run(port: int, checker: Any, soak_s: float) -> dict[str, Any]:
             "every 503 has Retry-After": stats.missing_retry_after == 0,
             "unchecked images out = 0": stats.unchecked_images_out == 0 and not stats.problems,
             "no replica replaced": not any(f["replicas_replaced"].values()),
-            "memory flat in the second half (< 64 MiB per deployment)": all(
+            "memory flat in the second half (< 64 MiB per replica)": all(
                 v < 64 for v in f["memory_mib_growth_second_half"].values()
             ),
         },

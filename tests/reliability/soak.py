@@ -18,7 +18,7 @@ from typing import Any
 
 from tests.conftest import encode, varied_images
 
-from .apps import local_app, replica_memory, replicas, serve_config
+from .apps import largest_replica, local_app, memory_growth, replica_memory, replicas, serve_config
 from .load import LoadStats, generate_call, moderate_call, run_load
 
 APP = "soak"
@@ -85,11 +85,13 @@ async def soak(
     return stats, {
         "clients": clients,
         "generate_share": generate_share,
-        "memory_mib_start": start,
-        "memory_mib_end": end,
-        "memory_mib_growth": {d: round(end[d] - start.get(d, 0.0), 1) for d in end},
-        "memory_mib_growth_second_half": {d: round(end[d] - half.get(d, 0.0), 1) for d in end},
-        "memory_timeline": memory,
+        "memory_mib_start": largest_replica(start),  # per replica
+        "memory_mib_end": largest_replica(end),
+        "memory_mib_growth": memory_growth(start, end),  # of a replica alive throughout
+        "memory_mib_growth_second_half": memory_growth(half, end),
+        "replicas_start": {d: len(m) for d, m in start.items()},
+        "replicas_end": {d: len(m) for d, m in end.items()},
+        "memory_timeline": [(t, largest_replica(m)) for t, m in memory],
         "replicas_replaced": {d: len(ids_start[d] - ids_end[d]) for d in ids_start},
         **stats.summary(),
     }

@@ -28,9 +28,9 @@ def plans(quick: bool) -> dict[str, Any]:
 
     if quick:
         return {
-            "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=64, small_images=8)},
+            "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=48, small_images=8)},
             "preprocess": (16, 2),
-            "service": ServicePlan(clients=(8, 32), warmup_s=1.5, measure_s=3),
+            "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "scan": ScanPlan(images=64, small=0),
         }
     return {
@@ -39,7 +39,9 @@ def plans(quick: bool) -> dict[str, Any]:
             "vit-l-14": CorePlan(batches=(1, 8, 32), agree_images=64, small_images=12),
         },
         "preprocess": (32, 5),
-        "service": ServicePlan(clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,)),
+        "service": ServicePlan(
+            clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
+        ),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
     }
 

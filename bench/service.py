@@ -37,6 +37,7 @@ class ServicePlan:
     size: int = 512  # Stable Diffusion 1.x output size
     torch_threads: int | None = None  # the checker's `threads` (None: the shipped config's)
     default_threads_clients: tuple[int, ...] = ()  # also drive a batched replica with Ray's defaults (before)
+    handle_clients: tuple[int, ...] = ()  # also drive the batched checker through its handle (no HTTP)
 
 
 def serve_config(port: int, checker_dir: Path, plan: ServicePlan) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def run_service(plan: ServicePlan, port: int) -> dict[str, Any]:
                 log.info("service %s", row)
             if app["name"] == "batched":  # the checker replica alone: what the HTTP front costs on shared cores
                 handle = serve.get_deployment_handle("SafetyChecker", app_name=app["name"])
-                for clients in plan.clients[-2:]:
+                for clients in plan.handle_clients:
                     row = {"variant": "batched-handle", **run_handle_load(handle, bodies, clients, *window)}
                     rows.append(row)
                     log.info("service %s", row)

@@ -41,8 +41,8 @@ def test_quick_benchmark_runs_every_section(tmp_path):
 
     service = results["service"]["rows"]
     assert {(r["variant"], r["clients"]) for r in service} == {
-        (v, c) for v in ("batched", "unbatched", "batched-handle") for c in (8, 32)
-    }
+        (v, c) for v in ("batched", "unbatched") for c in (8, 32)
+    } | {("batched-handle", 32)}
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in service)
     assert all(r["mean_batch"] == 1 for r in service if r["variant"] == "unbatched")
 

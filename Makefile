@@ -56,5 +56,5 @@ soak: setup ## load soak: 64 clients mixing generate and moderate for SOAK_S (30
 	mkdir -p build/reliability
 	$(BIN)/python -m tests.reliability.soak --clients 64 --duration-s $(or $(SOAK_S),300) --out build/reliability/soak.json
 
-reliability: setup ## every reliability scenario, long versions (~45 min on 2 cores); rewrites docs/RELIABILITY.md
+reliability: setup ## every reliability scenario, long versions (~20 min on 2 quiet cores); rewrites docs/RELIABILITY.md
 	$(BIN)/python -m tests.reliability.report

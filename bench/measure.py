@@ -17,15 +17,7 @@ import torch
 
 def timed(fn: Callable[[Any], Any], inputs: Iterable[Any], warmup: int = 0) -> tuple[list[float], list[Any]]:
     """Call ``fn`` on each input, the first ``warmup`` calls untimed. Returns (seconds per timed call, outputs)."""
-    secs, outs = [], []
-    for i, x in enumerate(inputs):
-        t0 = time.perf_counter()
-        out = fn(x)
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            secs.append(dt)
-            outs.append(out)
-    return secs, outs
+    return interleaved([fn], list(inputs), warmup)[0]
 
 
 def interleaved(

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Override for GPU hosts, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup serve demo test lint format clean
+.PHONY: setup serve demo test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -30,8 +30,11 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup lint
+test: setup lint ## what CI runs: ruff and the whole suite
 	$(BIN)/python -m pytest
+
+test-fast: setup ## the local loop: every test not marked slow (no multi-node run, soak or benchmark smoke run)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
 
 def test_quick_benchmark_runs_every_section(tmp_path):

@@ -12,7 +12,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
 
 def test_multinode_placement_and_autoscaling(tmp_path):

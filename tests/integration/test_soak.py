@@ -13,6 +13,8 @@ from tests.reliability.apps import apply
 from tests.reliability.load import disallowed, verify_samples
 from tests.reliability.soak import soak, soak_config
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 MEMORY_SLACK_MIB = 256  # allowed growth of a replica beyond half its starting size
 
 

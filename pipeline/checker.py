@@ -10,7 +10,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,16 @@ import torch
 from . import models
 from .concepts import Concept, ConceptSet
 from .errors import ImageDecodeError, InvalidInput, ModelSourceError
-from .images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, DecodeLimits, load_images
-from .policy import Policy, load_policy, strongest
+from .images import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    Decoded,
+    DecodeLimits,
+    load_decoded,
+    load_images,
+)
+from .policy import Policy, check_policy_fallback, load_policy, strongest
 from .preprocess import Preprocess, processor_class
 
 log = logging.getLogger(__name__)
@@ -44,10 +52,13 @@ class Verdict:
     flagged_categories: list[str] = field(default_factory=list)  # categories with a margin > 0
     action: str | None = None  # what the policy does: allow | flag | blur | black | block (None: no policy)
     error: str | None = None
+    truncated: bool = False  # decoded from a truncated file: scored on what decodes (what a browser shows)
+    unscorable: bool = False  # read but could not be scored (undecodable, too many pixels or bytes, unsupported)
 
     @classmethod
-    def failed(cls, error: str) -> Verdict:
-        return cls(error=error)
+    def failed(cls, error: str, action: str | None = None) -> Verdict:
+        """A verdict with ``error`` set; with ``action`` it is an unscorable image's (the policy's action for it)."""
+        return cls(error=error, action=action, unscorable=action is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,14 +169,18 @@ class SafetyChecker:
         adjustment: float = 0.0,
         max_batch_size: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
         concept_text_model: str | None = None,
+        policy_fallback: str | None = None,
     ):
         if max_batch_size < 1:
             raise InvalidInput(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.source, self.demo = source, demo
         self.device, self.dtype = torch.device(device), dtype
         self.preprocess = preprocess
-        self.limits = DecodeLimits(max_pixels=max_pixels)
+        self.limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_object_bytes)
+        self.policy_fallback = check_policy_fallback(policy_fallback, "policy_fallback")
+        self.fallback_reason: str | None = None  # set when the policy in force is the stock fallback (loudly)
         self.max_batch_size = max_batch_size
         self.concepts = ConceptSet.from_checker(model)
         self._stock = copy.deepcopy(self.concepts)
@@ -250,15 +265,15 @@ class SafetyChecker:
 
         Declarative (the same settings always give the same fingerprint) and atomic: on any error nothing changes.
         """
-        fresh = copy.deepcopy(self._stock)
+        fresh, fallback = copy.deepcopy(self._stock), None
         if concepts is not None:
             fresh.apply_file(concepts)
         if policy is not None:
-            self._add_policy(fresh, load_policy(policy))
+            fallback = self._add_policy(fresh, load_policy(policy))
         for name, value in (thresholds or {}).items():
             fresh.set_threshold(int(name) if isinstance(name, str) and name.isdigit() else name, value)
         self.adjustment = adjustment  # validates before anything is replaced
-        self.concepts = fresh
+        self.concepts, self.fallback_reason = fresh, fallback
 
     def adopt(self, concepts: ConceptSet, adjustment: float) -> None:
         """Score with rows another checker resolved (concept sets, policy, thresholds), as a copy.
@@ -279,26 +294,18 @@ class SafetyChecker:
         fresh = copy.deepcopy(self.concepts)
         fresh.concepts = [c for c in fresh.concepts if c.kind != "policy"]
         fresh.embeds = fresh.embeds[[i for i, c in enumerate(self.concepts.concepts) if c.kind != "policy"]]
-        fresh.categories, fresh.policy_digest, fresh.nsfw_action = [], "", "block"
-        if policy is not None:
-            self._add_policy(fresh, load_policy(policy))
-        self.concepts = fresh
+        fresh.categories, fresh.policy_digest, fresh.nsfw_action, fresh.unscorable_action = [], "", "block", "block"
+        fallback = self._add_policy(fresh, load_policy(policy)) if policy is not None else None
+        self.concepts, self.fallback_reason = fresh, fallback
 
-    def _add_policy(self, concepts: ConceptSet, policy: Policy) -> None:
-        """Add a policy's concept rows and categories to ``concepts`` (text via the text tower, images embedded)."""
-        needs_text = any(spec.text for c in policy.categories for spec in c.concepts)
-        if needs_text and policy.name.startswith("diffguard-default"):
-            try:
-                self._text_encoder()
-            except ModelSourceError as exc:
-                log.warning(
-                    "the default policy's text concepts need the CLIP text tower %r, which cannot be loaded (%s); "
-                    "using the stock policy: hate, harassment, violence, self-harm, shocking and illegal-activity "
-                    "are NOT checked. Download the tower (see README) or pass a policy file.",
-                    self.concept_text_model,
-                    exc.message.split(". ")[0],
-                )
-                policy = load_policy("stock")
+    def _add_policy(self, concepts: ConceptSet, policy: Policy) -> str | None:
+        """Add a policy's concept rows and categories to ``concepts`` (text via the text tower, images embedded).
+
+        -> why the stock policy replaced it (``policy_fallback``), or None when it is the policy asked for.
+        """
+        fallback = None
+        if any(spec.text for c in policy.categories for spec in c.concepts):
+            policy, fallback = self._text_tower_or_fallback(policy)
         texts = [(c, i, spec) for c in policy.categories for i, spec in enumerate(c.concepts) if spec.text]
         text_embeds = self.embed_text([spec.text for _, _, spec in texts]) if texts else None
         text_rows = {
@@ -327,7 +334,40 @@ class SafetyChecker:
                 rows.append(f"{category.name}:{i}")
             concepts.categories.append((category.name, category.action, rows))
         concepts.nsfw_action = policy.nsfw_action
+        concepts.unscorable_action = policy.unscorable_action
         concepts.policy_digest = policy.digest()
+        return fallback
+
+    def _text_tower_or_fallback(self, policy: Policy) -> tuple[Policy, str | None]:
+        """The policy itself when its text tower loads; else the stock policy if a fallback was asked for, else an
+        error that says how to fix it. Never a silent weaker policy."""
+        try:
+            self._text_encoder()
+            return policy, None
+        except ModelSourceError as exc:
+            reason = exc.message.split(". ")[0]
+            fallback = self.policy_fallback or policy.policy_fallback
+            if fallback is None:
+                raise ModelSourceError(
+                    f"policy {policy.name!r} has text concepts, which need the CLIP text tower "
+                    f"{self.concept_text_model!r}, and it cannot be loaded ({reason}). Fix it one of three ways: "
+                    f"download it (`diffguard models download {models.DEFAULT_TEXT_TOWER} DIR`, then pass "
+                    "--concept-text-model DIR), score with the stock concepts only (`--policy stock`), or accept that "
+                    "fallback explicitly (`policy_fallback: stock` in the policy file or the checker config)"
+                ) from None
+        unchecked = [c.name for c in policy.categories if any(spec.text for spec in c.concepts)]
+        log.warning(
+            "WARNING: policy %r cannot be used: its text concepts need the CLIP text tower %r (%s). policy_fallback "
+            "is %r, so scoring with the stock policy: only the stock (sexual) concepts are checked; %s are NOT "
+            "checked.",
+            policy.name,
+            self.concept_text_model,
+            reason,
+            fallback,
+            ", ".join(unchecked),
+        )
+        stock = replace(load_policy("stock"), unscorable_action=policy.unscorable_action)
+        return stock, f"policy {policy.name!r} replaced by the stock policy: text tower unavailable ({reason})"
 
     @staticmethod
     def _ref_index(ref: Any, size: int, category: str) -> int:
@@ -374,8 +414,10 @@ class SafetyChecker:
             "concepts": [{"name": c.name, "kind": c.kind, "threshold": c.threshold} for c in self.concepts.concepts],
             "policy": {
                 "nsfw_action": self.concepts.nsfw_action,
+                "unscorable_action": self.concepts.unscorable_action,
                 "categories": {name: action for name, action, _ in self.concepts.categories},
             },
+            "policy_fallback": {"allowed": self.policy_fallback, "active": self.fallback_reason},
         }
 
     # --- custom concepts ----------------------------------------------------------------------------------------------
@@ -452,23 +494,34 @@ class SafetyChecker:
         """Preprocessed pixels (B, 3, H, W) -> verdicts (for adapters that preprocess elsewhere)."""
         return self.verdicts(self.score_embeddings(self.embed_pixels(pixels)))
 
-    def check_arrays(self, arrays: Sequence[np.ndarray | ImageDecodeError]) -> list[Verdict]:
-        """Decoded RGB uint8 arrays (or decode errors, passed through as error verdicts) -> verdicts, in order."""
-        good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
-        results: list[Verdict] = [Verdict.failed(str(a)) if isinstance(a, BaseException) else Verdict() for a in arrays]
+    def unscorable(self, error: str) -> Verdict:
+        """The verdict of an image that was read but cannot be scored: ``error`` set, ``unscorable`` true, and the
+        policy's ``unscorable_action`` (``block`` unless the policy says otherwise; ``block`` without a policy)."""
+        return Verdict.failed(error, self.concepts.unscorable_action)
+
+    def check_arrays(self, arrays: Sequence[np.ndarray | Decoded | ImageDecodeError]) -> list[Verdict]:
+        """Decoded images (arrays or :class:`Decoded`) or decode errors -> verdicts, in order.
+
+        A decode error becomes :meth:`unscorable`'s verdict, so every verdict has an action.
+        """
+        items = [Decoded(a) if isinstance(a, np.ndarray) else a for a in arrays]
+        good = [i for i, a in enumerate(items) if isinstance(a, Decoded)]
+        results: list[Verdict] = [self.unscorable(str(a)) if not isinstance(a, Decoded) else Verdict() for a in items]
         for start in range(0, len(good), self.max_batch_size):
             idx = good[start : start + self.max_batch_size]
-            pixels = self.preprocess([arrays[i] for i in idx])  # type: ignore[misc]
+            pixels = self.preprocess([items[i].array for i in idx])  # type: ignore[union-attr]
             for i, verdict in zip(idx, self.check_pixels(pixels), strict=True):
+                verdict.truncated = items[i].truncated  # type: ignore[union-attr]
                 results[i] = verdict
         return results
 
     def check(self, images: Sequence[Any]) -> list[Verdict]:
         """PIL images, uint8 HWC arrays, encoded bytes or paths -> one :class:`Verdict` each, in order.
 
-        Undecodable inputs get a verdict with ``error`` set; they never affect the others. Inputs are not mutated.
+        Undecodable inputs get :meth:`unscorable`'s verdict (``error`` set, the policy's ``unscorable_action``); they
+        never affect the others. Truncated files are scored on what decodes (``truncated``). Inputs are not mutated.
         """
-        return self.check_arrays(load_images(list(images), self.limits))
+        return self.check_arrays(load_decoded(list(images), self.limits))
 
     def embed(self, images: Sequence[Any]) -> torch.Tensor:
         """Images -> (N, D) float32 embeddings; raises on the first undecodable image."""
@@ -530,6 +583,8 @@ class CheckerSpec:
     max_batch_size: int = 32  # images per vision pass
     max_pixels: int = DEFAULT_MAX_PIXELS
     concept_text_model: str | None = None  # text tower for the policy's text concepts (driver only)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # encoded images larger than this are unscorable
+    policy_fallback: str | None = None  # "stock": score with the stock policy when the text tower cannot load
 
     def load(
         self, device: str | None = None, dtype: str | None = None, concepts: ConceptSet | None = None
@@ -544,7 +599,9 @@ class CheckerSpec:
             policy=self.policy if concepts is None else None,
             max_batch_size=self.max_batch_size,
             max_pixels=self.max_pixels,
+            max_object_bytes=self.max_object_bytes,
             concept_text_model=self.concept_text_model,
+            policy_fallback=self.policy_fallback,
         )
         if concepts is not None:
             checker.adopt(concepts, self.adjustment)

@@ -39,6 +39,7 @@ class ConceptSet:
     stock_thresholds: dict[str, float] = field(default_factory=dict)  # the weights' own thresholds, for overrides
     categories: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (name, action, row names)
     nsfw_action: str = "block"  # the action the stock decision leads to
+    unscorable_action: str = "block"  # the action for an image that was read but could not be scored
     policy_digest: str = ""  # the policy these categories came from
 
     @classmethod
@@ -167,5 +168,5 @@ class ConceptSet:
         h = hashlib.sha256()
         h.update(self.embeds.contiguous().numpy().tobytes())
         h.update(json.dumps([c.__dict__ for c in self.concepts], sort_keys=True).encode())
-        h.update(json.dumps([self.categories, self.nsfw_action, self.policy_digest]).encode())
+        h.update(json.dumps([self.categories, self.nsfw_action, self.unscorable_action, self.policy_digest]).encode())
         return h.hexdigest()

@@ -7,6 +7,7 @@ affects its neighbours.
 from __future__ import annotations
 
 import io
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,14 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # the global stays off: truncation is tolerated per call (see decode)
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# 256 MiB: a 40 MP (the pixel limit) 8-bit RGBA image stored uncompressed is 160 MB, so no image the pixel limit
+# admits is refused for its size, while one reader never holds more than this in memory for one object.
+DEFAULT_MAX_OBJECT_BYTES = 256 * 1024 * 1024
+SNIFF_BYTES = 64 * 1024  # leading bytes a ranged read fetches to identify an object
+MIN_TRUNCATED_FRACTION = 0.01  # a truncated image is scored only if this share of its rows holds decoded data
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm", ".ico"}
 )
@@ -28,6 +34,28 @@ IMAGE_SUFFIXES = frozenset(
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # width × height above which an image is refused (decompression bombs)
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # encoded size above which an image is refused unread
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the first bytes of an object say: Pillow's format name and, when the prefix held it, the size."""
+
+    format: str  # Pillow's format name ("PNG", "JPEG", "GIF", ...)
+    width: int | None  # None when a prefix ended before the size was known
+    height: int | None
+
+    @property
+    def pixels(self) -> int | None:
+        return None if self.width is None or self.height is None else self.width * self.height
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image: RGB uint8 (H, W, 3), and whether it came from a truncated file (scored on what decodes)."""
+
+    array: np.ndarray
+    truncated: bool = False
 
 
 _MAGIC = {
@@ -41,11 +69,43 @@ _MAGIC = {
 }
 
 
+_UNAMBIGUOUS = frozenset({"PNG", "JPEG", "GIF", "TIFF", "WEBP"})  # signatures text or other binaries never start with
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format the leading bytes announce, if any."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     return next((fmt for magic, fmt in _MAGIC.items() if data.startswith(magic)), None)
+
+
+def identify(data: bytes) -> ImageHeader | None:
+    """Format (and size when present) from the bytes or a prefix of them, using Pillow's own format detection.
+
+    Any format Pillow can open counts; None when it is not an image. Parses headers only: never decodes pixels,
+    never raises, and applies no pixel limit (a decompression bomb is still identified, with its size). A prefix
+    that ends inside the header still counts for the formats with an unambiguous signature (PNG, JPEG, GIF, TIFF,
+    WebP: size None); for the others (whose signature is a couple of bytes, like BMP's "BM" or PPM's "P1") Pillow
+    must parse the header, so that text files starting with those letters are not taken for images.
+    """
+    if not data:
+        return None
+    Image.init()
+    head = bytes(data[:16])
+    for fmt in Image.ID:  # the order Image.open tries them in
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(head):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = factory(io.BytesIO(data), "")
+            width, height = im.size
+            return ImageHeader(im.format or fmt, int(width), int(height))
+        except Exception:  # noqa: BLE001, S112 - any plugin failure means "not this format" (or not this prefix)
+            continue
+    fmt = sniff_format(data)
+    return ImageHeader(fmt, None, None) if fmt in _UNAMBIGUOUS else None
 
 
 def _describe(data: bytes) -> str:
@@ -85,17 +145,85 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """Encoded bytes -> RGB uint8 (H, W, 3): first frame of animations, EXIF orientation applied."""
+# Pillow's own ImageFile.load with LOAD_TRUNCATED_IMAGES true in its globals only: stop reading at the end of the
+# data instead of raising, for the one image it is called on. The module-wide flag stays off, so concurrent decodes
+# in other threads are unaffected (setting the global would tolerate truncation for every image in the process).
+_load_truncated = types.FunctionType(
+    ImageFile.ImageFile.load.__code__,
+    {**vars(ImageFile), "LOAD_TRUNCATED_IMAGES": True},
+    "_load_truncated",
+    ImageFile.ImageFile.load.__defaults__,
+)
+_JPEG_EOI = b"\xff\xd9"
+
+
+def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    _check_pixels(*im.size, limits)
+    im.seek(0)
+    return im
+
+
+def _decoded_rows(im: Image.Image, fill: Image.Image) -> int:
+    """Rows that differ from what an empty decode of the same header gives (bottom-up formats count too)."""
+    diff = np.asarray(im.convert("RGB")) != np.asarray(fill.convert("RGB"))  # (H, W, 3)
+    return int(diff.any(axis=(1, 2)).sum())
+
+
+def _pixel_data_start(data: bytes, im: Image.Image) -> int:
+    """Offset where the pixel data begins: the first tile's, or for JPEG the end of the first scan header."""
+    if im.format == "JPEG":
+        sos = data.find(b"\xff\xda")
+        return len(data) if sos < 0 else sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    return im.tile[0][2] if im.tile else len(data)
+
+
+def _decode_truncated(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """What a browser shows of a truncated file: the rows (or progressive scans) that decode, the rest filled.
+
+    Refused (``ImageDecodeError``) when less than ``MIN_TRUNCATED_FRACTION`` of the rows hold decoded data, e.g. a
+    file cut off in its header or right after it: that is no picture to score, not a blank one.
+    """
+    fmt = sniff_format(data)
+    body = data + _JPEG_EOI if fmt == "JPEG" and not data.endswith(_JPEG_EOI) else data  # as LOAD_TRUNCATED does
+    im = _open(body, limits)
+    start = _pixel_data_start(body, im)
+    _load_truncated(im)
+    fill = _open(body[:start] + (_JPEG_EOI if fmt == "JPEG" else b""), limits)
+    try:
+        _load_truncated(fill)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError):
+        fill = Image.new(im.mode, im.size)
+    rows = _decoded_rows(im, fill)
+    if rows < max(1, MIN_TRUNCATED_FRACTION * im.size[1]):
+        raise ImageDecodeError(
+            f"corrupt or truncated {fmt or im.format} image ({len(data)} bytes): it ends before enough image "
+            f"data to score ({rows} of {im.size[1]} rows decode; at least {MIN_TRUNCATED_FRACTION:.0%} must)"
+        )
+    return im
+
+
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Encoded bytes -> :class:`Decoded`: first frame of animations, EXIF orientation applied.
+
+    A truncated file is decoded as far as it goes (what a browser would show; the rest is filled as Pillow's decoder
+    leaves it: grey for JPEG, black or the background elsewhere) and reported with ``truncated=True``, per call.
+    """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise _oversize(len(data), limits)
+    truncated = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            _check_pixels(*im.size, limits)
-            im.seek(0)
-            im.load()
+            im = _open(data, limits)
+            try:
+                im.load()
+            except OSError as exc:
+                if "truncated" not in str(exc):
+                    raise
+                im, truncated = _decode_truncated(data, limits), True
             im = ImageOps.exif_transpose(im)
     except ImageDecodeError:
         raise
@@ -107,7 +235,12 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         raise ImageDecodeError(f"not a recognised image format ({_describe(data)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
-    return _to_rgb(im)
+    return Decoded(_to_rgb(im), truncated)
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 (H, W, 3) (see :func:`decode`; truncated files give what decodes)."""
+    return decode(data, limits).array
 
 
 def from_array(arr: np.ndarray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
@@ -124,30 +257,47 @@ def from_array(arr: np.ndarray, limits: DecodeLimits = DecodeLimits()) -> np.nda
     return arr[..., :3]
 
 
-def load_image(item: Any, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """One input of any accepted kind (bytes, PIL image, uint8 array, path) -> RGB uint8 (H, W, 3)."""
+def _oversize(size: int, limits: DecodeLimits) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"image is {size:,} bytes, over the limit of {limits.max_bytes:,} bytes (raise max_object_bytes to allow it)"
+    )
+
+
+def _load(item: Any, limits: DecodeLimits) -> Decoded:
     if isinstance(item, bytes | bytearray | memoryview):
-        return decode_image(bytes(item), limits)
+        return decode(bytes(item), limits)
     if isinstance(item, np.ndarray):
-        return from_array(item, limits)
+        return Decoded(from_array(item, limits))
     if isinstance(item, Image.Image):
         _check_pixels(*item.size, limits)
-        return _to_rgb(ImageOps.exif_transpose(item))
+        return Decoded(_to_rgb(ImageOps.exif_transpose(item)))
     if isinstance(item, str | Path):
         try:
+            if (size := Path(item).stat().st_size) > limits.max_bytes:
+                raise _oversize(size, limits)
             data = Path(item).read_bytes()
         except OSError as exc:
             raise ImageDecodeError(f"cannot read {item}: {exc.strerror or exc}") from None
-        return decode_image(data, limits)
+        return decode(data, limits)
     raise ImageDecodeError(f"unsupported image input of type {type(item).__name__}; use bytes, PIL or uint8 array")
+
+
+def load_image(item: Any, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """One input of any accepted kind (bytes, PIL image, uint8 array, path) -> RGB uint8 (H, W, 3)."""
+    return _load(item, limits).array
+
+
+def load_decoded(items: list[Any], limits: DecodeLimits = DecodeLimits()) -> list[Decoded | ImageDecodeError]:
+    """Decode a batch, keeping each image's truncation; each failure becomes that item's :class:`ImageDecodeError`."""
+    out: list[Decoded | ImageDecodeError] = []
+    for item in items:
+        try:
+            out.append(_load(item, limits))
+        except ImageDecodeError as exc:
+            out.append(exc)
+    return out
 
 
 def load_images(items: list[Any], limits: DecodeLimits = DecodeLimits()) -> list[np.ndarray | ImageDecodeError]:
     """Decode a batch; each failure becomes that item's :class:`ImageDecodeError`, never the batch's."""
-    out: list[np.ndarray | ImageDecodeError] = []
-    for item in items:
-        try:
-            out.append(load_image(item, limits))
-        except ImageDecodeError as exc:
-            out.append(exc)
-    return out
+    return [d.array if isinstance(d, Decoded) else d for d in load_decoded(items, limits)]

@@ -4,7 +4,9 @@ A policy (YAML, versioned, part of the checker's fingerprint) groups concept row
 text phrase (CLIP text tower), a set of example images (the checker's own image embeddings) or a reference to the
 stock checker's concepts. A category's score is its highest concept margin; a category with score > 0 is flagged,
 and the image's action is the strongest of the flagged categories' actions and, when the stock checker's decision
-(``nsfw``) is set, ``nsfw_action``. Fail closed: an image that was not scored is always blocked.
+(``nsfw``) is set, ``nsfw_action``. Fail closed: an image that was read but could not be scored (undecodable, too
+large, unsupported) gets ``unscorable_action`` (``block`` unless the policy says otherwise), and an image with an
+error but no action (the checker never answered for it) is always blocked.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ KEYWORDS: tuple[str, ...] = ("default", "stock", *IMAGE_POLICIES)
 BLUR_KEEP_PIXELS = 16  # a blurred image keeps at most this many pixels of information on its short side
 DEFAULT_POLICY_FILE = Path(__file__).parent / "policies" / "default.yaml"
 POLICY_VERSION = 1
+POLICY_FALLBACKS: tuple[str, ...] = ("stock",)  # what `policy_fallback` may name (unset: no fallback, an error)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Policy:
     name: str
     categories: tuple[Category, ...]
     nsfw_action: Action = "block"
+    unscorable_action: Action = "block"  # images read but not scorable (corrupt, too large, unsupported)
+    policy_fallback: str | None = None  # "stock": use the stock policy, loudly, if the text tower cannot load
     version: int = POLICY_VERSION
     calibrated: bool = False
     base_dir: Path = Path(".")
@@ -72,6 +77,8 @@ class Policy:
         data = {
             "name": self.name,
             "nsfw_action": self.nsfw_action,
+            "unscorable_action": self.unscorable_action,
+            "policy_fallback": self.policy_fallback,
             "version": self.version,
             "categories": [asdict(c) for c in self.categories],
         }
@@ -83,6 +90,8 @@ class Policy:
             "name": self.name,
             "calibrated": self.calibrated,
             "nsfw_action": self.nsfw_action,
+            "unscorable_action": self.unscorable_action,
+            **({"policy_fallback": self.policy_fallback} if self.policy_fallback else {}),
             **self.extra,
             "categories": {},
         }
@@ -95,6 +104,15 @@ class Policy:
 def _check_action(value: Any, where: str) -> Action:
     if value not in ACTIONS:
         raise InvalidInput(f"{where}: action must be one of {', '.join(ACTIONS)}, got {value!r}")
+    return value
+
+
+def check_policy_fallback(value: Any, where: str) -> str | None:
+    if value is not None and value not in POLICY_FALLBACKS:
+        raise InvalidInput(
+            f"{where}: policy_fallback must be unset (no fallback: a policy that cannot load is an error) or one of "
+            f"{', '.join(POLICY_FALLBACKS)}, got {value!r}"
+        )
     return value
 
 
@@ -130,11 +148,13 @@ def parse_policy(data: Any, base_dir: Path = Path("."), source: str = "policy") 
                 raise InvalidInput(f"{where}, concept {i}: text concepts need a threshold")
             specs.append(ConceptSpec(**raw))
         categories.append(Category(str(name), _check_action(body.get("action"), where), tuple(specs)))
-    known = {"version", "name", "calibrated", "nsfw_action", "categories"}
+    known = {"version", "name", "calibrated", "nsfw_action", "unscorable_action", "policy_fallback", "categories"}
     return Policy(
         name=str(data.get("name", "unnamed")),
         categories=tuple(categories),
         nsfw_action=_check_action(data.get("nsfw_action", "block"), f"{source}: nsfw_action"),
+        unscorable_action=_check_action(data.get("unscorable_action", "block"), f"{source}: unscorable_action"),
+        policy_fallback=check_policy_fallback(data.get("policy_fallback"), source),
         calibrated=bool(data.get("calibrated", False)),
         base_dir=base_dir,
         extra={k: v for k, v in data.items() if k not in known},
@@ -186,17 +206,19 @@ def blur(image: np.ndarray) -> np.ndarray:
 
 
 def image_action(verdict: Verdict) -> str:
-    """The verdict's action; unscored images are blocked; a bare verdict falls back to the stock decision."""
+    """The verdict's action. An error with an action (an unscorable image) takes that action; an error without one
+    (never scored) is blocked; a bare verdict without a policy falls back to the stock decision."""
     if verdict.error is not None:
-        return "block"
+        return verdict.action or "block"
     if verdict.action is None:
         return "block" if verdict.nsfw else "allow"
     return verdict.action
 
 
 def withheld(verdict: Verdict) -> bool:
-    """A scored image that the policy does not release as it is: what a bucket scan's quarantine or tag acts on."""
-    return verdict.error is None and image_action(verdict) in WITHHELD
+    """An image the policy does not release as it is (blur, black or block), scored or unscorable: what a bucket
+    scan's quarantine or tag acts on."""
+    return image_action(verdict) in WITHHELD
 
 
 def apply_action(image: np.ndarray, verdict: Verdict) -> tuple[str, np.ndarray | None]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
-from pipeline import InvalidInput, SafetyChecker
+from pipeline import InvalidInput, ModelSourceError, SafetyChecker
 from pipeline.evaluate import calibrate, load_labelled, metrics
 from pipeline.policy import load_policy, parse_policy
 from tests.conftest import varied_images
@@ -55,17 +56,62 @@ def test_keywords():
     assert [c.name for c in stock.categories] == ["sexual", "special_care"]
 
 
-def test_default_policy_without_text_tower_falls_back_to_stock(caplog):
+MISSING_TOWER = "./no/such/tower"
+X_TEXT_POLICY = {"version": 1, "categories": {"x": {"action": "flag", "concepts": [{"text": "a", "threshold": 0.2}]}}}
+
+
+def test_default_policy_without_text_tower_is_an_error_that_says_how_to_fix_it():
+    with pytest.raises(ModelSourceError) as err:
+        _load(concept_text_model=MISSING_TOWER)
+    message = str(err.value)
+    assert f"'{MISSING_TOWER}' does not exist" in message
+    for remedy in (
+        "diffguard models download openai/clip-vit-large-patch14",
+        "--policy stock",
+        "policy_fallback: stock",
+    ):
+        assert remedy in message
+    stock = _load("stock", concept_text_model=MISSING_TOWER)  # a policy without text concepts needs no tower
+    assert stock.info()["policy_fallback"] == {"allowed": None, "active": None}
+    with pytest.raises(ModelSourceError, match="policy_fallback: stock"):
+        stock.set_policy(parse_policy(X_TEXT_POLICY))
+    assert stock.fingerprint == _load("stock").fingerprint, "a failed set_policy changes nothing"
+
+
+def test_policy_fallback_stock_falls_back_loudly(caplog):
     with caplog.at_level(logging.WARNING):
-        checker = _load(concept_text_model="./no/such/tower")
-    assert "are NOT checked" in caplog.text
+        checker = _load(concept_text_model=MISSING_TOWER, policy_fallback="stock")
+    assert "are NOT checked" in caplog.text and "policy_fallback is 'stock'" in caplog.text
     assert [name for name, _, _ in checker.concepts.categories] == ["sexual", "special_care"]
-    with pytest.raises(Exception, match="does not exist"):
-        SafetyChecker.load("tiny", device="cpu", concept_text_model="./no/such/tower").set_policy(
-            parse_policy(
-                {"version": 1, "categories": {"x": {"action": "flag", "concepts": [{"text": "a", "threshold": 0.2}]}}}
-            )
-        )
+    info = checker.info()["policy_fallback"]
+    assert info["allowed"] == "stock" and "'diffguard-default' replaced by the stock policy" in info["active"]
+    assert checker.fingerprint == _load("stock").fingerprint, "the fingerprint names the policy actually scored"
+    checker.configure(policy="stock")  # the fallback is over once a policy that loads replaces it
+    assert checker.info()["policy_fallback"]["active"] is None
+    # the same, asked for by the policy file itself
+    own = parse_policy({**X_TEXT_POLICY, "policy_fallback": "stock"})
+    stock = _load("stock", concept_text_model=MISSING_TOWER)
+    stock.set_policy(own)
+    assert [name for name, _, _ in stock.concepts.categories] == ["sexual", "special_care"]
+    assert "'unnamed' replaced by the stock policy" in stock.info()["policy_fallback"]["active"]
+
+
+def test_unscorable_action_is_validated_and_part_of_the_fingerprint(tmp_path):
+    default = load_policy("default")
+    assert default.unscorable_action == "block" and load_policy("stock").unscorable_action == "block"
+    allow = replace(default, unscorable_action="allow")
+    assert allow.digest() != default.digest()
+    assert _load(allow).fingerprint != _load().fingerprint
+    assert _load(allow).info()["policy"]["unscorable_action"] == "allow"
+    path = tmp_path / "p.yaml"
+    path.write_text(allow.to_yaml())
+    assert load_policy(path).unscorable_action == "allow" and load_policy(path).digest() == allow.digest()
+    with pytest.raises(InvalidInput, match=r"unscorable_action: action must be one of allow, .*, got 'skip'"):
+        parse_policy({**X_TEXT_POLICY, "unscorable_action": "skip"})
+    with pytest.raises(InvalidInput, match=r"policy_fallback must be unset .* or one of stock, got 'none'"):
+        parse_policy({**X_TEXT_POLICY, "policy_fallback": "none"})
+    with pytest.raises(InvalidInput, match="policy_fallback must be"):
+        SafetyChecker.load("tiny", device="cpu", policy="stock", policy_fallback="default")
 
 
 @pytest.mark.parametrize(

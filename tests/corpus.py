@@ -1,7 +1,7 @@
 """The bad-input corpus: one shared set of hostile and unusual inputs, run against every entry point.
 
 Image cases (bytes + the name they arrive under) go through the core ``check``, ``diffguard check``, ``/v1/moderate``
-and the bucket ``scan``; each expects either a score or a per-image error matching the README's "Bad input" table.
+and the bucket ``scan``; each expects either a score or a per-image error matching the "Bad input" table of docs/CLI.md.
 HTTP cases add what only a request can carry: bodies, content types, multipart framing, prompts and parameters.
 
 >>> from tests.corpus import image_cases, generate_cases
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# The documented per-image errors (README "Bad input"); a case's ``error`` is one of these patterns.
+# The documented per-image errors (docs/CLI.md, "Bad input"); a case's ``error`` is one of these patterns.
 EMPTY = r"empty file"
 NOT_IMAGE = r"not a recognised image format"
 CORRUPT = r"corrupt or truncated"

@@ -1,4 +1,4 @@
-"""`diffguard serve` as the README runs it: starts, serves, and shuts down cleanly on Ctrl-C."""
+"""`diffguard serve` as `make serve` runs it (README): starts, serves, and shuts down cleanly on Ctrl-C."""
 
 from __future__ import annotations
 

@@ -5,6 +5,14 @@ read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_
 actor pool holding the core ``SafetyChecker``) -> the driver commits rows as Parquet parts under DEST -> actions on
 flagged objects -> compaction into a snapshot. See ``pipeline.scan_state`` for the layout and ``scan_actions`` for
 quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
+
+Every object under SOURCE is a candidate, whatever its name. Objects named like images (``IMAGE_SUFFIXES``) are read
+whole as before and decoded; any other object first gets one ranged read of its first ``SNIFF_BYTES`` (a prefix read
+locally), identified by the core's :func:`identify`; only images among them are read whole. An object that is not an
+image is recorded (a ``not_image`` row, hidden from :func:`read_current`) so it is not read again while unchanged:
+at most one small ranged read per object that is not an image, once. What was read but cannot be scored (undecodable,
+over ``--max-pixels`` or ``--max-object-bytes``, unsupported) gets the checker's :meth:`unscorable` verdict and is
+withheld like a flagged image; read errors stay retryable errors, never acted on.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ import pyarrow as pa
 
 from .checker import CheckerSpec
 from .concepts import ConceptSet
-from .errors import ImageDecodeError, InvalidInput
-from .images import IMAGE_SUFFIXES, DecodeLimits, decode_image
+from .errors import DiffguardError, ImageDecodeError, InvalidInput
+from .images import IMAGE_SUFFIXES, SNIFF_BYTES, DecodeLimits, decode, identify
 from .policy import image_action, withheld
 from .scan_actions import ActionReport, apply_actions, quarantine_location, recover
-from .scan_state import PartWriter, compact, load_state, rows_table
+from .scan_state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
 from .storage import LocalStore, Location, ObjectInfo, S3Store, StorageError, Store, parse_location, sha256
 
 log = logging.getLogger("diffguard")
@@ -64,17 +72,20 @@ class ScanSummary:
     run: int
     fingerprint: str
     demo: bool
-    listed: int = 0  # image objects listed
-    scanned: int = 0  # read and scored, or failed, in this run
+    listed: int = 0  # objects listed (every object is a candidate, whatever its name)
+    scanned: int = 0  # images read and scored, or failed, in this run
     skipped_unchanged: int = 0
-    skipped_non_image: int = 0
-    flagged: int = 0  # of those scanned: the policy withholds them (what --quarantine/--tag act on)
+    skipped_non_image: int = 0  # not images by their first bytes (sniffed in this run, or recorded and unchanged)
+    skipped_symlinks: int = 0  # local sources: symlinks and other non-regular files, never followed nor read
+    flagged: int = 0  # of those scanned: withheld by the policy, or unscorable (what --quarantine/--tag act on)
     reported: int = 0  # of those scanned: released with the policy's `flag` action (reported, not withheld)
-    errors: int = 0  # of those scanned
+    errors: int = 0  # of those scanned: unscorable content (also counted in flagged) and read errors
+    unscorable: int = 0  # of the errors: read but not scorable (withheld by the policy's unscorable_action)
+    truncated: int = 0  # of those scanned: truncated files scored on what decodes
     actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
 
     def as_json(self) -> dict[str, Any]:
-        keys = ("scanned", "skipped_unchanged", "skipped_non_image", "flagged", "errors")
+        keys = ("scanned", "skipped_unchanged", "skipped_non_image", "skipped_symlinks", "flagged", "errors")
         return {**{k: getattr(self, k) for k in keys}, "output": self.output}
 
 
@@ -84,6 +95,8 @@ READ_SCHEMA = pa.schema(
         ("etag", pa.string()),
         ("size", pa.int64()),
         ("last_modified_us", pa.int64()),  # microseconds since the epoch, UTC
+        ("version_id", pa.string()),
+        ("whole", pa.bool_()),
         ("data", pa.large_binary()),
         ("sha256", pa.string()),
         ("error", pa.string()),
@@ -93,37 +106,69 @@ READ_SCHEMA = pa.schema(
 
 
 # --- Ray Data stages (module-level so workers import them; each takes a batch and returns one of the same length) ---
-def read_objects(batch: pa.Table, store: Store) -> pa.Table:
-    """Keys -> bytes, sha256 and the etag/size/mtime of exactly the version read; a failed read is that row's error."""
+def read_objects(batch: pa.Table, store: Store, max_object_bytes: int) -> pa.Table:
+    """Keys -> bytes, sha256 and the etag/size/mtime of exactly the version read; a failed read is that row's error.
+
+    ``whole`` objects (named like images) are read whole unless the listing says they are over ``max_object_bytes``
+    (then unscorable, unread). Others are sniffed from their first ``SNIFF_BYTES``: not an image -> a ``not_image``
+    row; an image -> read whole (unless the prefix was all of it), or unscorable unread when over the limit.
+    """
     listed = batch.to_pylist()
+
+    def oversize(obj: dict[str, Any], size: int) -> dict[str, Any]:
+        error = f"object is {size:,} bytes, over the limit of {max_object_bytes:,} (--max-object-bytes); not read"
+        return {**obj, "size": size, "data": None, "sha256": None, "error": error, "error_kind": "decode"}
+
+    def got(obj: dict[str, Any], data: bytes, info: ObjectInfo) -> dict[str, Any]:
+        version = {"etag": info.etag, "size": len(data), "last_modified_us": _us(info.last_modified)}
+        version["version_id"] = info.version_id
+        return obj | version | {"data": data, "sha256": sha256(data), "error": None, "error_kind": None}
 
     def read(obj: dict[str, Any]) -> dict[str, Any]:
         try:
-            data, info = store.read(obj["key"])  # botocore retries throttling and network errors first
+            if obj["whole"]:
+                if obj["size"] > max_object_bytes:
+                    return oversize(obj, obj["size"])
+                return got(obj, *store.read(obj["key"]))  # botocore retries throttling and network errors first
+            head, info = store.read_prefix(obj["key"], SNIFF_BYTES)
+            if identify(head) is None:
+                version = {"etag": info.etag, "size": info.size, "last_modified_us": _us(info.last_modified)}
+                version["version_id"] = info.version_id  # the version sniffed, which the plan compares next run
+                return obj | version | {"data": None, "sha256": None, "error": None, "error_kind": NOT_IMAGE}
+            if len(head) >= info.size:
+                return got(obj, head, info)  # the prefix was the whole object
+            if info.size > max_object_bytes:
+                return oversize(obj, info.size)
+            return got(obj, *store.read(obj["key"]))
         except StorageError as exc:
             return {**obj, "data": None, "sha256": None, "error": str(exc), "error_kind": "read"}
-        read_version = {"etag": info.etag, "size": len(data), "last_modified_us": _us(info.last_modified)}
-        return obj | read_version | {"data": data, "sha256": sha256(data), "error": None, "error_kind": None}
+        except (OSError, ValueError, DiffguardError) as exc:  # a key or file the store cannot take: this object's
+            error = f"cannot read {store.url(obj['key'])!r}: {type(exc).__name__}: {exc}"
+            return {**obj, "data": None, "sha256": None, "error": error, "error_kind": "read"}
 
     with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores reward concurrent GETs
         rows = list(pool.map(read, listed))
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
 
 
-def decode_and_preprocess(batch: pa.Table, preprocess: Any, max_pixels: int) -> pa.Table:
-    """Bytes -> the checker's input pixels (B, 3, H, W) float32 with the core's decoder and preprocessing."""
+def decode_and_preprocess(batch: pa.Table, preprocess: Any, limits: DecodeLimits) -> pa.Table:
+    """Bytes -> the checker's input pixels (B, 3, H, W) float32 with the core's decoder and preprocessing.
+
+    Truncated files are decoded as far as they go (``truncated``); what cannot be decoded is that row's error."""
     from ray.data.extensions import ArrowTensorArray
 
-    limits = DecodeLimits(max_pixels=max_pixels)
     errors, kinds = batch["error"].to_pylist(), batch["error_kind"].to_pylist()
     arrays: dict[int, np.ndarray] = {}
+    truncated = [False] * batch.num_rows
     for i, body in enumerate(batch["data"].to_pylist()):
-        if errors[i] is not None:
+        if errors[i] is not None or kinds[i] is not None:
             continue
         try:
-            arrays[i] = decode_image(body, limits)
+            decoded = decode(body, limits)
         except ImageDecodeError as exc:
             errors[i], kinds[i] = str(exc), "decode"
+            continue
+        arrays[i], truncated[i] = decoded.array, decoded.truncated
     ch, cw = preprocess.crop
     pixels = np.zeros((batch.num_rows, 3, ch, cw), np.float32)  # rows without an image stay zero and are not scored
     if arrays:
@@ -135,9 +180,10 @@ def decode_and_preprocess(batch: pa.Table, preprocess: Any, max_pixels: int) -> 
                     pixels[i] = preprocess([arr]).numpy()[0]
                 except Exception as exc:  # noqa: BLE001
                     errors[i], kinds[i] = f"cannot preprocess image: {exc}", "decode"
-    table = batch.drop_columns(["data", "error", "error_kind"])
+    table = batch.drop_columns(["data", "error", "error_kind", "whole"])
     table = table.append_column("error", pa.array(errors, pa.string()))
     table = table.append_column("error_kind", pa.array(kinds, pa.string()))
+    table = table.append_column("truncated", pa.array(truncated, pa.bool_()))
     return table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
 
 
@@ -155,7 +201,7 @@ class ScoreActor:
                 f"the checker loaded on this worker has fingerprint {self.checker.fingerprint}, the driver's is "
                 f"{fingerprint}: model {spec.model!r} differs between nodes"
             )
-        self.bucket, self.max_pixels = bucket, spec.max_pixels
+        self.bucket, self.max_pixels, self.max_object_bytes = bucket, spec.max_pixels, spec.max_object_bytes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -164,23 +210,35 @@ class ScoreActor:
 
         meta = batch.drop_columns(["pixels"]).to_pylist()
         pixels = np.concatenate([chunk.to_numpy() for chunk in batch["pixels"].chunks])  # (B, 3, H, W) float32
-        ok = np.array([m["error"] is None for m in meta], bool)
+        ok = np.array([m["error"] is None and m["error_kind"] is None for m in meta], bool)
         verdicts = iter(self.checker.check_pixels(torch.from_numpy(pixels[ok])) if ok.any() else [])
         now = datetime.now(UTC)
         rows = []
         for m, scored in zip(meta, ok, strict=True):
-            verdict = next(verdicts) if scored else Verdict.failed(m["error"])
+            kind = m["error_kind"]
+            if scored:  # scored: the policy decides
+                verdict = next(verdicts)
+                verdict.truncated = bool(m["truncated"])
+                action, flagged = image_action(verdict), withheld(verdict)
+            elif kind == "decode":  # read, but not scorable: the policy's unscorable_action (block by default)
+                verdict = self.checker.unscorable(m["error"])
+                action, flagged = verdict.action, withheld(verdict)
+            elif kind == NOT_IMAGE:  # recorded so that it is not read again while unchanged
+                verdict, action, flagged = Verdict(), None, False
+            else:  # a read error is not content: retried next run, never acted on
+                verdict, action, flagged = Verdict.failed(m["error"]), None, False
             rows.append(
                 {
                     "bucket": self.bucket,
-                    **{k: m[k] for k in ("key", "etag", "size", "sha256")},
+                    **{k: m[k] for k in ("key", "etag", "size", "sha256", "version_id")},
                     "last_modified": datetime.fromtimestamp(m["last_modified_us"] / 1e6, UTC),
                     **verdict.to_dict(),
-                    "action": image_action(verdict) if scored else None,
-                    "flagged": withheld(verdict),
-                    "error_kind": m["error_kind"],
+                    "action": action,
+                    "flagged": flagged,
+                    "error_kind": kind,
                     "model_fingerprint": self.checker.fingerprint,
                     "max_pixels": self.max_pixels,
+                    "max_object_bytes": self.max_object_bytes,
                     "scanned_at": now,
                     "quarantined_to": None,
                     "tagged": False,
@@ -206,31 +264,61 @@ def ensure_ray() -> bool:
 
 
 def list_source(source: Location, exclude: list[str]) -> tuple[list[ObjectInfo], int]:
-    """Image objects under the source (sorted by key) and the number of other objects skipped."""
-    images, others = [], []
-    for info in source.store.list(source.prefix):
-        if any(info.key.startswith(p) for p in exclude):
-            continue
-        (images if Path(info.key).suffix.lower() in IMAGE_SUFFIXES else others).append(info)
-    if others:
-        log.info("skipping %d objects that are not images (e.g. %s)", len(others), others[0].key)
-    return sorted(images, key=lambda o: o.key), len(others)
+    """Every object under the source (sorted by key), and the number of symlinks and other non-regular files a local
+    source holds (never followed nor read)."""
+    skipped: list[str] = []
+    if isinstance(source.store, LocalStore):
+        listing = source.store.list(source.prefix, skipped=skipped)
+    else:
+        listing = source.store.list(source.prefix)
+    objects = [info for info in listing if not any(info.key.startswith(p) for p in exclude)]
+    skipped = [k for k in skipped if not any(k.startswith(p) for p in exclude)]
+    if skipped:
+        log.warning("skipped %d symlinks or special files, never followed (e.g. %s)", len(skipped), skipped[0])
+    return sorted(objects, key=lambda o: o.key), len(skipped)
 
 
-def plan(images: list[ObjectInfo], current: pa.Table, fingerprint: str, max_pixels: int, full: bool):
-    """Split the listing into objects to score and objects whose current row still holds. Returns (todo, unchanged)."""
+def named_image(key: str) -> bool:
+    """Named like an image: read whole rather than sniffed first (the content still decides)."""
+    return Path(key).suffix.lower() in IMAGE_SUFFIXES
+
+
+def same_version(obj: ObjectInfo, etag: Any, size: Any, modified: Any, version_id: Any) -> bool:
+    """The listed object is the version a row describes: etag and size, the modification time to the second (S3
+    sets it on every write; locally the etag holds it to the nanosecond, with ctime and inode), and the version id
+    when the bucket lists one."""
+    if etag != obj.etag or size != obj.size:
+        return False
+    if modified is not None and int(modified.timestamp()) != int(obj.last_modified.timestamp()):
+        return False
+    return obj.version_id is None or version_id == obj.version_id
+
+
+def plan(objects: list[ObjectInfo], current: pa.Table, fingerprint: str, limits: DecodeLimits, full: bool):
+    """Split the listing into objects to read and objects whose current row still holds.
+
+    Returns (todo, unchanged images, unchanged non-images)."""
     if full or current.num_rows == 0:
-        return images, 0
-    cols = ("key", "etag", "model_fingerprint", "error_kind", "max_pixels")
+        return objects, 0, 0
+    cols = ("key", "etag", "size", "last_modified", "version_id", "model_fingerprint", "error_kind", "max_pixels")
+    cols += ("max_object_bytes", "unscorable")
     rows = {r[0]: r[1:] for r in zip(*(current[c].to_pylist() for c in cols), strict=True)}
-    todo = []
-    for obj in images:
-        etag, fp, kind, limit = rows.get(obj.key, (None, None, None, None))
-        same = etag == obj.etag and fp == fingerprint
-        # a read error is retried; a decode error is not while the bytes are unchanged (unless the pixel limit moved)
-        if not same or kind == "read" or (kind == "decode" and limit != max_pixels):
+    todo, unchanged, others = [], 0, 0
+    for obj in objects:
+        row = rows.get(obj.key)
+        if row is None or not same_version(obj, *row[:4]):
             todo.append(obj)
-    return todo, len(images) - len(todo)
+            continue
+        fp, kind, max_pixels, max_bytes, unscorable = row[4:]
+        if kind == NOT_IMAGE:
+            others += 1  # its bytes did not change: still not an image, whatever the model
+        elif fp != fingerprint or kind == "read":
+            todo.append(obj)  # a new model or policy rescores; a read error is retried
+        elif kind == "decode" and (not unscorable or (max_pixels, max_bytes) != (limits.max_pixels, limits.max_bytes)):
+            todo.append(obj)  # a row from before unscorable verdicts, or a limit that moved
+        else:
+            unchanged += 1
+    return todo, unchanged, others
 
 
 def _layout(cfg: ScanConfig) -> tuple[Location, Location, Location | None, list[str]]:
@@ -266,18 +354,27 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     summary = ScanSummary(str(source), cfg.output, state.last_run + 1, checker.fingerprint, checker.demo)
     writer = PartWriter(dest, summary.run)
     recovered, pending = recover(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
-    images, summary.skipped_non_image = list_source(source, exclude)
+    objects, summary.skipped_symlinks = list_source(source, exclude)
     if recovered:
         state = load_state(dest)
-    todo, summary.skipped_unchanged = plan(images, state.current, checker.fingerprint, cfg.checker.max_pixels, cfg.full)
-    summary.listed = len(images)
-    log.info("%d images listed: %d to score, %d unchanged", len(images), len(todo), summary.skipped_unchanged)
+    limits = DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
+    todo, summary.skipped_unchanged, summary.skipped_non_image = plan(
+        objects, state.current, checker.fingerprint, limits, cfg.full
+    )
+    summary.listed = len(objects)
+    log.info(
+        "%d objects listed: %d to read, %d unchanged, %d recorded as not images",
+        len(objects),
+        len(todo),
+        summary.skipped_unchanged,
+        summary.skipped_non_image,
+    )
     if todo:
         bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
         _score(cfg, todo, source.store, bucket, checker, writer, summary)
     del checker
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
-    listed = {o.key: o.etag for o in images}
+    listed = {o.key: o.etag for o in objects}
     current = load_state(dest).current
     summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer)
     summary.actions.recovered, summary.actions.pending = recovered, pending
@@ -293,18 +390,31 @@ def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa:
     try:
         max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
         max_actors = max(1, min(max_actors, math.ceil(len(todo) / cfg.batch_size)))
-        items = [{"key": o.key, "etag": o.etag, "size": o.size, "last_modified_us": _us(o.last_modified)} for o in todo]
+        items = [
+            {
+                "key": o.key,
+                "etag": o.etag,
+                "size": o.size,
+                "last_modified_us": _us(o.last_modified),
+                "version_id": o.version_id,
+                "whole": named_image(o.key),
+            }
+            for o in todo
+        ]
         ds = ray.data.from_items(items, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(items) / cfg.batch_size)))
         ds = ds.map_batches(
             read_objects,
-            fn_kwargs={"store": store},
+            fn_kwargs={"store": store, "max_object_bytes": cfg.checker.max_object_bytes},
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_cpus=DECODE_CPUS,
         )
         ds = ds.map_batches(
             decode_and_preprocess,
-            fn_kwargs={"preprocess": checker.preprocess, "max_pixels": cfg.checker.max_pixels},
+            fn_kwargs={
+                "preprocess": checker.preprocess,
+                "limits": DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes),
+            },
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_cpus=DECODE_CPUS,
@@ -343,8 +453,12 @@ def _commit(writer: PartWriter, pending: list[pa.Table], summary: ScanSummary) -
     table = pa.concat_tables(pending)
     pending.clear()
     writer.commit(table)
-    summary.scanned += table.num_rows
+    kinds = table["error_kind"].to_pylist()
+    summary.skipped_non_image += kinds.count(NOT_IMAGE)
+    summary.scanned += table.num_rows - kinds.count(NOT_IMAGE)
     summary.errors += table.num_rows - table["error"].null_count
+    summary.unscorable += kinds.count("decode")
+    summary.truncated += sum(bool(v) for v in table["truncated"].to_pylist())
     summary.flagged += sum(bool(v) for v in table["flagged"].to_pylist())
     summary.reported += sum(a == "flag" for a in table["action"].to_pylist())
     if (n := os.environ.get(HANG_AFTER_PARTS)) and writer.parts >= int(n):

@@ -13,6 +13,12 @@ No object is ever lost by a quarantine move:
 
 A run that dies anywhere in between leaves the original, the copy or both, plus the journal entry; the next run's
 :func:`recover` finishes the move (deleting only with ``--apply``) or records it, and forgets moves that never copied.
+
+No quarantine write replaces anything: copies are exclusive creates (:meth:`Store.create`). In a local quarantine
+directory an object goes to the path its key names when that key names exactly one path (:func:`local_name`);
+any other key (``a//b.png``, ``./c.png``, ``d/``, ``..``, NUL, non-NFC Unicode, ``%``) is stored as one file at the
+quarantine's top level, ``%`` + the percent-encoded key, so two keys never share a file. A key whose path is taken
+by a folder or crosses a file (``f`` and ``f/g.png``) falls back to the same encoded name.
 """
 
 from __future__ import annotations
@@ -21,23 +27,36 @@ import hashlib
 import json
 import logging
 import posixpath
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 
 from .errors import DiffguardError, InvalidInput
 from .scan_state import PartWriter
-from .storage import LocalStore, Location, S3Store, StorageError, Store, parse_location, sha256
+from .storage import (
+    LocalStore,
+    Location,
+    ObjectExists,
+    S3Store,
+    StorageError,
+    Store,
+    canonical_key,
+    parse_location,
+    sha256,
+)
 
 log = logging.getLogger(__name__)
 
 TAGS = {"moderation": "nsfw"}
 JOURNAL = "_quarantine/"
 WORKERS = 8  # objects acted on concurrently
+ENCODED_MAX = 200  # characters of an encoded name kept before it is shortened with the key's hash (NAME_MAX is 255)
 
 
 @dataclass
@@ -52,11 +71,30 @@ class ActionReport:
 
 
 def quarantine_location(text: str, source: Location, endpoint_url: str | None) -> Location:
-    """``s3://bucket/prefix`` or, for an S3 source, a bare prefix in the source's bucket; else a local directory."""
-    if text.startswith("s3://") or not isinstance(source.store, S3Store):
+    """``s3://bucket/prefix``; a filesystem path (absolute, or starting with ``./``, ``../`` or ``~``) is a local
+    directory whatever the source; any other text is, for an S3 source, a prefix in the source's bucket, and
+    otherwise a local directory."""
+    path_like = text.startswith(("/", "./", "../", "~")) or text in (".", "..")
+    if text.startswith("s3://") or path_like or not isinstance(source.store, S3Store):
         return parse_location(text, endpoint_url, "--quarantine")
     prefix = text.strip("/")
     return Location(source.store, prefix + "/" if prefix else "")
+
+
+def encoded_name(key: str) -> str:
+    """One file name for any key: '%' + the key percent-encoded (every byte but ASCII letters, digits and ``_.-~``),
+    so distinct keys give distinct names, none of which a plain key can take (plain keys hold no '%'). Names longer
+    than ENCODED_MAX keep their start and end in the key's sha256."""
+    name = "%" + quote(key, safe="")
+    if len(name) > ENCODED_MAX:
+        name = f"{name[: ENCODED_MAX - 66]}%~{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+    return name
+
+
+def local_name(key: str) -> str | None:
+    """The path a key names in a local quarantine when it names exactly one (else None: use :func:`encoded_name`)."""
+    plain = canonical_key(key) and "%" not in key and key == unicodedata.normalize("NFC", key)
+    return key if plain and all(ord(c) >= 32 and len(p.encode()) <= 255 for p in key.split("/") for c in p) else None
 
 
 def _verified(store: Store, key: str, size: int, digest: str) -> bool:
@@ -68,16 +106,45 @@ def _verified(store: Store, key: str, size: int, digest: str) -> bool:
     return len(data) == size and sha256(data) == digest
 
 
-def _target(quarantine: Location, row: dict[str, Any]) -> tuple[str, bool]:
-    """Where the object goes, and whether an identical copy is already there. Never overwrites different bytes."""
-    key = quarantine.key(row["key"])
-    stem, ext = posixpath.splitext(key)
-    for candidate in (key, f"{stem}.{row['sha256'][:12]}{ext}"):
-        if quarantine.store.head(candidate) is None:
-            return candidate, False
-        if _verified(quarantine.store, candidate, row["size"], row["sha256"]):
-            return candidate, True
-    raise StorageError(f"{quarantine.store.url(key)} and its alternative hold other objects; not overwritten")
+def _candidates(quarantine: Location, row: dict[str, Any]) -> list[str]:
+    """Where the object may go, in order: its key's own name, then names no other object can claim."""
+    digest = (row.get("sha256") or "")[:12]
+    if isinstance(quarantine.store, LocalStore):
+        plain = local_name(row["key"])
+        names = [plain] if plain is not None else []
+        names.append(encoded_name(row["key"]))
+    else:
+        names = [row["key"]]
+    out = []
+    for name in names:
+        key = quarantine.key(name)
+        stem, ext = posixpath.splitext(key)
+        out += [key, f"{stem}.{digest}{ext}"] if digest else [key]
+    return out
+
+
+def _targets(quarantine: Location, row: dict[str, Any]) -> Iterator[tuple[str, bool]]:
+    """Names the object may go to, each with whether an identical copy is already there; never a name holding
+    different bytes."""
+    for candidate in _candidates(quarantine, row):
+        try:
+            info = quarantine.store.head(candidate)
+        except (OSError, InvalidInput):
+            continue  # the name crosses a file, or is too long: the next one
+        if info is None:
+            yield candidate, False
+        elif _verified(quarantine.store, candidate, row["size"], row["sha256"]):
+            yield candidate, True
+
+
+def _copied(source: Location, row: dict[str, Any], quarantine: Location, dst_key: str) -> bool:
+    """Copy exclusively. False when the name was taken meanwhile (by another object, or a folder); True when the
+    copy is there, including one an earlier attempt wrote (a write whose answer was lost)."""
+    try:
+        source.store.copy(row["key"], quarantine.store, dst_key, row["etag"])
+    except ObjectExists:
+        return _verified(quarantine.store, dst_key, row["size"], row["sha256"])
+    return True
 
 
 def _journal_key(dest: Location, key: str) -> str:
@@ -96,22 +163,29 @@ def _store_from(ref: dict[str, str], endpoint_url: str | None) -> Store:
 
 def move(row: dict[str, Any], source: Location, quarantine: Location, dest: Location) -> str:
     """Quarantine one object (steps 1-4 above); returns where it now is."""
-    if not row.get("sha256"):
-        raise StorageError(f"{source.store.url(row['key'])} has no checksum from its scan; rescan before quarantine")
-    dst_key, present = _target(quarantine, row)
-    entry = {
-        "key": row["key"],
-        "etag": row["etag"],
-        "size": row["size"],
-        "sha256": row["sha256"],
-        "dst": {**_store_ref(quarantine.store), "key": dst_key},
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    dest.store.write(_journal_key(dest, row["key"]), json.dumps(entry).encode())
-    if not present:
-        source.store.copy(row["key"], quarantine.store, dst_key, row["etag"])
-        if not _verified(quarantine.store, dst_key, row["size"], row["sha256"]):
-            raise StorageError(f"copy at {quarantine.store.url(dst_key)} does not match the original; original kept")
+    if not row.get("sha256"):  # withheld unread (over --max-object-bytes): checksum the scanned version now
+        data, info = source.store.read(row["key"])
+        if info.etag != row["etag"]:
+            raise StorageError(f"{source.store.url(row['key'])} changed since it was scanned; not quarantined")
+        row = {**row, "sha256": sha256(data), "size": len(data)}
+        del data
+    for dst_key, present in _targets(quarantine, row):
+        entry = {
+            "key": row["key"],
+            "etag": row["etag"],
+            "size": row["size"],
+            "sha256": row["sha256"],
+            "dst": {**_store_ref(quarantine.store), "key": dst_key},
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        dest.store.write(_journal_key(dest, row["key"]), json.dumps(entry).encode())
+        if present or _copied(source, row, quarantine, dst_key):
+            break
+    else:
+        first = quarantine.store.url(_candidates(quarantine, row)[0])
+        raise StorageError(f"{first} and its alternatives hold other objects; not overwritten, original kept")
+    if not _verified(quarantine.store, dst_key, row["size"], row["sha256"]):
+        raise StorageError(f"copy at {quarantine.store.url(dst_key)} does not match the original; original kept")
     source.store.delete(row["key"], etag=row["etag"])
     return quarantine.store.url(dst_key)
 
@@ -161,13 +235,14 @@ def recover(
 
 
 def eligible(current: pa.Table, listed: dict[str, str], action: str) -> list[int]:
-    """Rows of flagged objects (the policy withholds them) still present with the scanned etag, not yet acted on."""
+    """Rows of flagged objects (the policy withholds them, or they could not be scored) still present with the scanned
+    etag, not yet acted on."""
     out = []
     cols = ("key", "etag", "flagged", "error", "quarantined_to", "tagged")
     for i, r in enumerate(zip(*(current[c].to_pylist() for c in cols), strict=True)):
         key, etag, flagged, error, quarantined_to, tagged = r
         pending = quarantined_to is None if action == "quarantine" else not tagged
-        if flagged and error is None and listed.get(key) == etag and pending:
+        if flagged and listed.get(key) == etag and pending:  # scored and withheld, or unscorable (never a read error)
             out.append(i)
     return out
 
@@ -226,5 +301,7 @@ def _safely(fn: Callable[[int], Any]) -> Callable[[int], Any]:
             return fn(i)
         except (StorageError, InvalidInput) as exc:
             return exc
+        except (OSError, ValueError) as exc:  # a key the filesystem cannot take: this object's failure, not the run's
+            return StorageError(f"{type(exc).__name__}: {exc}")
 
     return wrapped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,11 +33,19 @@ def _non_negative_float(text: str) -> float:
 
 def register(sub: Any) -> None:
     from .cli import _positive_int, add_checker_options
+    from .images import DEFAULT_MAX_OBJECT_BYTES
 
     p = sub.add_parser("scan", help="score every image under s3://bucket/prefix or a directory; Parquet results")
     p.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix or a local directory")
     p.add_argument("--output", required=True, metavar="DEST", help="results: s3://bucket/prefix or a local directory")
     add_checker_options(p)
+    if not any("--max-object-bytes" in a.option_strings for a in p._actions):  # unless the shared options have it
+        p.add_argument(
+            "--max-object-bytes",
+            type=_positive_int,
+            default=DEFAULT_MAX_OBJECT_BYTES,
+            help="objects larger than this are withheld unread as unscorable (default 256 MiB)",
+        )
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default $AWS_ENDPOINT_URL or AWS")
     p.add_argument("--full", action="store_true", help="rescore every object, not only new or changed ones")
     action = p.add_mutually_exclusive_group()
@@ -56,6 +65,7 @@ def register(sub: Any) -> None:
     r.add_argument("dest", metavar="DEST", help="the --output of a scan")
     r.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)")
     r.add_argument("--flagged", action="store_true", help="only flagged objects (the policy withholds them)")
+    r.add_argument("--non-images", action="store_true", help="also the objects recorded as not images")
     r.set_defaults(run=cmd_scan_results)
 
 
@@ -87,10 +97,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     if args.apply and not (args.quarantine or args.tag):
         raise UsageError("--apply needs an action: --quarantine PREFIX or --tag")
+    spec = dataclasses.replace(checker_spec(args), max_object_bytes=args.max_object_bytes)
     cfg = ScanConfig(
         source=args.source,
         output=args.output,
-        checker=checker_spec(args),
+        checker=spec,
         endpoint_url=endpoint(args),
         full=args.full,
         quarantine=args.quarantine,
@@ -126,13 +137,16 @@ def summary_table(s: Any) -> str:
     lines = [
         f"scan {s.source} -> {s.output} (run {s.run}, fingerprint {s.fingerprint}{demo})",
         "",
-        f"  {'image objects listed':<24}{s.listed:>10,}",
+        f"  {'objects listed':<24}{s.listed:>10,}",
         f"  {'scanned in this run':<24}{s.scanned:>10,}",
         f"  {'  flagged (withheld)':<24}{s.flagged:>10,}",
         f"  {'  reported (flag)':<24}{s.reported:>10,}",
         f"  {'  errors':<24}{s.errors:>10,}",
+        f"  {'    unscorable':<24}{s.unscorable:>10,}  (withheld: counted in flagged too)",
+        f"  {'  truncated':<24}{s.truncated:>10,}  (scored on what decodes)",
         f"  {'skipped: unchanged':<24}{s.skipped_unchanged:>10,}",
         f"  {'skipped: not images':<24}{s.skipped_non_image:>10,}",
+        f"  {'skipped: symlinks':<24}{s.skipped_symlinks:>10,}  (and other non-regular files: never followed)",
     ]
     a = s.actions
     if a.action:
@@ -152,7 +166,7 @@ def cmd_scan_results(args: argparse.Namespace) -> int:
     from .storage import StorageError
 
     try:
-        table = read_current(args.dest, endpoint(args))
+        table = read_current(args.dest, endpoint(args), non_images=args.non_images)
     except StorageError as exc:
         log.error("diffguard: error: %s", exc)
         return EXIT_FAILED

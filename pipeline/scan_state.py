@@ -43,7 +43,7 @@ ROW_SCHEMA = pa.schema(
     [
         ("bucket", pa.string()),  # S3 bucket, or the absolute source directory
         ("key", pa.string()),  # S3 object key, or the path relative to the source directory
-        ("etag", pa.string()),  # of the bytes scored (S3 ETag without quotes; local: "<size>-<mtime_ns>" in hex)
+        ("etag", pa.string()),  # of the version read (S3 ETag without quotes; local: size-mtime_ns-ctime_ns-inode, hex)
         ("size", pa.int64()),  # bytes
         ("last_modified", _TS),
         ("sha256", pa.string()),  # of the bytes scored (null when they could not be read); verifies quarantine copies
@@ -58,14 +58,22 @@ ROW_SCHEMA = pa.schema(
         ("action", pa.string()),  # what the policy does with the image: allow | flag | blur | black | block
         ("flagged", pa.bool_()),  # the policy withholds the image (blur | black | block): what actions act on
         ("error", pa.string()),  # why the object has no scores (null when scored)
-        ("error_kind", pa.string()),  # "read": retried next run | "decode": not retried while the etag is unchanged
+        # "read": retried next run, never acted on | "decode": unscorable content, withheld (unscorable_action), not
+        # retried while unchanged | "not_image": not an image by its first bytes, not read again while unchanged
+        ("error_kind", pa.string()),
         ("model_fingerprint", pa.string()),  # SafetyChecker.fingerprint: weights, concept rows, policy, adjustment
         ("max_pixels", pa.int64()),  # decode limit in force (a changed limit retries "too large" errors)
         ("scanned_at", _TS),
         ("quarantined_to", pa.string()),  # where the object now is, once moved by --quarantine --apply
         ("tagged", pa.bool_()),  # moderation=nsfw was set by --tag --apply
+        ("truncated", pa.bool_()),  # a truncated file, scored on what decodes (what a browser shows)
+        ("unscorable", pa.bool_()),  # read but not scorable: error set, the policy's unscorable_action as action
+        ("version_id", pa.string()),  # S3 VersionId of the version read (versioned buckets), else null
+        ("max_object_bytes", pa.int64()),  # --max-object-bytes in force (a changed limit retries "too large" errors)
     ]
 )
+
+NOT_IMAGE = "not_image"  # error_kind of an object that is not an image (kept so it is not sniffed again)
 
 _PART = re.compile(r"^parts/run-(\d{6,})/part-(\d{6,})\.parquet$")
 _SNAPSHOT = re.compile(r"^snapshots/run-(\d{6,})\.parquet$")
@@ -146,15 +154,21 @@ def load_state(dest: Location) -> State:
     return State(manifest, latest_per_key(tables), last_run)
 
 
-def read_current(dest: str | Location, endpoint_url: str | None = None) -> pa.Table:
-    """The current view of a scan's results: exactly one row per object (the latest committed row).
+def read_current(dest: str | Location, endpoint_url: str | None = None, *, non_images: bool = False) -> pa.Table:
+    """The current view of a scan's results: exactly one row per image object (the latest committed row).
+
+    Objects found not to be images are recorded too (``error_kind == "not_image"``, so an unchanged one is not read
+    again); ``non_images=True`` includes their rows.
 
     >>> from pipeline.scan_state import read_current
     >>> table = read_current("s3://bucket/scan-results")   # or a local directory; a pyarrow.Table
     >>> flagged = table.filter(table["flagged"])           # what the policy withholds (nsfw: the stock decision)
     """
     location = parse_location(dest, endpoint_url, "results") if isinstance(dest, str) else dest
-    return load_state(location).current
+    current = load_state(location).current
+    if non_images:
+        return current
+    return current.filter(pc.fill_null(pc.not_equal(current["error_kind"], NOT_IMAGE), True))
 
 
 class PartWriter:

@@ -5,14 +5,24 @@ modification time, reads them, writes atomically (readers see the whole object o
 version it was told about, and tags. Stores pickle (boto3 clients are created lazily in each process), so Ray tasks
 take them as arguments. Credentials come only from boto3's standard chain.
 
-For local directories the etag is ``<size>-<mtime_ns>`` in hex: cheap to list (no file is read to list it) and it
-changes whenever a file is rewritten; a ``touch`` alone also changes it, which only costs a rescore.
+For local directories the etag is ``<size>-<mtime_ns>-<ctime_ns>-<inode>`` in hex: cheap to list (no file is read to
+list it) and it changes whenever a file is rewritten, even at the same size with its old mtime restored (``os.utime``
+moves the ctime, which no unprivileged call can set back) or replaced by another file renamed over it (a new inode);
+a ``touch`` or ``chmod`` alone also changes it, which only costs a rescore. Symbolic links and other non-regular files
+are never followed nor read: :meth:`LocalStore.list` reports them through ``skipped``.
+
+No write here ever replaces another object: :meth:`Store.create` writes exclusively (a hard link of a complete temp
+file locally, which fails if the name exists; ``If-None-Match: *`` on S3) and is what copies use. Only the scan's own
+results (:meth:`Store.write`) are replaced in place.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import stat
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -24,6 +34,8 @@ from typing import Any
 
 from .errors import DiffguardError, InvalidInput
 
+log = logging.getLogger(__name__)
+
 S3_RETRIES = {"mode": "standard", "max_attempts": 8}  # botocore: throttling, 5xx and connection errors, with backoff
 BODY_ATTEMPTS = 4  # GETs whose body breaks off mid-stream (botocore's retries end when the headers arrive)
 
@@ -34,12 +46,19 @@ class StorageError(DiffguardError):
     status_code = 502
 
 
+class ObjectExists(StorageError):
+    """An exclusive create found the name taken (by another object, or a folder): nothing was written."""
+
+    status_code = 409
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the store's root (S3: the full object key)
-    etag: str  # S3: the ETag without quotes; local: "<size>-<mtime_ns>" in hex
+    etag: str  # S3: the ETag without quotes; local: "<size>-<mtime_ns>-<ctime_ns>-<inode>" in hex
     size: int  # bytes
-    last_modified: datetime  # UTC
+    last_modified: datetime  # UTC (S3: set by the server on every write; a client cannot set it back)
+    version_id: str | None = None  # S3 VersionId in a versioned bucket (a new one on every write); else None
 
 
 class Store(ABC):
@@ -57,7 +76,15 @@ class Store(ABC):
         """The bytes and the etag/size/mtime of exactly the version read."""
 
     @abstractmethod
+    def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
+        """At most the first ``n`` bytes (a ranged read on S3) and the etag/size/mtime of the version read."""
+
+    @abstractmethod
     def head(self, key: str) -> ObjectInfo | None: ...
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> None:
+        """Write a new object, whole or not at all, and never over an existing one: raises :class:`ObjectExists`."""
 
     @abstractmethod
     def write(self, key: str, data: bytes) -> None:
@@ -72,7 +99,7 @@ class Store(ABC):
         data, info = self.read(key)
         if info.etag != etag:
             raise StorageError(f"{self.url(key)} changed since it was scanned (etag {info.etag}, expected {etag})")
-        dst.write(dst_key, data)
+        dst.create(dst_key, data)
 
     def tag(self, key: str, tags: dict[str, str], etag: str) -> None:
         raise InvalidInput(f"{self.url()} does not support object tags (use an S3 source, or --quarantine)")
@@ -91,6 +118,20 @@ def sha256(data: bytes) -> str:
 
 
 # --- local directories ------------------------------------------------------------------------------------------------
+def canonical_key(key: str) -> bool:
+    """True when ``key`` names one path exactly: '/'-separated non-empty segments, none '.' or '..', no NUL."""
+    parts = key.split("/")
+    return bool(key) and "\0" not in key and all(p not in ("", ".", "..") for p in parts)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a file name with bytes that are not UTF-8 (surrogate escapes)
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class LocalStore(Store):
     root: str  # absolute directory path
@@ -99,50 +140,89 @@ class LocalStore(Store):
         return str(Path(self.root, key)) if key else self.root
 
     def _path(self, key: str) -> Path:
-        path = Path(self.root, key)
-        if ".." in Path(key).parts or Path(key).is_absolute():
-            raise InvalidInput(f"key {key!r} escapes {self.root}")
-        return path
+        """The file a key names. Keys that a path would normalise into another key's ('a//b', './c', 'd/', '..',
+        NUL) are refused, so two keys never share a file."""
+        if not canonical_key(key):
+            raise InvalidInput(
+                f"key {key!r} does not name one path under {self.root} (empty, '.', '..' or NUL segment)"
+            )
+        return Path(self.root, key)
 
     @staticmethod
     def _info(key: str, st: os.stat_result) -> ObjectInfo:
-        return ObjectInfo(
-            key, f"{st.st_size:x}-{st.st_mtime_ns:x}", st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)
-        )
+        etag = f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}-{st.st_ino:x}"
+        return ObjectInfo(key, etag, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """Regular files only, never through a symbolic link; the keys of symlinks and special files (FIFOs, devices,
+        sockets), and of folders that cannot be listed, are appended to ``skipped`` (they are never followed)."""
         base = Path(self.root, prefix)
-        if not base.is_dir():
+        if base.is_symlink() or not base.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(self.root)
-            for name in sorted(filenames):
-                if name.startswith(".diffguard-tmp-"):
-                    continue  # our own half-written files
-                key = (rel_dir / name).as_posix()
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                log.warning("cannot list %s: %s (skipped)", folder, exc.strerror or exc)
+                if skipped is not None:
+                    skipped.append(folder.relative_to(self.root).as_posix() + "/")
+                continue
+            subdirs = []
+            for entry in entries:
+                key = Path(entry.path).relative_to(self.root).as_posix()
+                if not _utf8(key):
+                    log.warning("skipping %r: its name is not UTF-8", key)
+                    if skipped is not None:
+                        skipped.append(key.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                    continue
                 try:
-                    st = Path(dirpath, name).stat()
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # deleted while listing
-                yield self._info(key.removeprefix("./"), st)
+                except OSError as exc:
+                    log.warning("cannot inspect %s: %s (skipped)", entry.path, exc.strerror or exc)
+                    if skipped is not None:
+                        skipped.append(key)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(Path(entry.path))
+                elif stat.S_ISREG(st.st_mode):
+                    if not entry.name.startswith(".diffguard-tmp-"):  # our own half-written files
+                        yield self._info(key, st)
+                elif skipped is not None:
+                    skipped.append(key)  # a symlink (never followed), FIFO, socket or device
+            stack.extend(reversed(subdirs))
+
+    def _open(self, key: str) -> int:
+        """A descriptor of the regular file ``key`` names, never through a symlink at the last component."""
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return fd
 
     def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        return self.read_prefix(key, -1)
+
+    def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
         try:
-            with open(self._path(key), "rb") as f:
+            with os.fdopen(self._open(key), "rb") as f:
                 st = os.fstat(f.fileno())
-                return f.read(), self._info(key, st)
+                return f.read(n), self._info(key, st)
         except OSError as exc:
             raise StorageError(f"cannot read {self.url(key)}: {exc.strerror or exc}") from None
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            return self._info(key, self._path(key).stat())
-        except FileNotFoundError:
+            return self._info(key, os.stat(self._path(key), follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def write(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    def _temp(self, path: Path, data: bytes) -> str:
+        """A complete, synced temp file beside ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".diffguard-tmp-", dir=path.parent)
         try:
@@ -150,15 +230,46 @@ class LocalStore(Store):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    @staticmethod
+    def _sync_dir(folder: Path) -> None:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename or link itself survives a crash
+        finally:
+            os.close(dir_fd)
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._temp(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        self._sync_dir(path.parent)
+
+    def create(self, key: str, data: bytes) -> None:
+        path = self._path(key)
         try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
+            tmp = self._temp(path, data)
+        except (FileExistsError, NotADirectoryError) as exc:  # a parent folder's name is a file: another object's
+            raise ObjectExists(f"cannot create {path}: {exc.strerror or exc}; not overwritten") from None
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            os.link(tmp, path)  # whole (the temp file is complete) and exclusive (link never replaces a name)
+        except FileExistsError:
+            raise ObjectExists(f"{path} already exists; not overwritten") from None
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
         finally:
-            os.close(dir_fd)
+            Path(tmp).unlink(missing_ok=True)
+        self._sync_dir(path.parent)
 
     def tidy(self, prefix: str = "") -> None:
         base = Path(self.root, prefix)
@@ -230,37 +341,75 @@ class S3Store(Store):
         return StorageError(f"cannot {action} {self.url(key)}: {reason}")
 
     @staticmethod
-    def _info(key: str, etag: str, size: int, modified: datetime) -> ObjectInfo:
-        return ObjectInfo(key, etag.strip('"'), int(size), modified.astimezone(UTC))
+    def _info(key: str, etag: str, size: int, modified: datetime, version_id: str | None = None) -> ObjectInfo:
+        return ObjectInfo(key, etag.strip('"'), int(size), modified.astimezone(UTC), version_id)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def versioned(self) -> bool:
+        """True when the bucket keeps versions (every write then gets a new VersionId). A store that does not know
+        versioning, or a caller without s3:GetBucketVersioning, counts as unversioned."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].endswith("/"):
-                        continue  # folder marker written by consoles and sync tools
-                    yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"])
+            status = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+        except (BotoCoreError, ClientError) as exc:
+            log.debug("versioning of %s unknown (%s): listing without version ids", self.url(), exc)
+            return False
+        return status in ("Enabled", "Suspended")
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object, with its VersionId when the bucket is versioned (ListObjectVersions, latest versions only)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        versions = self.versioned()
+        try:
+            if versions:
+                pages = self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=prefix)
+                objects = (v for page in pages for v in page.get("Versions", []) if v.get("IsLatest"))
+            else:
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                objects = (o for page in pages for o in page.get("Contents", []))
+            for obj in objects:
+                if obj["Key"].endswith("/") and obj["Size"] == 0:
+                    continue  # folder marker written by consoles and sync tools
+                yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"], obj.get("VersionId"))
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
 
     def read(self, key: str) -> tuple[bytes, ObjectInfo]:
+        return self._get(key, None)
+
+    def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
+        if n == 0:
+            info = self.head(key)
+            if info is None:
+                raise StorageError(f"cannot read {self.url(key)}: NoSuchKey")
+            return b"", info
+        return self._get(key, n)
+
+    def _get(self, key: str, n: int | None) -> tuple[bytes, ObjectInfo]:
         from botocore import exceptions as e
 
         broken_body = (e.IncompleteReadError, e.ReadTimeoutError, e.ResponseStreamingError)
+        ranged = {"Range": f"bytes=0-{n - 1}"} if n is not None and n > 0 else {}
         for attempt in range(1, BODY_ATTEMPTS + 1):
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)
                 data = resp["Body"].read()
             except broken_body as exc:
                 if attempt < BODY_ATTEMPTS:  # the body broke off mid-stream: botocore retries only the request
                     continue
                 raise self._error("read", key, exc) from None
-            except (e.BotoCoreError, e.ClientError) as exc:
+            except e.ClientError as exc:
+                if ranged and exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    ranged = {}  # an empty object: no byte 0 to range over
+                    continue
                 raise self._error("read", key, exc) from None
-            return data, self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+            except e.BotoCoreError as exc:
+                raise self._error("read", key, exc) from None
+            size = resp["ContentLength"]
+            if ranged and (total := resp.get("ContentRange", "").rpartition("/")[2]).isdigit():
+                size = int(total)  # "bytes 0-65535/1048576": the whole object's size
+            return data, self._info(key, resp["ETag"], size, resp["LastModified"], resp.get("VersionId"))
         raise AssertionError("unreachable")
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -274,7 +423,7 @@ class S3Store(Store):
             raise self._error("inspect", key, exc) from None
         except BotoCoreError as exc:
             raise self._error("inspect", key, exc) from None
-        return self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"])
+        return self._info(key, resp["ETag"], resp["ContentLength"], resp["LastModified"], resp.get("VersionId"))
 
     def write(self, key: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -307,20 +456,26 @@ class S3Store(Store):
         except (BotoCoreError, ClientError) as exc:
             raise self._error("delete", key, exc) from None
 
-    def copy(self, key: str, dst: Store, dst_key: str, etag: str) -> None:
+    def create(self, key: str, data: bytes) -> None:
+        """A conditional PUT (``If-None-Match: *``): S3 refuses it with 412 when the key exists. Copies go through it
+        too, rather than a server-side CopyObject: not every S3 API honours If-None-Match on a copy (moto ignores it
+        and overwrites), and a HEAD before the write would leave a window for another writer."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if not (isinstance(dst, S3Store) and dst.endpoint_url == self.endpoint_url):
-            return super().copy(key, dst, dst_key, etag)
-        try:  # server-side, and only the version that was scanned
-            dst.client.copy_object(
-                Bucket=dst.bucket,
-                Key=dst_key,
-                CopySource={"Bucket": self.bucket, "Key": key},
-                CopySourceIfMatch=f'"{etag}"',
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error("copy", key, exc) from None
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise ObjectExists(f"{self.url(key)} already exists; not overwritten") from None
+            if code in ("NotImplemented", "501"):
+                raise StorageError(
+                    f"{self.url()} does not support conditional writes (If-None-Match), so a write could replace "
+                    f"another object; refusing to write {key!r}: quarantine to a local directory or another store"
+                ) from None
+            raise self._error("write", key, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("write", key, exc) from None
 
     def tag(self, key: str, tags: dict[str, str], etag: str) -> None:
         """Merge ``tags`` into the object's tag set (S3 replaces the whole set, so read it first)."""

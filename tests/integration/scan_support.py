@@ -86,11 +86,14 @@ def scan(capsys, *args: str) -> tuple[int, dict | None]:
     return rc, json.loads(lines[0]) if lines else None
 
 
-def summary(scanned: int, unchanged: int, non_image: int, flagged: int, errors: int, output: str) -> dict:
+def summary(
+    scanned: int, unchanged: int, non_image: int, flagged: int, errors: int, output: str, symlinks: int = 0
+) -> dict:
     return {
         "scanned": scanned,
         "skipped_unchanged": unchanged,
         "skipped_non_image": non_image,
+        "skipped_symlinks": symlinks,
         "flagged": flagged,
         "errors": errors,
         "output": output,

@@ -27,12 +27,15 @@ def test_local_directories(tmp_path, capsys, checker):
     assert 0 < len(flagged) < len(images)
     args = (str(src), "--output", dest, "--adjustment", str(adjustment), "--quarantine", str(held))
 
+    unscorable = {"zero.png", "a/broken.gif"}  # read but not scorable: withheld (flagged) as well as errors
     rc, out = scan(capsys, *args)
-    assert rc == 0 and out == summary(14, 0, 1, len(flagged), 2, dest)
+    assert rc == 0 and out == summary(14, 0, 1, len(flagged) + 2, 2, dest)
     rows = rows_by_key(dest)
     assert set(rows) == set(images) | {"zero.png", "a/broken.gif"}  # keys are paths relative to SOURCE
     assert {k: rows[k]["nsfw"] for k in images} == expected
     assert rows["zero.png"]["error"].startswith("empty file") and rows["zero.png"]["error_kind"] == "decode"
+    for key in unscorable:
+        assert (rows[key]["action"], rows[key]["flagged"], rows[key]["unscorable"]) == ("block", True, True), key
     assert all(r["bucket"] == str(src) for r in rows.values())
     assert not held.exists()  # dry run
 
@@ -47,7 +50,8 @@ def test_local_directories(tmp_path, capsys, checker):
     assert after["a/00.png"]["etag"] != rows["a/00.png"]["etag"]
     images["a/00.png"] = png(777)
     moved = {k for k, r in after.items() if r["quarantined_to"]}
-    assert moved == {k for k, r in after.items() if r["nsfw"]} and moved
+    assert moved == {k for k, r in after.items() if r["nsfw"]} | unscorable and moved
+    assert not (src / "zero.png").exists() and (held / "zero.png").read_bytes() == b""
     for key in images:
         if key in moved:
             assert not (src / key).exists()

@@ -62,7 +62,8 @@ def test_bucket_past_one_page_with_awkward_objects(s3, s3_endpoint, capsys, chec
 
     rows = rows_by_key(dest, s3_endpoint)
     assert set(rows) == set(images) | set(broken)  # every object once; folder markers, non-images, outside: none
-    assert flagged == sum(r["nsfw"] for r in rows.values())
+    assert flagged == sum(r["nsfw"] for r in rows.values()) + len(broken)  # unscorable objects are withheld too
+    assert all(rows[k]["flagged"] and rows[k]["action"] == "block" for k in broken)
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="imgs/ü")["Contents"][0]
     assert rows[listing["Key"]]["etag"] == listing["ETag"].strip('"')
     for key, row in rows.items():
@@ -97,7 +98,8 @@ def test_incremental_reruns(s3, s3_endpoint, capsys):
     assert first["in/bad.webp"]["error_kind"] == "decode"
     cold = first["in/cold.png"]
     assert cold["error_kind"] == "read" and "InvalidObjectState" in cold["error"] and cold["sha256"] is None
-    assert out["flagged"] == sum(r["nsfw"] for r in first.values())
+    assert out["flagged"] == sum(r["nsfw"] for r in first.values()) + 1  # bad.webp: unscorable, withheld
+    assert (cold["action"], cold["flagged"]) == (None, False)  # a read error is never acted on
 
     rc, out = scan(capsys, *args)
     assert out == summary(1, 13, 0, 0, 1, dest)  # nothing rescored but the read error; the decode error is not retried
@@ -123,7 +125,7 @@ def test_incremental_reruns(s3, s3_endpoint, capsys):
     fourth = rows_by_key(dest, s3_endpoint)
     assert len({r["model_fingerprint"] for r in fourth.values()}) == 1
     assert fourth["in/2.png"]["model_fingerprint"] != third["in/2.png"]["model_fingerprint"]
-    assert out["flagged"] == sum(r["nsfw"] for r in fourth.values())
+    assert out["flagged"] == sum(r["nsfw"] for r in fourth.values()) + 1
 
     assert scan(capsys, *stricter)[1] == summary(0, 14, 0, 0, 0, dest)
     assert scan(capsys, *stricter, "--full")[1] == summary(14, 0, 0, out["flagged"], 1, dest)

@@ -2,6 +2,9 @@
 
 Image cases (bytes + the name they arrive under) go through the core ``check``, ``diffguard check``, ``/v1/moderate``
 and the bucket ``scan``; each expects either a score or a per-image error matching the "Bad input" table of docs/CLI.md.
+A per-image error is an unscorable image: its verdict carries the policy's ``unscorable_action`` (``block`` by default),
+never a null action. A truncated file with enough image data is scored on what decodes (``truncated``); one cut off
+before its image data is unscorable.
 HTTP cases add what only a request can carry: bodies, content types, multipart framing, prompts and parameters.
 
 >>> from tests.corpus import image_cases, generate_cases
@@ -22,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tests import adversarial
+
 # The documented per-image errors (docs/CLI.md, "Bad input"); a case's ``error`` is one of these patterns.
 EMPTY = r"empty file"
 NOT_IMAGE = r"not a recognised image format"
@@ -37,6 +42,12 @@ class ImageCase:
     data: bytes
     error: str | None  # regex the per-image error must match; None: the image is scored
     content_type: str = "application/octet-stream"  # sent with raw /v1/moderate bodies
+    truncated: bool = False  # a truncated file that is scored on what decodes (the verdict says truncated: true)
+
+    @property
+    def unscorable(self) -> bool:
+        """Read but not scorable: withheld with the policy's ``unscorable_action`` (``block`` by default)."""
+        return self.error is not None
 
     @property
     def filename(self) -> str:
@@ -111,7 +122,7 @@ def _half(data: bytes) -> bytes:
 
 @functools.cache
 def image_cases() -> tuple[ImageCase, ...]:
-    """34 image inputs. Built once per process (the 50 MP bomb takes a moment)."""
+    """48 image inputs. Built once per process (the 50 MP bomb takes a moment)."""
     png, jpeg = _encode(_noise(48, 64), "PNG"), _encode(_noise(48, 64), "JPEG", quality=90)
     return (
         ImageCase("zero-bytes", ".png", b"", EMPTY, "image/png"),
@@ -124,13 +135,13 @@ def image_cases() -> tuple[ImageCase, ...]:
         ImageCase("utf16-text", ".png", "not an image".encode("utf-16"), NOT_IMAGE),
         ImageCase("png-signature-only", ".png", png[:8], CORRUPT, "image/png"),
         ImageCase("png-truncated-header", ".png", png[:60], CORRUPT, "image/png"),
-        ImageCase("png-truncated-half", ".png", _half(png), CORRUPT, "image/png"),
+        ImageCase("png-truncated-half", ".png", _half(png), SCORED, "image/png", truncated=True),
         ImageCase("png-bad-crc", ".png", _bad_crc_png(), CORRUPT, "image/png"),
-        ImageCase("jpeg-truncated-half", ".jpg", _half(jpeg), CORRUPT, "image/jpeg"),
+        ImageCase("jpeg-truncated-half", ".jpg", _half(jpeg), SCORED, "image/jpeg", truncated=True),
         ImageCase("jpeg-soi-then-junk", ".jpg", b"\xff\xd8\xff\xe0 not really a jpeg", CORRUPT, "image/jpeg"),
         ImageCase("gif-truncated", ".gif", _encode(_noise(32, 32), "GIF")[:400], CORRUPT, "image/gif"),
         ImageCase("webp-truncated", ".webp", _encode(_noise(32, 32), "WEBP")[:50], CORRUPT, "image/webp"),
-        ImageCase("bmp-truncated", ".bmp", _half(_encode(_noise(32, 32), "BMP")), CORRUPT, "image/bmp"),
+        ImageCase("bmp-truncated", ".bmp", _half(_encode(_noise(32, 32), "BMP")), SCORED, "image/bmp", truncated=True),
         ImageCase("tiff-truncated", ".tif", _encode(_noise(32, 32), "TIFF")[:100], CORRUPT, "image/tiff"),
         ImageCase("bomb-50mp-png", ".png", _encode(Image.new("L", (10_000, 5_000)), "PNG"), TOO_LARGE, "image/png"),
         ImageCase("bomb-header-10gp-png", ".png", png_header_only(100_000, 100_000), TOO_LARGE, "image/png"),
@@ -155,7 +166,24 @@ def image_cases() -> tuple[ImageCase, ...]:
         ImageCase("bmp", ".bmp", _encode(_noise(20, 30), "BMP"), SCORED, "image/bmp"),
         ImageCase("progressive-jpeg", ".jpg", _encode(_noise(40, 40), "JPEG", progressive=True), SCORED),
         ImageCase("png-labelled-jpeg", ".jpg", png, SCORED, "image/jpeg"),  # the bytes decide, not the name
+        *_truncated_cases(),
     )
+
+
+_MIME = {"JPEG": ("image/jpeg", ".jpg"), "PROGRESSIVE_JPEG": ("image/jpeg", ".jpg")}
+
+
+def _truncated_cases() -> list[ImageCase]:
+    """The adversarial truncations (tests/adversarial.py): the last 2% cut off (scored on what decodes) and cut
+    where the image data begins (unscorable), per format."""
+    cases = []
+    for fmt in adversarial.TRUNCATED_FORMATS:
+        mime, suffix = _MIME.get(fmt, (f"image/{fmt.lower()}", f".{fmt.lower()}"))
+        name = fmt.lower().replace("_", "-")
+        cases.append(ImageCase(f"{name}-last-2pct-cut", suffix, adversarial.truncated(fmt), SCORED, mime, True))
+        if fmt != "PROGRESSIVE_JPEG":
+            cases.append(ImageCase(f"{name}-header-only", suffix, adversarial.header_only(fmt), CORRUPT, mime))
+    return cases
 
 
 def scored_cases() -> list[ImageCase]:
@@ -283,7 +311,21 @@ def moderate_cases(max_body_bytes: int) -> list[HttpCase]:
             "/v1/moderate",
             200,
             "",
-            lambda: {"files": [("files", (f"{i}.png", one_png, "image/png")) for i in range(100)]},
+            lambda: {"files": [("files", (f"{i}.png", one_png, "image/png")) for i in range(64)]},
+        ),
+        HttpCase(
+            "files-over-limit",
+            "/v1/moderate",
+            413,
+            "carries 65 files; the limit is 64",
+            lambda: {"files": [("files", (f"{i}.png", one_png, "image/png")) for i in range(65)]},
+        ),
+        HttpCase(
+            "a-thousand-files",
+            "/v1/moderate",
+            413,
+            "carries 1000 files; the limit is 64",
+            lambda: {"files": [("files", (f"{i}.png", b"x", "image/png")) for i in range(1000)]},
         ),
     ]
 
@@ -316,6 +358,15 @@ def generate_cases(max_body_bytes: int) -> list[HttpCase]:
         HttpCase("not-json", g, 422, "not valid JSON", _raw(b"{not json")),
         HttpCase("empty-body", g, 422, "not valid JSON", _raw(b"")),
         HttpCase("json-array", g, 422, "must be a JSON object", _json(["prompt", "a"])),
+        HttpCase("json-nested-100k", g, 422, "nested too deeply", _raw(b"[" * 100_000 + b"]" * 100_000)),
+        HttpCase(
+            "prompt-nested-100k",
+            g,
+            422,
+            "nested too deeply",
+            _raw(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ),
+        HttpCase("prompt-nested-500", g, 422, "`prompt`", _raw(b'{"prompt": ' + b"[" * 500 + b"]" * 500 + b"}")),
         HttpCase("json-string", g, 422, "must be a JSON object", _json("a red bicycle")),
         HttpCase("unknown-field", g, 422, "not a known field", _json({"prompt": "a", "nsfw_ok": True})),
         HttpCase(

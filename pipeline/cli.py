@@ -1,8 +1,8 @@
 """The ``diffguard`` command line: check images, manage model weights.
 
 Exit codes of ``check``: 0 every input checked; 1 with ``--fail-on-nsfw`` when something was flagged;
-2 usage errors (bad arguments, a model that cannot be loaded); 3 some inputs could not be read (their rows are
-still printed; 3 wins over 1).
+2 usage errors (bad arguments, a model that cannot be loaded); 3 some inputs could not be read or scored (their rows
+are still printed, with the policy's ``unscorable_action``; 3 wins over 1).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli
 from .errors import DiffguardError
-from .images import IMAGE_SUFFIXES
+from .images import DEFAULT_MAX_OBJECT_BYTES, SNIFF_BYTES, identify
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders
@@ -60,9 +60,21 @@ def add_checker_options(p: argparse.ArgumentParser, model_flag: str = "--model")
     p.add_argument("--concepts", type=Path, help="concept set file (safetensors) with custom concepts/overrides")
     p.add_argument("--concept-text-model", help="CLIP text tower for text concepts (default matches --model)")
     p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="refuse larger images (default 40 MP)")
+    p.add_argument(
+        "--max-object-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_OBJECT_BYTES,
+        help="larger files are unscorable, withheld unread (default 256 MiB)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model call (default 32)")
     if model_flag == "--model":  # generate adds its own --policy (the same option, with image-policy keywords)
         p.add_argument("--policy", default="default", help="policy file (YAML) or keyword: default | stock")
+    p.add_argument(
+        "--policy-fallback",
+        choices=["stock"],
+        help="if the policy's CLIP text tower cannot load, score with the stock policy (with a warning) instead of "
+        "failing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_image(path: Path) -> bool:
+    """By content, whatever the name: what Pillow's format detection says of the first bytes (one small read)."""
+    try:
+        with path.open("rb") as f:
+            return identify(f.read(SNIFF_BYTES)) is not None
+    except OSError:
+        return True  # unreadable: keep it, so that it is reported (and withheld) rather than silently skipped
+
+
 def iter_inputs(paths: list[Path]) -> Iterator[Path]:
-    """Files as given; directories recursed in sorted order, keeping files with image suffixes."""
+    """Files as given; directories recursed in sorted order, keeping the files whose first bytes are an image's."""
     for path in paths:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+            images = [p for p in files if _is_image(p)]
+            skipped = [p for p in files if p not in set(images)]
             if skipped:
-                log.info("%s: skipping %d non-image files (e.g. %s)", path, len(skipped), skipped[0].name)
-            yield from (p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+                log.info("%s: skipping %d files that are not images (e.g. %s)", path, len(skipped), skipped[0].name)
+            yield from images
         else:
             yield path
 
@@ -120,7 +142,9 @@ def checker_spec(args: argparse.Namespace, model: str | None = None):
         policy=args.policy,
         max_batch_size=args.batch_size,
         max_pixels=args.max_pixels,
+        max_object_bytes=args.max_object_bytes,
         concept_text_model=args.concept_text_model,
+        policy_fallback=args.policy_fallback,
     )
 
 
@@ -136,14 +160,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     inputs = list(iter_inputs(args.paths))
     if not inputs:
         raise UsageError(f"no image files found under {', '.join(map(str, args.paths))}")
-    flagged = unreadable = 0
+    flagged = unscorable = 0
     if not args.json:
         print(f"{'action':<8} {'top score':>9}  {'concepts and categories hit':<28} path")
     for start in range(0, len(inputs), CHUNK):
         chunk = inputs[start : start + CHUNK]
         for path, verdict in zip(chunk, checker.check(chunk), strict=True):
             flagged += verdict.nsfw
-            unreadable += verdict.error is not None
+            unscorable += verdict.error is not None
             row = {"path": str(path), **verdict.to_dict(), "fingerprint": checker.fingerprint, "demo": checker.demo}
             if args.json:
                 print(json.dumps(row), flush=True)
@@ -151,18 +175,20 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(_table_row(row), flush=True)
     if not args.json:
         tag = " (tiny demo weights: meaningless)" if checker.demo else ""
-        summary = f"{len(inputs)} checked, {flagged} flagged, {unreadable} unreadable"
+        action = checker.concepts.unscorable_action
+        summary = f"{len(inputs)} checked, {flagged} flagged, {unscorable} unscorable ({action})"
         print(f"\n{summary}; fingerprint {checker.fingerprint}{tag}")
-    if unreadable:
+    if unscorable:
         return EXIT_UNREADABLE
     return EXIT_FLAGGED if args.fail_on_nsfw and flagged else EXIT_OK
 
 
 def _table_row(row: dict) -> str:
-    if row["error"]:
-        return f"{'ERROR':<8} {'':>9}  {row['error'][:60]:<28} {row['path']}"
+    if row["error"]:  # unscorable: the policy's unscorable_action, and why
+        return f"{row['action'] or 'block':<8} {'-':>9}  {'UNSCORABLE: ' + row['error'][:60]:<28} {row['path']}"
     top = max(row["concept_scores"], default=0.0)
     hits = ",".join(row["bad_concept_names"] + row["flagged_categories"]) or "-"
+    hits = f"(truncated) {hits}" if row.get("truncated") else hits
     return f"{row['action'] or ('NSFW' if row['nsfw'] else 'ok'):<8} {top:>9.3f}  {hits[:28]:<28} {row['path']}"
 
 

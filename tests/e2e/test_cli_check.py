@@ -69,3 +69,53 @@ def test_concepts_file_from_cli(tmp_path):
     out = run("check", "--json", "--concepts", str(tmp_path / "c.safetensors"), "examples/shapes.jpg")
     row = json.loads(out.stdout)
     assert 0 in row["bad_concepts"] and row["fingerprint"] == checker.fingerprint
+
+
+def test_adversarial_inputs_are_selected_by_content_and_never_released_unscored(tmp_path):
+    from tests import adversarial as adv
+
+    png = adv.image_bytes(1)
+    named = {"upload.bin": png, "photo.png.txt": png, "no_suffix": png}  # images under names that hide them
+    cut = {"cut.jpg": adv.truncated("JPEG"), "cut-progressive.jpg": adv.truncated("PROGRESSIVE_JPEG")}
+    unscorable = {"header-only.png": adv.header_only("PNG"), "header-only.gif": adv.header_only("GIF")}
+    for name, data in {**named, **cut, **unscorable, "notes.txt": b"just text\n"}.items():
+        (tmp_path / name).write_bytes(data)
+
+    out = run("check", "--json", "--adjustment", "1", str(tmp_path))  # every readable image is flagged
+    assert out.returncode == 3, out.stderr
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert set(rows) == set(named) | set(cut) | set(unscorable), "selected by content; notes.txt is no image"
+    assert all(r["action"] is not None for r in rows.values()), "no row without an action"
+    for name in [*named, *cut]:
+        assert rows[name]["error"] is None and rows[name]["nsfw"] and rows[name]["action"] == "block", name
+        assert rows[name]["truncated"] is (name in cut) and not rows[name]["unscorable"]
+    for name in unscorable:
+        r = rows[name]
+        assert r["unscorable"] and r["action"] == "block" and "corrupt or truncated" in r["error"], name
+
+    table = run("check", str(tmp_path))
+    assert table.returncode == 3
+    lines = {line.rsplit(" ", 1)[-1].rsplit("/", 1)[-1]: line for line in table.stdout.splitlines()}
+    assert (
+        lines["header-only.png"].startswith("block") and "UNSCORABLE: corrupt or truncated" in lines["header-only.png"]
+    )
+    assert "(truncated)" in lines["cut.jpg"]
+    assert "7 checked" in table.stdout and "2 unscorable (block)" in table.stdout
+
+    policy = tmp_path.parent / "lenient.yaml"  # unscorable_action: allow gives back the old behaviour, explicitly
+    policy.write_text(
+        "version: 1\nname: lenient\nunscorable_action: allow\ncategories:\n"
+        "  sexual:\n    action: block\n    concepts:\n      - stock: all\n"
+    )
+    lenient = run("check", "--json", "--policy", str(policy), str(tmp_path / "header-only.png"))
+    assert lenient.returncode == 3 and json.loads(lenient.stdout)["action"] == "allow"
+
+
+def test_object_byte_limit(tmp_path):
+    from tests import adversarial as adv
+
+    (tmp_path / "big.png").write_bytes(adv.oversized_png(10_000))
+    out = run("check", "--json", "--max-object-bytes", "10000", str(tmp_path / "big.png"))
+    row = json.loads(out.stdout)
+    assert out.returncode == 3 and row["action"] == "block" and "over the limit of 10,000 bytes" in row["error"]
+    assert run("check", "--json", str(tmp_path / "big.png")).returncode == 0

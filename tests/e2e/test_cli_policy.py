@@ -54,3 +54,32 @@ def test_bad_policy_and_labelled_dir_exit_2(tmp_path):
     (tmp_path / "violence").mkdir()
     out = run("evaluate", str(tmp_path))
     assert out.returncode == 2 and "needs a `safe/` sub-folder" in out.stderr
+
+
+def test_missing_text_tower_fails_unless_the_fallback_is_asked_for():
+    missing = run("check", "--concept-text-model", "./no/such/tower", "examples/shapes.jpg")
+    assert missing.returncode == 2 and missing.stdout == ""
+    for remedy in (
+        "diffguard models download openai/clip-vit-large-patch14",
+        "--policy stock",
+        "policy_fallback: stock",
+    ):
+        assert remedy in missing.stderr
+    stock = run(
+        "check", "--json", "--concept-text-model", "./no/such/tower", "--policy", "stock", "examples/shapes.jpg"
+    )
+    assert stock.returncode == 0, stock.stderr
+    fallback = run(
+        "check",
+        "--json",
+        "--concept-text-model",
+        "./no/such/tower",
+        "--policy-fallback",
+        "stock",
+        "examples/shapes.jpg",
+    )
+    assert fallback.returncode == 0, fallback.stderr
+    assert (
+        "WARNING: policy 'diffguard-default' cannot be used" in fallback.stderr and "are NOT checked" in fallback.stderr
+    )
+    assert json.loads(fallback.stdout)["fingerprint"] == json.loads(stock.stdout)["fingerprint"]

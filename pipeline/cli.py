@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli
 from .errors import DiffguardError
-from .images import DEFAULT_MAX_OBJECT_BYTES, SNIFF_BYTES, identify
+from .images import DEFAULT_MAX_OBJECT_BYTES, IMAGE_SUFFIXES, SNIFF_BYTES, identify
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders
@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_image(path: Path) -> bool:
-    """By content, whatever the name: what Pillow's format detection says of the first bytes (one small read)."""
+    """Named like an image (then an undecodable one is reported and withheld), or an image by its first bytes whatever
+    its name: what Pillow's format detection says of the first ``SNIFF_BYTES`` (one small read)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
     try:
         with path.open("rb") as f:
             return identify(f.read(SNIFF_BYTES)) is not None
@@ -116,12 +119,13 @@ def _is_image(path: Path) -> bool:
 
 
 def iter_inputs(paths: list[Path]) -> Iterator[Path]:
-    """Files as given; directories recursed in sorted order, keeping the files whose first bytes are an image's."""
+    """Files as given; directories recursed in sorted order, keeping images by name or by content (as the scan does)."""
     for path in paths:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             images = [p for p in files if _is_image(p)]
-            skipped = [p for p in files if p not in set(images)]
+            kept = set(images)
+            skipped = [p for p in files if p not in kept]
             if skipped:
                 log.info("%s: skipping %d files that are not images (e.g. %s)", path, len(skipped), skipped[0].name)
             yield from images

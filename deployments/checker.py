@@ -45,12 +45,15 @@ class SafetyCheckerDeployment:
         else:
             from pipeline import SafetyChecker
 
+            extra = {} if self.args.max_object_bytes is None else {"max_object_bytes": self.args.max_object_bytes}
             self.checker = SafetyChecker.load(
                 self.args.model,
                 self.args.device,
                 self.args.dtype,
                 max_pixels=self.args.max_pixels,
                 concept_text_model=self.args.concept_text_model,
+                policy=None,  # the policy (and its fallback setting) comes with user_config: reconfigure() runs next
+                **extra,
             )
         self.runtime = CheckerRuntime()
         self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
@@ -65,12 +68,22 @@ class SafetyCheckerDeployment:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         runtime = CheckerRuntime(**(user_config or {}))
         with self._lock:
-            self.checker.configure(
-                adjustment=runtime.adjustment,
-                thresholds=runtime.thresholds,
-                concepts=runtime.concepts,
-                policy=runtime.policy,
-            )
+            # A policy whose text concepts cannot be encoded raises (the replica fails to start, DEPLOY_FAILED with the
+            # core's message saying how to fix it) unless policy_fallback opts in to the stock concepts, loudly.
+            previous = getattr(self.checker, "policy_fallback", None)
+            if hasattr(self.checker, "policy_fallback"):
+                self.checker.policy_fallback = runtime.policy_fallback
+            try:
+                self.checker.configure(
+                    adjustment=runtime.adjustment,
+                    thresholds=runtime.thresholds,
+                    concepts=runtime.concepts,
+                    policy=runtime.policy,
+                )
+            except Exception:
+                if hasattr(self.checker, "policy_fallback"):
+                    self.checker.policy_fallback = previous  # configure() is atomic: so is this
+                raise
             self.runtime = runtime
         self._score.set_max_batch_size(runtime.max_batch_size)
         self._score.set_batch_wait_timeout_s(runtime.batch_wait_timeout_s)

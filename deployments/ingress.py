@@ -5,12 +5,14 @@ core's ``pipeline.moderate.moderate``, and only what that releases is PNG-encode
 exists is a 503 with no image bytes.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve pickles this class by value, and FastAPI must resolve the routes'
+# annotations (Request) in the replica, where string annotations name globals the pickle may not carry.
 
 import asyncio
 import base64
 import hmac
 import io
+import json
 import logging
 import os
 import time
@@ -25,7 +27,10 @@ from ray.serve.metrics import Histogram
 
 from pipeline.errors import DiffguardError, ImageDecodeError, InvalidInput, PayloadTooLarge, Unavailable
 
+from .auth import api_key, auth_info, require_key_or_loopback
+from .health import ReplicaState
 from .settings import IngressArgs
+from .uploads import check_request_pixels, listing, multipart_files
 
 log = logging.getLogger("ray.serve")
 
@@ -83,7 +88,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def _authorize(request: Request) -> None:
     key = request.app.state.api_key
-    if not key:
+    if key is None:  # only ever None where the start-up rule allowed it (loopback, or allow_unauthenticated)
         return
     given = request.headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
@@ -112,25 +117,16 @@ def _png_base64(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _deployment_settings() -> dict[str, Any]:
-    """Each deployment's live settings (replicas, autoscaling, user_config) as the Serve controller reports them."""
-    try:
-        from ray.serve.context import _get_global_client
+def _http_host() -> str | None:
+    """The host Serve's HTTP proxies bind, as the controller knows it (None when it cannot be asked)."""
+    import ray
+    from ray.serve.context import _get_global_client
 
-        details = _get_global_client().get_serve_details()
-        app = serve.get_replica_context().app_name
-        deployments = details["applications"][app]["deployments"]
-    except Exception as exc:  # noqa: BLE001 - informational only
-        return {"error": f"unavailable ({type(exc).__name__})"}
-    keep = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "user_config", "num_replicas")
-    return {
-        name: {
-            "status": d.get("status"),
-            "replicas": len(d.get("replicas", [])),
-            **{k: d.get("deployment_config", {}).get(k) for k in keep},
-        }
-        for name, d in deployments.items()
-    }
+    try:
+        return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
+    except Exception as exc:  # noqa: BLE001 - unknown counts as reachable by others (the rule fails closed)
+        log.warning("could not read the HTTP host from the Serve controller: %r", exc)
+        return None
 
 
 @serve.deployment(
@@ -143,15 +139,26 @@ def _deployment_settings() -> dict[str, Any]:
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self, checker: DeploymentHandle, generator: DeploymentHandle | None, args: dict[str, Any] | None = None
+        self,
+        checker: DeploymentHandle,
+        generator: DeploymentHandle | None,
+        args: dict[str, Any] | None = None,
+        image_max_pixels: int = 40_000_000,
     ):
         from pipeline.requests import GenerationLimits
 
         self.args = IngressArgs(**(args or {}))
         self.checker, self.generator = checker, generator
         self.limits = GenerationLimits(**self.args.limits)
-        api.state.api_key = self.args.api_key if self.args.api_key is not None else os.environ.get("DIFFGUARD_API_KEY")
+        self.image_max_pixels = image_max_pixels  # the checker's per-image limit: larger images are never decoded
+        key = api_key(os.environ)  # stripped; empty or whitespace refuses to start
+        self.host = _http_host()
+        require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
+        self.auth = auth_info(key, self.args.allow_unauthenticated, self.host)
+        api.state.api_key = key
         api.state.retry_after_s = self.args.retry_after_s
+        self.state = ReplicaState(serve.get_replica_context().app_name, self.args.health_timeout_s)
+        self.generator_info: dict[str, Any] | None = None  # static per replica: fetched once, never behind renders
         self.latency = Histogram(
             "diffguard_moderation_latency_s",
             description="time from receiving images to their verdicts",
@@ -198,11 +205,11 @@ class Ingress:
             raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind!r}")
         body = await _read_body(request, self.args.max_body_bytes)
         try:
-            import json
-
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"the body is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise InvalidInput("the JSON body is nested too deeply; requests are flat objects of fields") from None
         parsed = GenerationRequest.parse(data, self.limits)
         log.info(
             "request %s: generate %d image(s), %d steps, safety=%s", rid, parsed.num_images, parsed.steps, parsed.safety
@@ -211,6 +218,7 @@ class Ingress:
             self.generator.render.remote(parsed.model_dump()), self.args.generator_timeout_s, "generator"
         )
         images = rendering["images"]
+        self.generator_info = self.generator_info or rendering["info"]
         results = await self._check(images, "generate")
         moderated = moderate(images, [r["verdict"] for r in results])
         checker_info = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
@@ -225,7 +233,7 @@ class Ingress:
                     "action": m.action,
                     "flagged_categories": m.verdict.flagged_categories,
                     "image_png_base64": _png_base64(m.image) if m.image is not None else None,
-                    "moderation": {**m.verdict.to_dict(), "batch_size": r["batch_size"]},
+                    "moderation": {**m.verdict.to_dict(), "action": m.action, "batch_size": r["batch_size"]},
                 }
             )
         log.info("request %s: %s", rid, [m.action for m in moderated])
@@ -244,11 +252,13 @@ class Ingress:
     @api.post("/v1/moderate", dependencies=[Depends(_authorize)])
     async def moderate_uploads(self, request: Request) -> JSONResponse:
         """Score uploaded images: multipart with one or more `files`, or one raw image body."""
+        from pipeline.policy import image_action
+
         rid = _request_id(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await _read_body(request, self.args.max_body_bytes)
         if kind == "multipart/form-data":
-            names, blobs = await self._multipart(request, body)
+            names, blobs = await multipart_files(request, body, self.args.max_files_per_request)
         elif kind.startswith("image/") or kind in ("application/octet-stream", ""):
             names, blobs = [request.headers.get("x-filename")], [body]
         else:
@@ -256,57 +266,50 @@ class Ingress:
                 f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; "
                 f"got {kind!r}"
             )
+        # Priced from the headers before anything reaches the checker (a 5 KB 1-bit PNG can decode to 40 MP).
+        await asyncio.to_thread(check_request_pixels, blobs, self.image_max_pixels, self.args.max_request_pixels)
         results = await self._check(blobs, "moderate")
         rows = [
-            {"filename": name, **r["verdict"].to_dict(), "batch_size": r["batch_size"]}
+            # An unscorable upload carries the policy's unscorable_action (block by default), never null.
+            {
+                "filename": name,
+                **r["verdict"].to_dict(),
+                "action": image_action(r["verdict"]),
+                "batch_size": r["batch_size"],
+            }
             for name, r in zip(names, results, strict=True)
         ]
         if all(row["error"] for row in rows):
-            detail = "; ".join(f"{row['filename'] or 'body'}: {row['error']}" for row in rows)
+            detail = listing([f"{row['filename'] or 'body'}: {row['error']}" for row in rows])
             raise ImageDecodeError(f"no uploaded file could be decoded: {detail}")
         log.info("request %s: moderated %d file(s), %d flagged", rid, len(rows), sum(r["nsfw"] for r in rows))
         return JSONResponse(
             {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]},
         )
 
-    @staticmethod
-    async def _multipart(request: Request, body: bytes) -> tuple[list[str | None], list[bytes]]:
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=1024)
-        except Exception as exc:  # noqa: BLE001 - starlette raises several types for malformed bodies
-            raise ImageDecodeError(f"malformed multipart body: {exc}") from None
-        files = [f for f in form.getlist("files") if hasattr(f, "read")]
-        if not files:
-            raise InvalidInput(f"multipart body has no `files` field with a file; fields: {sorted(form.keys())}")
-        blobs = [await f.read() for f in files]
-        return [f.filename for f in files], blobs
-
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 only when every deployment answers; open without an API key."""
-        status = {"checker": await self._ready(self.checker)}
+        """200 when every deployment has a running replica (the Serve controller's state, cached for a second: never
+        a call that queues behind renders); 503 otherwise. Open without an API key."""
+        names = {"checker": self.checker.deployment_name}
         if self.generator is not None:
-            status["generator"] = await self._ready(self.generator)
+            names["generator"] = self.generator.deployment_name
+        status = await self.state.ready(names)
         ready = all(v == "ready" for v in status.values())
         return JSONResponse({"ready": ready, "deployments": status}, status_code=200 if ready else 503)
 
-    async def _ready(self, handle: DeploymentHandle) -> str:
-        try:
-            await self._call(handle.info.remote(), self.args.health_timeout_s, "deployment")
-            return "ready"
-        except DiffguardError as exc:
-            return f"unavailable: {exc.message}"
+    async def _generator_info(self) -> dict[str, Any] | None:
+        if self.generator is not None and self.generator_info is None:
+            self.generator_info = await self._call(
+                self.generator.info.remote(), self.args.health_timeout_s, "generator"
+            )
+        return self.generator_info
 
     @api.get("/v1/info", dependencies=[Depends(_authorize)])
     async def info(self) -> JSONResponse:
         """Models, fingerprints, thresholds, batching and autoscaling settings, and whether demo weights are in use."""
         checker = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
-        generator = None
-        if self.generator is not None:
-            generator = await self._call(self.generator.info.remote(), self.args.health_timeout_s, "generator")
+        generator = await self._generator_info()
         demo = checker["demo_weights"] or bool(generator and generator["demo_weights"])
         return JSONResponse(
             {
@@ -316,6 +319,13 @@ class Ingress:
                 "note": "tiny demo weights: verdicts are meaningless" if demo else None,
                 "policy": checker.get("policy"),
                 "limits": self.limits.__dict__,
-                "deployments": _deployment_settings(),
+                "request_limits": {
+                    "max_body_bytes": self.args.max_body_bytes,
+                    "max_files_per_request": self.args.max_files_per_request,
+                    "max_request_pixels": self.args.max_request_pixels,
+                    "max_image_pixels": self.image_max_pixels,
+                },
+                "auth": self.auth,
+                "deployments": await self.state.settings(),
             }
         )

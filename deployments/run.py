@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,35 @@ def load_config(path: str | Path | None = None, host: str | None = None, port: i
         raise InvalidInput(f"Serve config {path} is invalid: {exc}") from None
 
 
+def ingress_environment(app: Any, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment an app's Ingress replicas get when this process starts the cluster: ``environ``, then the
+    app's ``runtime_env`` env_vars, then the Ingress deployment's own."""
+    env = dict(environ)
+    env.update((app.runtime_env or {}).get("env_vars") or {})
+    for d in app.deployments:
+        if d.name == "Ingress":
+            options = d.model_dump(exclude_unset=True).get("ray_actor_options") or {}
+            env.update((options.get("runtime_env") or {}).get("env_vars") or {})
+    return env
+
+
+def check_auth(schema: Any, environ: Mapping[str, str]) -> None:
+    """The Ingress replicas' start-up rule (``deployments.auth``), checked before anything is deployed: an empty key,
+    or no key on a non-loopback host without ``allow_unauthenticated: true``, fails here with the same message."""
+    from .auth import api_key, require_key_or_loopback
+    from .settings import AppArgs
+
+    for app in schema.applications:
+        if app.import_path != "deployments.app:build_app":
+            continue
+        try:
+            args = AppArgs(**(app.args or {}))
+        except ValueError as exc:
+            raise InvalidInput(f"application {app.name!r}: invalid args: {exc}") from None
+        key = api_key(ingress_environment(app, environ))
+        require_key_or_loopback(schema.http_options.host, key, args.ingress.allow_unauthenticated)
+
+
 def deploy(schema: Any, timeout_s: float = 600) -> None:
     """Start Serve with the config's HTTP options, apply the config, and wait until every application runs."""
     from ray import serve
@@ -58,14 +88,23 @@ def wait_running(names: list[str], timeout_s: float) -> None:
     while True:
         apps = serve.status().applications
         states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
-        failed = {n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        failed = {n: _failure(apps[n]) for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
         if failed:
-            raise DeployFailed(f"deployment failed: {failed}")
+            raise DeployFailed("deployment failed: " + "; ".join(f"{n}: {why}" for n, why in failed.items()))
         if all(s == "RUNNING" for s in states.values()):
             return
         if time.monotonic() > deadline:
             raise DeployFailed(f"applications not running after {timeout_s:.0f}s: {states}")
         time.sleep(0.5)
+
+
+def _failure(app: Any) -> str:
+    """An app's failure with its failed deployments' own messages (where a replica's start-up error is)."""
+    parts = [app.message] if app.message else []
+    for name, d in app.deployments.items():
+        if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message:
+            parts.append(f"{name}: {d.message}")
+    return "\n".join(parts)
 
 
 def url(schema: Any) -> str:

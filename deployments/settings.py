@@ -5,7 +5,7 @@ Pydantic only; importing this module never touches torch or model weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,9 @@ class CheckerRuntime(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict)  # concept name or index -> threshold override
     concepts: str | None = None  # a saved concept set (custom concepts + overrides) readable by every replica
     policy: str | None = "default"  # policy file readable by every replica, or default | stock | block | blur | black
+    # None: a policy whose text concepts cannot be encoded fails the replica at start (DEPLOY_FAILED, with the fix);
+    # "stock": opt in to falling back to the stock concepts, loudly (warning, and info()["policy_fallback"])
+    policy_fallback: Literal["stock"] | None = None
 
 
 class CheckerArgs(BaseModel):
@@ -32,6 +35,7 @@ class CheckerArgs(BaseModel):
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_pixels: int = 40_000_000  # decompression-bomb limit for uploads
+    max_object_bytes: int | None = Field(None, ge=1)  # encoded size above which an image is unscorable (None: core's)
     concept_text_model: str | None = None  # CLIP text tower for text concepts
     threads: int | None = Field(None, ge=1, le=256)  # torch CPU threads (None: Ray's, = the replica's num_cpus)
     factory: str | None = None  # "module:callable" returning a checker (tests inject faults through this)
@@ -58,7 +62,12 @@ class IngressArgs(BaseModel):
     health_timeout_s: float = Field(5.0, gt=0)
     retry_after_s: int = Field(1, ge=0)  # Retry-After on 503
     limits: dict[str, Any] = Field(default_factory=dict)  # GenerationLimits overrides, e.g. {"max_images": 8}
-    api_key: str | None = None  # tests only: production reads DIFFGUARD_API_KEY from the environment
+    max_files_per_request: int = Field(64, ge=1, le=1000)  # /v1/moderate: more files -> 413 (a raw body is 1 file)
+    # /v1/moderate: more pixels in all (summed from the image headers, before any decoding) -> 413
+    max_request_pixels: int = Field(256_000_000, ge=1)
+    # the API key comes from DIFFGUARD_API_KEY in the Ingress replicas' environment; without one, the service starts
+    # only on a loopback host (127.0.0.1, ::1, localhost) unless this is true
+    allow_unauthenticated: bool = False
 
 
 class AppArgs(BaseModel):

@@ -26,15 +26,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.run import deploy, load_config, url
+    from deployments.run import check_auth, deploy, load_config, url
 
     from . import models
 
     schema = load_config(args.config, args.host, args.port)  # bad config -> exit 2 before Ray starts
+    address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
+    if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
+        check_auth(schema, os.environ)  # (on a cluster we join, the Ingress replicas apply the same rule at start)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     ray.init(
         address=address or "local",
         namespace="serve",

@@ -74,3 +74,12 @@ def gated_checker(args: Any) -> Any:
     while not gate.exists():
         time.sleep(0.2)
     return SafetyChecker.load("tiny", "cpu", "float32", max_pixels=args.max_pixels)
+
+
+class SlowGenerator(FakeGenerator):
+    """Random pixels after 2 s: under load its two ongoing slots stay held by renders, so anything queued behind
+    them (a health probe that called the generator, say) would wait."""
+
+    def render(self, request: Any) -> Any:
+        time.sleep(2)
+        return super().render(request)

@@ -9,7 +9,11 @@ import sys
 import time
 
 import httpx
+import pytest
+import yaml
 
+from deployments.auth import AuthConfigError, api_key
+from deployments.run import DEFAULT_CONFIG, check_auth, load_config
 from tests.conftest import ROOT
 from tests.integration.conftest import free_port
 
@@ -40,3 +44,46 @@ def test_serve_starts_answers_and_stops(tmp_path):
         code = proc.wait(timeout=120)
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert "shutting down" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        (["--host", "0.0.0.0"], {}, "refusing to serve without an API key on host '0.0.0.0'"),
+        ([], {"DIFFGUARD_API_KEY": " \n"}, "DIFFGUARD_API_KEY is set but empty or whitespace"),
+    ],
+    ids=["no-key-on-all-interfaces", "whitespace-key"],
+)
+def test_serve_refuses_to_start_open(extra, env, message):
+    """Refused before Ray starts: nothing is deployed and no port is bound."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DIFFGUARD_API_KEY")} | env
+    cmd = [sys.executable, "-m", "pipeline", "serve", "--port", str(free_port()), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "serving on" not in proc.stdout
+
+
+def _schema(tmp_path, host: str, ingress: dict | None = None, ingress_env: dict | None = None):
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["applications"][0]["args"]["ingress"].update(ingress or {})
+    if ingress_env is not None:
+        ingress_options = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "Ingress")
+        ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": ingress_env}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path, host=host)
+
+
+def test_auth_rule_before_deploying(tmp_path):
+    check_auth(_schema(tmp_path, "127.0.0.1"), {})  # loopback: a key is optional
+    check_auth(_schema(tmp_path, "::1"), {})
+    with pytest.raises(AuthConfigError, match="not loopback"):
+        check_auth(_schema(tmp_path, "0.0.0.0"), {})
+    with pytest.raises(AuthConfigError, match="not loopback"):
+        check_auth(_schema(tmp_path, "my-host.example"), {})
+    check_auth(_schema(tmp_path, "0.0.0.0"), {"DIFFGUARD_API_KEY": "k\n"})  # the key the replicas will get
+    check_auth(_schema(tmp_path, "0.0.0.0", ingress_env={"DIFFGUARD_API_KEY": "k"}), {})  # from the config
+    check_auth(_schema(tmp_path, "0.0.0.0", {"allow_unauthenticated": True}), {})  # said explicitly
+    with pytest.raises(AuthConfigError, match="empty or whitespace"):
+        check_auth(_schema(tmp_path, "127.0.0.1", ingress_env={"DIFFGUARD_API_KEY": "\t"}), {"DIFFGUARD_API_KEY": "k"})
+    assert api_key({"DIFFGUARD_API_KEY": "  secret\n"}) == "secret" and api_key({}) is None

@@ -17,12 +17,15 @@ import torch
 import yaml
 from PIL import Image
 
-from deployments.run import DEFAULT_CONFIG, deploy, load_config
+from deployments.run import DEFAULT_CONFIG, DeployFailed, deploy, load_config
+from tests.adversarial import TRUNCATED_FORMATS, deep_json, huge_bilevel_png, image_bytes, truncated
 from tests.conftest import encode, varied_images
 from tests.integration.conftest import free_port
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+# The Ingress replicas' environment, as a key file mounted into it would give it: the trailing newline is stripped.
+KEY_ENV = {"runtime_env": {"env_vars": {"DIFFGUARD_API_KEY": KEY + "\n"}}}
 FAKE_GEN = {"factory": "tests.fakes:FakeGenerator"}
 LIGHT = {"ray_actor_options": {"num_cpus": 0.05}}
 
@@ -45,8 +48,10 @@ def build_config(port: int, adjustment: float = 0.0) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["http_options"]["port"] = port
     main = raw["applications"][0]
-    main["args"]["ingress"].update(api_key=KEY, max_body_bytes=1_000_000)
+    main["args"]["ingress"].update(max_body_bytes=1_000_000)
     for d in main["deployments"]:
+        if d["name"] == "Ingress":
+            d["ray_actor_options"].update(KEY_ENV)
         if d["name"] == "SafetyChecker":
             d["user_config"].update(batch_wait_timeout_s=0.25, adjustment=adjustment)
             d["autoscaling_config"].update(max_replicas=1)  # one replica: every image meets the same batch queue
@@ -107,6 +112,9 @@ def test_health_and_info(client):
     assert info["deployments"]["SafetyChecker"]["autoscaling_config"]["target_ongoing_requests"] == 16
     assert info["deployments"]["SafetyChecker"]["max_ongoing_requests"] == 64
     assert info["limits"]["max_images"] == 4
+    assert info["auth"] == {"required": True, "allow_unauthenticated": False, "host": "127.0.0.1"}
+    assert info["request_limits"]["max_files_per_request"] == 64
+    assert info["request_limits"]["max_request_pixels"] == 256_000_000
     assert client.get("/docs", headers={}).status_code == 200
     assert "/v1/generate" in client.get("/openapi.json", headers={}).json()["paths"]
 
@@ -209,6 +217,15 @@ def test_auth(service):
     assert wrong.status_code == 401 and "Bearer" in wrong.json()["error"]
     assert httpx.post(f"{base}/v1/moderate", content=_tiny_png()).status_code == 401
     assert httpx.get(f"{base}/healthz").status_code == 200
+    # The replicas' key came with a trailing newline (KEY_ENV): stripped, so the plain key works.
+    assert httpx.get(f"{base}/v1/info", headers=AUTH).status_code == 200
+
+
+def test_no_key_serves_on_loopback(service):
+    """The fault apps have no key in their environment: on 127.0.0.1 that is allowed, and /v1/info says so."""
+    info = httpx.get(f"{service[0]}/broken/v1/info", timeout=60)
+    assert info.status_code == 200
+    assert info.json()["auth"] == {"required": False, "allow_unauthenticated": False, "host": "127.0.0.1"}
 
 
 def test_failing_checker_fails_closed(service):
@@ -310,3 +327,115 @@ def test_policy_reload_through_user_config(service, tmp_path):
         apply(raw)
     body = httpx.post(f"{base}/v1/generate", json=request, headers=AUTH, timeout=120).json()
     assert "everything" not in body["images"][0]["moderation"]["categories"]
+
+
+# --- issue 14: no bypass at the edge ----------------------------------------------------------------------------------
+def _files(blobs: list[tuple[str, bytes]]) -> list:
+    return [("files", (name, data, "application/octet-stream")) for name, data in blobs]
+
+
+def test_truncated_uploads_are_scored_and_say_so(client):
+    uploads = [(f"cut-{fmt.lower()}", truncated(fmt, keep=0.98, seed=i)) for i, fmt in enumerate(TRUNCATED_FORMATS)]
+    r = client.post("/v1/moderate", files=_files(uploads + [("whole.png", image_bytes(1))]))
+    assert r.status_code == 200, r.text
+    rows = r.json()["results"]
+    for (name, _), row in zip(uploads, rows[:-1], strict=True):
+        assert row["error"] is None and len(row["concept_scores"]) == 17, (name, row)
+        assert row["truncated"] is True and row["action"] in ("allow", "block"), (name, row)
+    assert rows[-1]["truncated"] is False and rows[-1]["error"] is None
+
+
+def test_undecodable_upload_is_blocked_not_null(client):
+    broken = b"\x89PNG\r\n\x1a\n" + b"\0" * 24  # a PNG signature, then a corrupt header: nothing to score
+    r = client.post("/v1/moderate", files=_files([("good.png", image_bytes(2)), ("broken.png", broken)]))
+    assert r.status_code == 200, r.text
+    good, bad = r.json()["results"]
+    assert good["error"] is None and good["action"] in ("allow", "block")
+    assert bad["error"] and bad["action"] == "block" and bad["unscorable"] is True
+    assert bad["nsfw"] is False  # the verdict says what it is; the action is what a client acts on
+
+
+def test_error_body_lists_at_most_ten_problems(client):
+    r = client.post("/v1/moderate", files=_files([(f"{i}.png", b"not an image") for i in range(13)]))
+    assert r.status_code == 400
+    message = r.json()["error"]
+    assert message.startswith("no uploaded file could be decoded") and message.endswith("and 3 more")
+    assert message.count("not a recognised image format") == 10
+
+
+@pytest.mark.parametrize(("count", "status"), [(64, 200), (65, 413), (1024, 413)])
+def test_files_per_request(client, count, status):
+    png = image_bytes(3, size=(8, 8))
+    r = client.post("/v1/moderate", files=_files([(f"{i}.png", png) for i in range(count)]))
+    assert r.status_code == status, r.text[:300]
+    if status == 413:
+        assert f"carries {count} files; the limit is 64" in r.json()["error"]
+    else:
+        assert len(r.json()["results"]) == 64
+
+
+def test_pixel_budget_is_enforced_before_the_checker(service):
+    """Seven 40 MP 1-bit PNGs (a few KB each) are 280 MP: refused from their headers. The `broken` app's checker
+    raises on every call, so a 413 (not a 503) shows the request never reached it; six (240 MP) do reach it."""
+    base = service[0]
+    bombs = [(f"{i}.png", huge_bilevel_png(seed=i)) for i in range(7)]
+    assert sum(len(b) for _, b in bombs) < 100_000
+    over = httpx.post(f"{base}/broken/v1/moderate", files=_files(bombs), timeout=60)
+    assert over.status_code == 413, over.text
+    message = over.json()["error"]
+    assert f"{7 * 6320 * 6320} pixels" in message and "the limit is 256000000 (`max_request_pixels`)" in message
+    under = httpx.post(f"{base}/broken/v1/moderate", files=_files(bombs[:6]), timeout=60)
+    assert under.status_code == 503  # within the budget: it went on to the (broken) checker
+
+
+@pytest.mark.parametrize("depth", [100_000, 2_000])
+def test_deep_json_is_422(client, depth):
+    for body in (deep_json(depth), '{"prompt": ' + deep_json(depth) + "}"):
+        r = client.post("/v1/generate", content=body.encode(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 422, r.text[:300]
+        assert "image_png_base64" not in r.text
+
+
+def _deploy_expecting_failure(raw: dict, names: list[str]) -> dict[str, str]:
+    """Deploy ``raw``; wait for each app in ``names`` to fail; return their failure messages."""
+    from ray import serve
+
+    with pytest.raises(DeployFailed):
+        apply(raw)
+    deadline = time.monotonic() + 300
+    while True:
+        apps = serve.status().applications
+        failed = {n: apps[n] for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        if len(failed) == len(names):
+            return {n: app.message + " ".join(d.message for d in app.deployments.values()) for n, app in failed.items()}
+        assert time.monotonic() < deadline, {n: apps[n].status for n in names if n in apps}
+        time.sleep(1)
+
+
+def test_replicas_refuse_to_start_open_or_weaker(service):
+    """A whitespace key fails the Ingress replica; a default policy whose text tower cannot load fails the checker
+    replica with the fix in the message, unless the config opts in to the stock fallback."""
+    base, raw = service
+    changed = copy.deepcopy(raw)
+    blank = _fake_app("blank", "tests.fakes:RaisingChecker", {})
+    blank["deployments"][0]["ray_actor_options"] = {
+        "num_cpus": 0.05,
+        "runtime_env": {"env_vars": {"DIFFGUARD_API_KEY": " \n"}},
+    }
+    no_tower = _fake_app("notower", "x:y", {})
+    no_tower["args"]["checker"] = {"model": "tiny", "device": "cpu", "concept_text_model": "/nonexistent/text-tower"}
+    fallback = copy.deepcopy(no_tower)
+    fallback.update(name="fallback", route_prefix="/fallback")
+    fallback["deployments"][2]["user_config"] = {"policy": "default", "policy_fallback": "stock"}
+    changed["applications"] += [blank, no_tower]
+    try:
+        messages = _deploy_expecting_failure(changed, ["blank", "notower"])
+        assert "DIFFGUARD_API_KEY is set but empty or whitespace" in messages["blank"]
+        assert "policy_fallback" in messages["notower"] and "--policy stock" in messages["notower"]
+        changed["applications"] = raw["applications"] + [fallback]
+        apply(changed)
+        info = httpx.get(f"{base}/fallback/v1/info", timeout=60).json()
+        assert info["checker"]["policy_fallback"]["allowed"] == "stock"
+        assert info["checker"]["policy_fallback"]["active"]  # loudly reported: the stock concepts are in force
+    finally:
+        apply(raw)

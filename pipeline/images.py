@@ -221,7 +221,7 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
             try:
                 im.load()
             except OSError as exc:
-                if "truncated" not in str(exc):
+                if "truncated" not in str(exc).lower():
                     raise
                 im, truncated = _decode_truncated(data, limits), True
             im = ImageOps.exif_transpose(im)

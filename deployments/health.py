@@ -16,6 +16,10 @@ STALE_S = 10.0  # an older one (up to this age) is still answered from while a r
 KEEP = ("max_ongoing_requests", "max_queued_requests", "autoscaling_config", "user_config", "num_replicas")
 
 
+def _name(status: Any) -> str | None:
+    return None if status is None else str(getattr(status, "value", status))  # enums as their plain names
+
+
 class ReplicaState:
     """The app's deployments as the controller reports them: status, running replicas, settings.
 
@@ -61,7 +65,7 @@ class ReplicaState:
         for label, name in deployments.items():
             d = details.get(name)
             running = sum(r.get("state") == "RUNNING" for r in d.get("replicas", [])) if d else 0
-            status = d.get("status") if d else "absent"
+            status = _name(d.get("status")) if d else "absent"
             out[label] = "ready" if running else f"unavailable: no running replica (deployment {status})"
         return out
 
@@ -73,7 +77,7 @@ class ReplicaState:
             return {"error": f"unavailable ({type(exc).__name__})"}
         return {
             name: {
-                "status": d.get("status"),
+                "status": _name(d.get("status")),
                 "replicas": len(d.get("replicas", [])),
                 **{k: d.get("deployment_config", {}).get(k) for k in KEEP},
             }

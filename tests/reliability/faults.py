@@ -2,17 +2,20 @@
 slower than its timeout, a checker absent at start-up. Every driver returns measured figures; callers assert them.
 
 Apps (see :func:`fault_apps`): ``kill`` (the real tiny checker, one replica, instant fake generator), ``raising``
-and ``slow`` (fault stand-ins from ``tests/fakes.py``), ``absent`` (the real checker behind a gate file).
+and ``slow`` (fault stand-ins from ``tests/fakes.py``), ``busy`` (a generator that takes 2 s a render, so its two
+ongoing slots stay held), ``absent`` (the real checker behind a gate file).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from tests.conftest import encode, varied_images
 
@@ -30,6 +33,7 @@ def fault_apps(gate: Path | None = None) -> list[dict[str, Any]]:
         app("raising", checker={"factory": "tests.fakes:RaisingChecker"}),
         app("slow", checker={"factory": "tests.fakes:SlowChecker"}, ingress={"checker_timeout_s": 1.0}),
     ]
+    apps.append(app("busy", generator={"factory": "tests.fakes:SlowGenerator"}, ingress={"generator_timeout_s": 300}))
     if gate is not None:
         env = {"runtime_env": {"env_vars": {"DIFFGUARD_TEST_GATE": str(gate)}}, "num_cpus": 0.05}
         apps.append(
@@ -148,4 +152,49 @@ async def absent_checker(
         "after_ready": [r.status_code for r in after],
         "after_ready_bodies": [r.json() for r in after],
         **stats.summary(),
+    }
+
+
+async def healthz_under_generation_load(
+    base: str,
+    app_name: str = "busy",
+    clients: int = 8,
+    duration_s: float = 10.0,
+    probe_every_s: float = 0.1,
+    probe_timeout_s: float = 5.0,
+) -> tuple[LoadStats, dict[str, Any]]:
+    """``clients`` generate loops keep the generator's ongoing slots full (and its queue non-empty) while a prober
+    asks ``/healthz`` every ``probe_every_s``; each probe's status and latency are recorded (a probe that does not
+    answer within ``probe_timeout_s`` counts as a transport failure)."""
+    stop = asyncio.Event()
+    calls = [(1.0, generate_call(f"/{app_name}/v1/generate", num_images=1))]
+    load = asyncio.create_task(run_load(base, calls, clients, duration_s + 10, 100_000, stop=stop))
+    probes: list[tuple[str, float]] = []
+    async with httpx.AsyncClient(base_url=base, timeout=probe_timeout_s) as client:
+        await asyncio.sleep(min(3.0, duration_s / 3))  # the renders are in flight and queued first
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            start = time.monotonic()
+            try:
+                status = str((await client.get(f"/{app_name}/healthz")).status_code)
+            except httpx.HTTPError as exc:
+                status = f"transport:{type(exc).__name__}"
+            probes.append((status, time.monotonic() - start))
+            await asyncio.sleep(max(0.0, probe_every_s - (time.monotonic() - start)))
+    stop.set()
+    stats = await load
+    latencies = sorted(t for s, t in probes if s == "200")
+
+    def pct(q: float) -> float | None:
+        return round(float(np.percentile(latencies, q)) * 1000, 1) if latencies else None
+
+    return stats, {
+        "scenario": "/healthz under full generation load",
+        "probes": len(probes),
+        "probe_statuses": dict(sorted(Counter(s for s, _ in probes).items())),
+        "healthz_p50_ms": pct(50),
+        "healthz_p99_ms": pct(99),
+        "healthz_max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "generate_statuses": stats.statuses("generate"),
+        "generate_p50_s": stats.summary()["p50_s"],
     }

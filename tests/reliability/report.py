@@ -67,7 +67,7 @@ def multinode(load_s: float) -> dict[str, Any]:
 
 def endpoint_faults(port: int, checker: Any, quick: bool) -> list[dict[str, Any]]:
     from .apps import apply, serve_config
-    from .faults import absent_checker, broken_checker_load, fault_apps, kill_during_load
+    from .faults import absent_checker, broken_checker_load, fault_apps, healthz_under_generation_load, kill_during_load
     from .load import disallowed, verify_samples
 
     base = f"http://127.0.0.1:{port}"
@@ -110,6 +110,20 @@ def endpoint_faults(port: int, checker: Any, quick: bool) -> list[dict[str, Any]
                 },
             )
         )
+    stats, f = asyncio.run(healthz_under_generation_load(base, clients=clients, duration_s=10 if quick else 60))
+    out.append(
+        scenario(
+            "/healthz under full generation load",
+            f"{clients} clients keep a generator that takes 2 s a render saturated (its 2 ongoing slots held, the "
+            "rest queued) while /healthz is probed every 0.1 s with a 5 s client timeout",
+            f,
+            {
+                "every probe answered 200": f["probe_statuses"] == {"200": f["probes"]},
+                "p99 under 1 s": f["healthz_p99_ms"] is not None and f["healthz_p99_ms"] < 1000,
+                "unchecked images out = 0": stats.unchecked_images_out == 0 and not stats.problems,
+            },
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         gate = Path(tmp) / "gate"
         apply(serve_config(port, fault_apps(gate)), wait=False)

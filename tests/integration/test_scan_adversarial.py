@@ -222,3 +222,42 @@ def test_s3_odd_and_colliding_keys_into_a_local_quarantine(s3, s3_endpoint, tmp_
     assert len(stored) == len(ODD_KEYS) and digests(stored.values()) == digests(objects[k] for k in ODD_KEYS)
     assert stored["a/b.png"] == objects["a/b.png"] and stored["c.png"] == objects["c.png"]  # plain keys keep paths
     assert not (tmp_path / "results" / "_quarantine").exists() or not os.listdir(tmp_path / "results" / "_quarantine")
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_s3_tag_withholds_every_unscored_image_and_versions_are_compared(s3, s3_endpoint, capsys):
+    bucket = new_bucket(s3)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    objects = {
+        "in/ok.png": image_bytes(20, "PNG"),
+        "in/upload.bin": truncated("JPEG", 0.98, seed=21),  # a truncated JPEG under a non-image name
+        "in/big": oversized_png(300_000, seed=22),  # over --max-object-bytes, no suffix: sniffed, then withheld
+        "in/garbage.webp": b"RIFF\x10\x00\x00\x00WEBPVP8 broken",
+        "in/notes.md": b"# not an image\n",
+    }
+    for key, data in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    s3.put_object(Bucket=bucket, Key="in/cold.png", Body=image_bytes(23, "PNG"), StorageClass="GLACIER")
+    dest = f"s3://{bucket}/results"
+    args = (f"s3://{bucket}/in", "--output", dest, "--endpoint-url", s3_endpoint, "--adjustment", "1")
+    args += ("--max-object-bytes", "200000", "--tag")
+
+    def tags(key: str) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
+
+    rc, out = scan(capsys, *args, "--apply")
+    assert rc == 0 and out == summary(5, 0, 1, 4, 3, dest)  # the read error counts in errors, never in flagged
+    rows = rows_by_key(dest, s3_endpoint)
+    assert rows["in/upload.bin"]["truncated"] and rows["in/upload.bin"]["error"] is None
+    assert rows["in/big"]["unscorable"] and rows["in/garbage.webp"]["unscorable"]
+    cold = rows["in/cold.png"]
+    assert (cold["error_kind"], cold["action"], cold["flagged"], cold["tagged"]) == ("read", None, False, False)
+    withheld = {k for k in objects if k != "in/notes.md"}
+    assert {k for k, r in rows.items() if r["tagged"]} == withheld
+    assert all(tags(k) == {"moderation": "nsfw"} for k in withheld)  # (moto refuses tag reads on GLACIER)
+    assert all(r["version_id"] for k, r in rows.items() if k != "in/cold.png")  # the versions read
+
+    s3.put_object(Bucket=bucket, Key="in/ok.png", Body=objects["in/ok.png"])  # same bytes, same ETag: a new version
+    rc, out = scan(capsys, *args)
+    assert rc == 0 and out["scanned"] == 2 and out["skipped_unchanged"] == 3  # the new version and the retried read
+    assert rows_by_key(dest, s3_endpoint)["in/ok.png"]["version_id"] != rows["in/ok.png"]["version_id"]

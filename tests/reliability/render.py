@@ -34,7 +34,7 @@ def _fmt(value: Any) -> str:
 
 
 def _failures(f: dict[str, Any]) -> str:
-    statuses = f.get("statuses")
+    statuses = f.get("statuses", f.get("probe_statuses"))
     if "load" in f:
         statuses = dict(f["load"]["statuses"])
         for k, v in f["trickle"]["statuses"].items():
@@ -58,6 +58,8 @@ def _size(f: dict[str, Any]) -> str:
         )
     if "image_cases" in f:
         return f"{f['image_cases']} images + {f['request_cases']} requests"
+    if "probes" in f:
+        return f"{f['probes']} /healthz probes"
     return ""
 
 
@@ -80,6 +82,8 @@ def _recovery(f: dict[str, Any]) -> str:
         return f"first scale-up {up} s into the load; back to 1 replica {down} s after it"
     if "trials_detail" in f:
         return "every rerun completed"
+    if "healthz_p99_ms" in f:
+        return f"/healthz p99 {f['healthz_p99_ms']} ms under load (max {f['healthz_max_ms']} ms)"
     return "n/a"
 
 

@@ -111,6 +111,8 @@ def endpoint_faults(port: int, checker: Any, quick: bool) -> list[dict[str, Any]
             )
         )
     stats, f = asyncio.run(healthz_under_generation_load(base, clients=clients, duration_s=10 if quick else 60))
+    f["verified_images"] = verify_samples(stats, checker)
+    f["unchecked_images_out"] = stats.unchecked_images_out
     out.append(
         scenario(
             "/healthz under full generation load",

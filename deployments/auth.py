@@ -11,15 +11,9 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.errors import DiffguardError
+from pipeline.errors import AuthConfigError
 
 ENV = "DIFFGUARD_API_KEY"
-
-
-class AuthConfigError(DiffguardError):
-    """The service's key settings would leave it open by accident; it refuses to start."""
-
-    status_code = 500
 
 
 def api_key(environ: Mapping[str, str]) -> str | None:

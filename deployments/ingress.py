@@ -25,7 +25,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 
-from pipeline.errors import DiffguardError, ImageDecodeError, InvalidInput, PayloadTooLarge, Unavailable
+from pipeline.errors import (
+    DiffguardError,
+    ImageDecodeError,
+    InvalidInput,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
 
 from .auth import api_key, auth_info, require_key_or_loopback
 from .health import ReplicaState
@@ -40,14 +48,6 @@ api = FastAPI(
     "the safety checker in the same request.",
     version="0.1.0",
 )
-
-
-class Unauthorized(DiffguardError):
-    status_code = 401
-
-
-class UnsupportedMediaType(DiffguardError):
-    status_code = 415
 
 
 def _error(status: int, message: str, request_id: str, retry_after: int | None = None) -> JSONResponse:

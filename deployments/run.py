@@ -9,13 +9,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import DiffguardError, InvalidInput
+from pipeline.errors import DeployFailed, InvalidInput
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
-
-
-class DeployFailed(DiffguardError):
-    status_code = 500
 
 
 def load_config(path: str | Path | None = None, host: str | None = None, port: int | None = None) -> Any:

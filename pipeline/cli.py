@@ -15,17 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli
-from .errors import DiffguardError
+from .errors import DiffguardError, UsageError
 from .images import DEFAULT_MAX_OBJECT_BYTES, IMAGE_SUFFIXES, SNIFF_BYTES, identify
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders
 
 log = logging.getLogger("diffguard")
-
-
-class UsageError(DiffguardError):
-    status_code = 400
 
 
 def _float_in(lo: float, hi: float):

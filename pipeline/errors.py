@@ -47,3 +47,45 @@ class Unavailable(DiffguardError):
     """A component the request needs (the checker, the generator) is not available; retry later."""
 
     status_code = 503
+
+
+class UsageError(DiffguardError):
+    """A command line that cannot run as given (the CLI's exit status 2)."""
+
+    status_code = 400
+
+
+class Unauthorized(DiffguardError):
+    """A request without the API key, or with a wrong one."""
+
+    status_code = 401
+
+
+class UnsupportedMediaType(DiffguardError):
+    """A request body of a content type the route does not take."""
+
+    status_code = 415
+
+
+class StorageError(DiffguardError):
+    """The store cannot be reached or refuses access (no such bucket, denied, no credentials, network)."""
+
+    status_code = 502
+
+
+class ObjectExists(StorageError):
+    """An exclusive create found the name taken (by another object, or a folder): nothing was written."""
+
+    status_code = 409
+
+
+class AuthConfigError(DiffguardError):
+    """The service's key settings would leave it open by accident; it refuses to start."""
+
+    status_code = 500
+
+
+class DeployFailed(DiffguardError):
+    """A Serve application did not reach RUNNING."""
+
+    status_code = 500

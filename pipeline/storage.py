@@ -32,24 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffguardError, InvalidInput
+from .errors import InvalidInput, ObjectExists, StorageError
 
 log = logging.getLogger(__name__)
 
 S3_RETRIES = {"mode": "standard", "max_attempts": 8}  # botocore: throttling, 5xx and connection errors, with backoff
 BODY_ATTEMPTS = 4  # GETs whose body breaks off mid-stream (botocore's retries end when the headers arrive)
-
-
-class StorageError(DiffguardError):
-    """The store cannot be reached or refuses access (no such bucket, denied, no credentials, network)."""
-
-    status_code = 502
-
-
-class ObjectExists(StorageError):
-    """An exclusive create found the name taken (by another object, or a folder): nothing was written."""
-
-    status_code = 409
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import yaml
 
 from deployments.run import load_config
 from deployments.settings import AppArgs, CheckerRuntime
-from pipeline.errors import DiffguardError, ImageDecodeError, InvalidInput, PayloadTooLarge, Unavailable
+from pipeline.errors import DiffguardError, InvalidInput
 
 CONFIGS = sorted((Path(__file__).parents[2] / "deployments" / "configs").glob("*.yaml"))
 
@@ -64,7 +64,40 @@ def test_bad_config_is_a_clear_error(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("cls", [DiffguardError, InvalidInput, ImageDecodeError, PayloadTooLarge, Unavailable])
+def _all_errors(cls=DiffguardError):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _all_errors(sub)
+
+
+ERRORS = sorted(set(_all_errors()), key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
 def test_errors_pickle_across_processes(cls):
+    assert cls.__module__ == "pipeline.errors", f"{cls.__name__} is defined in {cls.__module__}, not pipeline.errors"
     again = pickle.loads(pickle.dumps(cls("what went wrong")))
     assert type(again) is cls and again.message == "what went wrong" and again.status_code == cls.status_code
+    assert isinstance(again, DiffguardError) and str(again) == "what went wrong"
+
+
+def test_every_error_class_is_defined_in_errors_py():
+    """No module under pipeline/ or deployments/ defines a subclass of a diffguard error outside errors.py."""
+    import ast
+
+    names = {c.__name__ for c in ERRORS}
+    root = Path(__file__).parents[2]
+    stray = []
+    for path in sorted([*root.joinpath("pipeline").rglob("*.py"), *root.joinpath("deployments").rglob("*.py")]):
+        if path.name == "errors.py" and path.parent.name == "pipeline":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                if bases & names:
+                    stray.append(f"{path.relative_to(root)}:{node.lineno} {node.name}")
+    assert not stray, f"error classes outside pipeline/errors.py: {stray}"
+    defined = {
+        n.name for n in ast.parse((root / "pipeline" / "errors.py").read_text()).body if isinstance(n, ast.ClassDef)
+    }
+    assert defined == names, f"the pickle walk missed {sorted(defined - names)}"

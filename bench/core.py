@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from pipeline import SafetyChecker
-from pipeline.models import quiet_libraries
+from pipeline.hf import quiet_libraries
 from pipeline.preprocess import processor_class
-from tests.unit.test_parity import _apply, _widest_gap
+from pipeline.tiny import set_thresholds, widest_gap
 
 from . import models
 from .measure import flops_per_image, interleaved, matmul_peak, rate, timed
@@ -99,7 +99,7 @@ class Core:
         return self.checker.projection.register_forward_hook(lambda m, i, out: store.append(out.detach().float()))
 
     def replay(self, embeds: torch.Tensor, ref: Reference, special: np.ndarray, concept: np.ndarray) -> list[bool]:
-        _apply(ref.model, self.checker, special, concept)
+        set_thresholds(ref.model, self.checker, special, concept)
         return [v.nsfw for v in self.checker.verdicts(self.checker.score_embeddings(embeds))]
 
 
@@ -175,8 +175,8 @@ def _agreement(impls: list[Any], captured: dict, decided: dict) -> dict[str, Any
         calibrated = ref32.model.concept_embeds_weights.float().numpy().copy()
         rows = torch.nn.functional.normalize(ref32.model.concept_embeds.float())
         cos = {k: (torch.nn.functional.normalize(_embeds(impls, k, v)) @ rows.T).numpy() for k, v in captured.items()}
-    special_thr = np.array([_widest_gap(special[:, j], 0.5, 0.9) for j in range(special.shape[1])], np.float32)
-    concept_thr = np.array([_widest_gap(concept[:, j], 0.92, 1.0) for j in range(concept.shape[1])], np.float32)
+    special_thr = np.array([widest_gap(special[:, j], 0.5, 0.9) for j in range(special.shape[1])], np.float32)
+    concept_thr = np.array([widest_gap(concept[:, j], 0.92, 1.0) for j in range(concept.shape[1])], np.float32)
     # How close to a threshold the reference's cosines sit, against how far another implementation's move.
     nearest = np.abs(concept - calibrated).min(axis=1)  # (images,) distance of the closest concept to its threshold
     parity = {}

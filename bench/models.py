@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.models import cache_root, quiet_libraries, random_checker
+from pipeline.hf import cache_root, quiet_libraries
 from pipeline.preprocess import processor_class
-from tests.conftest import varied_images
+from pipeline.tiny import random_checker, varied_images
 
 
 @dataclass(frozen=True)

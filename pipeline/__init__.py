@@ -10,8 +10,8 @@ from typing import Any
 
 _EXPORTS = {
     "SafetyChecker": "checker",
-    "Scores": "checker",
-    "Verdict": "checker",
+    "Scores": "verdict",
+    "Verdict": "verdict",
     "Generator": "generator",
     "GenerationRequest": "requests",
     "GenerationLimits": "requests",

@@ -10,7 +10,7 @@ import copy
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from . import models
-from .concepts import Concept, ConceptSet
-from .errors import ImageDecodeError, InvalidInput, ModelSourceError
+from .concepts import Concept, ConceptSet, add_policy_rows, example_centroid
+from .devices import resolve_device, resolve_dtype, weights_digest
+from .errors import ImageDecodeError, InvalidInput
+from .hf import quiet_libraries
 from .images import (
     DEFAULT_MAX_OBJECT_BYTES,
     DEFAULT_MAX_PIXELS,
-    IMAGE_SUFFIXES,
     Decoded,
     DecodeLimits,
     load_decoded,
@@ -31,121 +32,12 @@ from .images import (
 )
 from .policy import Policy, check_policy_fallback, load_policy, strongest
 from .preprocess import Preprocess, processor_class
+from .text import TextTower, policy_or_fallback
+from .verdict import Scores, Verdict, score
 
 log = logging.getLogger(__name__)
 
-SPECIAL_CARE_BUMP = 0.01  # the reference raises the adjustment to this after a special-care hit
 DEFAULT_TEXT_THRESHOLD = 0.22  # uncalibrated default for text concepts (CLIP image-text cosines run ~0.15-0.35)
-
-
-@dataclass
-class Verdict:
-    """One image's result. Scores are margins (cosine − threshold + adjustment), rounded to 3 decimals; > 0 is a hit."""
-
-    nsfw: bool = False
-    concept_scores: list[float] = field(default_factory=list)
-    special_scores: list[float] = field(default_factory=list)
-    bad_concepts: list[int] = field(default_factory=list)  # indices into concept_scores
-    bad_concept_names: list[str] = field(default_factory=list)
-    special_care: bool = False
-    categories: dict[str, float] = field(default_factory=dict)  # category -> its highest concept margin
-    flagged_categories: list[str] = field(default_factory=list)  # categories with a margin > 0
-    action: str | None = None  # what the policy does: allow | flag | blur | black | block (None: no policy)
-    error: str | None = None
-    truncated: bool = False  # decoded from a truncated file: scored on what decodes (what a browser shows)
-    unscorable: bool = False  # read but could not be scored (undecodable, too many pixels or bytes, unsupported)
-
-    @classmethod
-    def failed(cls, error: str, action: str | None = None) -> Verdict:
-        """A verdict with ``error`` set; with ``action`` it is an unscorable image's (the policy's action for it)."""
-        return cls(error=error, action=action, unscorable=action is not None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Scores:
-    """Whole-batch scoring output on CPU: (B, C) concept margins, (B, S) special margins, (B, K) category scores."""
-
-    concept: torch.Tensor
-    special: torch.Tensor
-    categories: torch.Tensor
-
-    @property
-    def nsfw(self) -> torch.Tensor:
-        return (self.concept > 0).any(dim=1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InvalidInput(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInput(f"device {device!r} was requested but CUDA is not available on this machine")
-    return torch.device(device)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    if dtype not in _DTYPES:
-        raise InvalidInput(f"dtype must be one of {['auto', *_DTYPES]}, got {dtype!r}")
-    if dtype == "float16" and device.type == "cpu":
-        raise InvalidInput("dtype 'float16' is for CUDA; on CPU use 'bfloat16' or 'float32'")
-    return _DTYPES[dtype]
-
-
-def weights_digest(*modules: torch.nn.Module) -> str:
-    """sha256 of the parameters and buffers, by name, as float32 bytes (device and dtype independent)."""
-    h = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def score(embeds: torch.Tensor, concepts: ConceptSet, adjustment: float) -> Scores:
-    """The reference's rule on a whole batch, plus category scores.
-
-    ``embeds`` (B, D) float32 image embeddings. Every concept row is compared in one matmul. Special-care rows are
-    scored in order and, from the first hit on, the adjustment is raised by 0.01 for the image's remaining special
-    rows and its stock/custom rows, exactly as ``StableDiffusionSafetyChecker.forward`` does; every margin is rounded
-    to 3 decimals before it is compared with 0. Policy rows take the adjustment but not the special-care bump.
-    A category's score is the maximum margin over its rows.
-    """
-    rows = concepts.embeds  # (N, D) L2-normalised
-    cos = torch.nn.functional.normalize(embeds.float()) @ rows.T  # (B, N) cosines, one matmul
-    margins = cos - concepts.thresholds() + adjustment  # (B, N) float32, as the reference computes with numpy
-    special_rows, nsfw_rows = concepts.special_rows, concepts.nsfw_rows
-    bump = torch.zeros(embeds.shape[0], dtype=torch.float32)  # (B,) 0.01 once a special-care row hit
-    for j in special_rows:  # a handful of rows; each step is whole-batch
-        margins[:, j] = torch.round(margins[:, j] + bump, decimals=3)
-        bump = torch.where(margins[:, j] > 0, SPECIAL_CARE_BUMP, bump)
-    bumped = torch.zeros(len(concepts.concepts), dtype=torch.bool)
-    bumped[nsfw_rows] = True
-    others = torch.ones_like(bumped)
-    others[special_rows] = False
-    margins[:, others] = torch.round(margins[:, others] + bump[:, None] * bumped[others], decimals=3)
-    mask = concepts.category_mask()  # (K, N)
-    categories = margins[:, None, :].masked_fill(~mask, float("-inf")).amax(dim=2) if len(mask) else margins[:, :0]
-    return Scores(concept=margins[:, nsfw_rows], special=margins[:, special_rows], categories=categories)
 
 
 class SafetyChecker:
@@ -189,7 +81,7 @@ class SafetyChecker:
         self.projection = model.visual_projection.to(self.device, dtype).eval()
         self.adjustment = adjustment
         self.concept_text_model = concept_text_model or (models.TINY if demo else models.DEFAULT_TEXT_TOWER)
-        self._text_tower: tuple[Any, Any] | None = None
+        self.text_tower = TextTower(self.concept_text_model)
 
     @classmethod
     def load(
@@ -205,7 +97,7 @@ class SafetyChecker:
         **kwargs: Any,
     ) -> SafetyChecker:
         """Load from ``tiny``, a local directory (a checker, or a Stable Diffusion pipeline folder) or a hub id."""
-        models.quiet_libraries()
+        quiet_libraries()
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
         dev = resolve_device(device)
@@ -303,92 +195,11 @@ class SafetyChecker:
 
         -> why the stock policy replaced it (``policy_fallback``), or None when it is the policy asked for.
         """
-        fallback = None
-        if any(spec.text for c in policy.categories for spec in c.concepts):
-            policy, fallback = self._text_tower_or_fallback(policy)
-        texts = [(c, i, spec) for c in policy.categories for i, spec in enumerate(c.concepts) if spec.text]
-        text_embeds = self.embed_text([spec.text for _, _, spec in texts]) if texts else None
-        text_rows = {
-            (c.name, i): row for (c, i, _), row in zip(texts, [] if text_embeds is None else text_embeds, strict=True)
-        }
-        stock = [i for i, c in enumerate(concepts.concepts) if c.kind == "stock"]
-        special = concepts.special_rows
-        for category in policy.categories:
-            rows: list[str] = []
-            for i, spec in enumerate(category.concepts):
-                kind = spec.kind()
-                if kind in ("stock", "special"):
-                    pool, ref = (stock, spec.stock) if kind == "stock" else (special, spec.special)
-                    picked = pool if ref == "all" else [pool[self._ref_index(ref, len(pool), category.name)]]
-                    for row in picked:
-                        if spec.threshold is not None:
-                            concepts.concepts[row].threshold = float(spec.threshold)
-                    rows += [concepts.concepts[row].name for row in picked]
-                    continue
-                if kind == "text":
-                    embed, source, threshold = text_rows[(category.name, i)], spec.text, spec.threshold
-                else:
-                    embed, source, threshold = self._image_set(policy.base_dir / str(spec.images), category.name)
-                    threshold = spec.threshold if spec.threshold is not None else threshold
-                concepts.add(Concept(f"{category.name}:{i}", "policy", float(threshold), str(source)), embed)
-                rows.append(f"{category.name}:{i}")
-            concepts.categories.append((category.name, category.action, rows))
-        concepts.nsfw_action = policy.nsfw_action
-        concepts.unscorable_action = policy.unscorable_action
-        concepts.policy_digest = policy.digest()
+        policy, fallback = policy_or_fallback(policy, self.text_tower, self.policy_fallback)
+        texts = [((c.name, i), spec.text) for c in policy.categories for i, spec in enumerate(c.concepts) if spec.text]
+        embeds = self.embed_text([text for _, text in texts]) if texts else []
+        add_policy_rows(concepts, policy, dict(zip([key for key, _ in texts], embeds, strict=True)), self.embed)
         return fallback
-
-    def _text_tower_or_fallback(self, policy: Policy) -> tuple[Policy, str | None]:
-        """The policy itself when its text tower loads; else the stock policy if a fallback was asked for, else an
-        error that says how to fix it. Never a silent weaker policy."""
-        try:
-            self._text_encoder()
-            return policy, None
-        except ModelSourceError as exc:
-            reason = exc.message.split(". ")[0]
-            fallback = self.policy_fallback or policy.policy_fallback
-            if fallback is None:
-                raise ModelSourceError(
-                    f"policy {policy.name!r} has text concepts, which need the CLIP text tower "
-                    f"{self.concept_text_model!r}, and it cannot be loaded ({reason}). Fix it one of three ways: "
-                    f"download it (`diffguard models download {models.DEFAULT_TEXT_TOWER} DIR`, then pass "
-                    "--concept-text-model DIR), score with the stock concepts only (`--policy stock`), or accept that "
-                    "fallback explicitly (`policy_fallback: stock` in the policy file or the checker config)"
-                ) from None
-        unchecked = [c.name for c in policy.categories if any(spec.text for spec in c.concepts)]
-        log.warning(
-            "WARNING: policy %r cannot be used: its text concepts need the CLIP text tower %r (%s). policy_fallback "
-            "is %r, so scoring with the stock policy: only the stock (sexual) concepts are checked; %s are NOT "
-            "checked.",
-            policy.name,
-            self.concept_text_model,
-            reason,
-            fallback,
-            ", ".join(unchecked),
-        )
-        stock = replace(load_policy("stock"), unscorable_action=policy.unscorable_action)
-        return stock, f"policy {policy.name!r} replaced by the stock policy: text tower unavailable ({reason})"
-
-    @staticmethod
-    def _ref_index(ref: Any, size: int, category: str) -> int:
-        if not isinstance(ref, int) or not 0 <= ref < size:
-            raise InvalidInput(f"category {category!r}: stock reference must be 'all' or 0..{size - 1}, got {ref!r}")
-        return ref
-
-    def _image_set(self, directory: Path, category: str) -> tuple[torch.Tensor, str, float]:
-        """A folder of example images -> (centroid, description, default threshold: every example is a hit)."""
-        files = (
-            sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if directory.is_dir() else []
-        )
-        if not files:
-            raise InvalidInput(f"category {category!r}: no example images under {directory}")
-        embeds = torch.nn.functional.normalize(self.embed(files))
-        centroid = torch.nn.functional.normalize(embeds.mean(0), dim=0)
-        return (
-            centroid,
-            f"{len(files)} example images in {directory}",
-            round(float((embeds @ centroid).min()) - 1e-3, 4),
-        )
 
     def save_concepts(self, path: str | Path) -> None:
         self.concepts.save(path)
@@ -437,11 +248,9 @@ class SafetyChecker:
         if (images is None) == (text is None):
             raise InvalidInput("add_concept needs exactly one of images=[...] or text='...'")
         if images is not None:
-            embeds = torch.nn.functional.normalize(self.embed(images))
-            centroid = torch.nn.functional.normalize(embeds.mean(0), dim=0)
-            if threshold is None:
-                threshold = round(float((embeds @ centroid).min()) - 1e-3, 4)
-            concept = Concept(name, "image", float(threshold), f"{len(embeds)} example images")
+            centroid, lowest = example_centroid(self.embed(images))
+            threshold = lowest if threshold is None else threshold
+            concept = Concept(name, "image", float(threshold), f"{len(images)} example images")
         else:
             if not text or not text.strip():
                 raise InvalidInput("text concepts need a non-empty phrase")
@@ -451,27 +260,9 @@ class SafetyChecker:
         self.concepts.set_threshold(name, concept.threshold)  # validates the range
         return concept
 
-    def _text_encoder(self) -> tuple[Any, Any]:
-        if self._text_tower is None:
-            from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-            src = models.resolve(self.concept_text_model, "text")
-            tower = models.from_pretrained(CLIPTextModelWithProjection, src, "concept text tower").eval()
-            tokenizer = models.from_pretrained(CLIPTokenizer, src, "concept text tokenizer")
-            self._text_tower = (tower, tokenizer)
-        return self._text_tower
-
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """(T, D) float32 text embeddings from the concept text tower (loaded on first use)."""
-        tower, tokenizer = self._text_encoder()
-        if tower.config.projection_dim != self.concepts.embeds.shape[1]:
-            raise InvalidInput(
-                f"concept text tower {self.concept_text_model!r} projects to {tower.config.projection_dim}-d, but the "
-                f"checker's embeddings are {self.concepts.embeds.shape[1]}-d: use the matching CLIP text tower"
-            )
-        tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        with torch.inference_mode():
-            return tower(**tokens).text_embeds.float()
+        return self.text_tower.embed(texts, self.concepts.embeds.shape[1])
 
     # --- the hot path -------------------------------------------------------------------------------------------------
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli
-from .errors import DiffguardError, UsageError
+from . import evaluate_cli, generate_cli, models, scan_cli, serve_cli, tiny
+from .errors import DiffguardError, ModelSourceError, UsageError
+from .hf import first_line
 from .images import DEFAULT_MAX_OBJECT_BYTES, IMAGE_SUFFIXES, SNIFF_BYTES, identify
 
 EXIT_OK, EXIT_FLAGGED, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
@@ -199,8 +200,8 @@ def cmd_models_download(args: argparse.Namespace) -> int:
     try:
         path = snapshot_download(args.model_id, local_dir=str(args.directory))
     except Exception as exc:  # noqa: BLE001 - any hub failure is reported the same way
-        raise models.ModelSourceError(
-            f"could not download {args.model_id!r}: {models._first_line(exc)} (this needs network access to the Hub)"
+        raise ModelSourceError(
+            f"could not download {args.model_id!r}: {first_line(exc)} (this needs network access to the Hub)"
         ) from None
     del StableDiffusionSafetyChecker
     print(path)
@@ -208,8 +209,8 @@ def cmd_models_download(args: argparse.Namespace) -> int:
 
 
 def cmd_models_tiny(args: argparse.Namespace) -> int:
-    for component in sorted(models._TINY_BUILDERS):
-        print(f"{component}\t{models.tiny_path(component)}")
+    for component in tiny.tiny_components():
+        print(f"{component}\t{tiny.tiny_path(component)}")
     return EXIT_OK
 
 

@@ -2,22 +2,28 @@
 
 Rows are the checker's 3 stock special-care concepts, its 17 stock concepts, then any custom concepts (from example
 images or text) and a policy's category concepts. Stock and custom rows decide ``nsfw``; policy rows only feed their
-categories. A saved concept set holds the custom rows and any threshold overrides of stock rows, in one safetensors
-file with JSON metadata, so it can be applied to any checker with the same embedding width.
+categories (:func:`add_policy_rows`). A saved concept set holds the custom rows and any threshold overrides of stock
+rows, in one safetensors file with JSON metadata, so it can be applied to any checker with the same embedding width.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import InvalidInput
+from .images import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 FORMAT = "diffguard.concepts/1"
 
@@ -170,3 +176,63 @@ class ConceptSet:
         h.update(json.dumps([c.__dict__ for c in self.concepts], sort_keys=True).encode())
         h.update(json.dumps([self.categories, self.nsfw_action, self.unscorable_action, self.policy_digest]).encode())
         return h.hexdigest()
+
+
+# --- a policy's categories as concept rows ----------------------------------------------------------------------------
+def example_centroid(embeds: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Example image embeddings (N, D) -> (their L2-normalised mean (D,), a threshold at which every example is a
+    hit: the lowest cosine of an example to the mean, less 0.001)."""
+    embeds = torch.nn.functional.normalize(embeds)
+    centroid = torch.nn.functional.normalize(embeds.mean(0), dim=0)
+    return centroid, round(float((embeds @ centroid).min()) - 1e-3, 4)
+
+
+def reference_picks(concepts: ConceptSet, kind: str, ref: Any, category: str) -> list[tuple[int, int]]:
+    """A policy's reference to stock rows (``kind`` "stock" or "special"; ``ref`` an index or "all") ->
+    (index among the stock rows of that kind, row in ``concepts``) for each row it names."""
+    pool = [i for i, c in enumerate(concepts.concepts) if c.kind == kind]
+    if ref == "all":
+        return list(enumerate(pool))
+    if not isinstance(ref, int) or not 0 <= ref < len(pool):
+        raise InvalidInput(f"category {category!r}: {kind} reference must be 'all' or 0..{len(pool) - 1}, got {ref!r}")
+    return [(ref, pool[ref])]
+
+
+def add_policy_rows(
+    concepts: ConceptSet,
+    policy: Policy,
+    text_embeds: dict[tuple[str, int], torch.Tensor],
+    embed_images: Callable[[list[Path]], torch.Tensor],
+) -> None:
+    """Add ``policy``'s categories to ``concepts``: stock references (thresholds overridden where given), text rows
+    (``text_embeds`` by (category, concept index)) and example-image sets (``embed_images(files)`` -> (N, D))."""
+    for category in policy.categories:
+        rows: list[str] = []
+        for i, spec in enumerate(category.concepts):
+            kind = spec.kind()
+            if kind in ("stock", "special"):
+                for _, row in reference_picks(concepts, kind, getattr(spec, kind), category.name):
+                    if spec.threshold is not None:
+                        concepts.concepts[row].threshold = float(spec.threshold)
+                    rows.append(concepts.concepts[row].name)
+                continue
+            if kind == "text":
+                embed, source, threshold = text_embeds[(category.name, i)], spec.text, spec.threshold
+            else:
+                directory = policy.base_dir / str(spec.images)
+                files = (
+                    sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                    if directory.is_dir()
+                    else []
+                )
+                if not files:
+                    raise InvalidInput(f"category {category.name!r}: no example images under {directory}")
+                embed, threshold = example_centroid(embed_images(files))
+                source = f"{len(files)} example images in {directory}"
+                threshold = spec.threshold if spec.threshold is not None else threshold
+            concepts.add(Concept(f"{category.name}:{i}", "policy", float(threshold), str(source)), embed)
+            rows.append(f"{category.name}:{i}")
+        concepts.categories.append((category.name, category.action, rows))
+    concepts.nsfw_action = policy.nsfw_action
+    concepts.unscorable_action = policy.unscorable_action
+    concepts.policy_digest = policy.digest()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .checker import SafetyChecker
+from .concepts import reference_picks
 from .errors import InvalidInput
 from .images import IMAGE_SUFFIXES, load_images
 from .policy import ConceptSpec, Policy
@@ -217,18 +218,18 @@ def _tighten(trial: SafetyChecker, data: LabelledSet, target_fpr: float, thresho
 
 def _with_thresholds(policy: Policy, checker: SafetyChecker, data: LabelledSet, target_fpr: float) -> Policy:
     """The policy with every concept's threshold written out (stock references expanded per concept)."""
-    by_name = {c.name: c for c in checker.concepts.concepts}
-    stock = [c.name for c in checker.concepts.concepts if c.kind == "stock"]
-    special = [c.name for c in checker.concepts.concepts if c.kind == "special"]
+    concepts = checker.concepts
+    by_name = {c.name: c for c in concepts.concepts}
     categories = []
     for category in policy.categories:
         specs: list[ConceptSpec] = []
         for i, spec in enumerate(category.concepts):
             kind = spec.kind()
             if kind in ("stock", "special"):
-                pool, ref = (stock, spec.stock) if kind == "stock" else (special, spec.special)
-                picks = range(len(pool)) if ref == "all" else [int(ref)]
-                specs += [ConceptSpec(**{kind: j}, threshold=round(by_name[pool[j]].threshold, 4)) for j in picks]
+                picks = reference_picks(concepts, kind, getattr(spec, kind), category.name)
+                specs += [
+                    ConceptSpec(**{kind: j}, threshold=round(concepts.concepts[row].threshold, 4)) for j, row in picks
+                ]
             else:
                 images = str((policy.base_dir / spec.images).resolve()) if spec.images else None
                 threshold = round(by_name[f"{category.name}:{i}"].threshold, 4)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from . import models
-from .checker import resolve_device, resolve_dtype, weights_digest
+from .devices import resolve_device, resolve_dtype, weights_digest
 from .errors import InvalidInput
+from .hf import dtype_kwargs, quiet_libraries
 from .requests import MAX_SEED, SLD_PRESETS, GenerationLimits, GenerationRequest
 
 __all__ = ["MAX_SEED", "SLD_PRESETS", "GenerationLimits", "GenerationRequest", "Generator", "Rendering"]
@@ -77,7 +78,7 @@ class Generator:
         limits: GenerationLimits = GenerationLimits(),
     ) -> Generator:
         """Load a Stable Diffusion pipeline (tiny | directory | hub id), optionally swapping its text encoder."""
-        models.quiet_libraries()
+        quiet_libraries()
         from diffusers import StableDiffusionPipeline
 
         dev = resolve_device(device)
@@ -90,7 +91,7 @@ class Generator:
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
-            **models.dtype_kwargs(torch_dtype),
+            **dtype_kwargs(torch_dtype),
         )
         demo = src.demo
         if text_encoder is not None:

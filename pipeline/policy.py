@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
-    from .checker import Verdict
+    from .verdict import Verdict
 
 Action = Literal["allow", "flag", "blur", "black", "block"]
 ACTIONS: tuple[str, ...] = ("allow", "flag", "blur", "black", "block")  # weakest to strongest

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline import DecodeLimits, ImageDecodeError, SafetyChecker
-from pipeline.checker import Verdict
 from pipeline.errors import InvalidInput
 from pipeline.images import (
     DEFAULT_MAX_OBJECT_BYTES,
@@ -26,6 +25,7 @@ from pipeline.images import (
     load_decoded,
 )
 from pipeline.policy import apply_action, image_action, load_policy, withheld
+from pipeline.verdict import Verdict
 from tests import adversarial as adv
 
 FORMATS = adv.TRUNCATED_FORMATS

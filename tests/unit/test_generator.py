@@ -8,9 +8,9 @@ import torch
 
 from pipeline import InvalidInput, Verdict
 from pipeline.generator import SLD_PRESETS, GenerationLimits, GenerationRequest, Generator
-from pipeline.models import build_tiny
 from pipeline.moderate import generate_moderated, moderate
 from pipeline.policy import blur
+from pipeline.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from pipeline import ModelSourceError, SafetyChecker
-from pipeline.models import build_tiny, resolve
+from pipeline.models import resolve
+from pipeline.tiny import build_tiny
 from tests.conftest import varied_images
 
 
@@ -27,8 +28,8 @@ def test_saved_directory_loads_like_real_weights(tmp_path, checker):
     """save_pretrained -> directory -> SafetyChecker.load(DIR): the path real weights take."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from pipeline.models import tiny_path
     from pipeline.preprocess import processor_class
+    from pipeline.tiny import tiny_path
 
     src = tiny_path("checker")
     StableDiffusionSafetyChecker.from_pretrained(src).save_pretrained(tmp_path / "ckpt")
@@ -44,8 +45,8 @@ def test_stable_diffusion_pipeline_folder_layout(tmp_path, checker):
     """A diffusers pipeline folder keeps the checker in safety_checker/ and its processor in feature_extractor/."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from pipeline.models import tiny_path
     from pipeline.preprocess import processor_class
+    from pipeline.tiny import tiny_path
 
     src = tiny_path("checker")
     StableDiffusionSafetyChecker.from_pretrained(src).save_pretrained(tmp_path / "safety_checker")

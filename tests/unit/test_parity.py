@@ -9,7 +9,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 
 from pipeline import SafetyChecker
 from pipeline.preprocess import processor_class
-from tests.conftest import varied_images
+from pipeline.tiny import set_thresholds, varied_images, widest_gap
 
 N = 64
 
@@ -22,14 +22,6 @@ def _cosines(ref: StableDiffusionSafetyChecker, pixels: torch.Tensor) -> tuple[n
     return special.numpy(), concept.numpy()
 
 
-def _widest_gap(values: np.ndarray, lo_q: float, hi_q: float) -> float:
-    """A threshold in the widest gap between the lo_q and hi_q quantiles: both outcomes, no borderline margins."""
-    v = np.sort(values)
-    lo, hi = int(len(v) * lo_q), int(len(v) * hi_q)
-    k = lo + int(np.argmax(np.diff(v[lo:hi])))
-    return float((v[k] + v[k + 1]) / 2)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_checker_dir):
     ref = StableDiffusionSafetyChecker.from_pretrained(tiny_checker_dir).eval()
@@ -37,16 +29,6 @@ def setup(tiny_checker_dir):
     images = varied_images(N, seed=1)
     pixels = processor(images, return_tensors="pt").pixel_values
     return ref, processor, images, pixels
-
-
-def _apply(ref, checker, special_thr, concept_thr):
-    with torch.no_grad():
-        ref.special_care_embeds_weights.copy_(torch.tensor(special_thr))
-        ref.concept_embeds_weights.copy_(torch.tensor(concept_thr))
-    for i, t in enumerate(special_thr):
-        checker.set_threshold(f"special_{i}", float(np.float32(t)))
-    for i, t in enumerate(concept_thr):
-        checker.set_threshold(i, float(np.float32(t)))
 
 
 def test_decisions_equal_reference_forward_on_same_input(setup):
@@ -61,7 +43,7 @@ def test_decisions_equal_reference_forward_on_same_input(setup):
     i0 = int(np.argmax(special[:, 0] - special_thr[0]))
     concept_thr = np.maximum(concept_thr, concept[i0] + 0.02).astype(np.float32)
     concept_thr[0] = np.float32(concept[i0, 0] + 0.005)
-    _apply(ref, checker, special_thr, concept_thr)
+    set_thresholds(ref, checker, special_thr, concept_thr)
 
     black = [np.ones((4, 4, 3)) for _ in range(N)]
     _, ref_nsfw = ref(pixels.clone(), black)
@@ -82,7 +64,7 @@ def test_reference_rounding_reproduced_exactly(setup):
     special, concept = _cosines(ref, pixels)
     special_thr = np.quantile(special, 0.5, axis=0).astype(np.float32)
     concept_thr = np.quantile(concept, 0.5, axis=0).astype(np.float32)
-    _apply(ref, checker, special_thr, concept_thr)
+    set_thresholds(ref, checker, special_thr, concept_thr)
     ours = checker.check_pixels(pixels)
     for i, v in enumerate(ours):  # the reference's loop, as written in diffusers, on the same float32 cosines
         adjustment = 0.0
@@ -101,9 +83,9 @@ def test_decisions_unchanged_by_tensor_preprocessing(setup):
     ref, _, images, pixels = setup
     checker = SafetyChecker.load("tiny", device="cpu", dtype="float32")
     special, concept = _cosines(ref, pixels)
-    special_thr = np.array([_widest_gap(special[:, j], 0.5, 0.9) for j in range(special.shape[1])], np.float32)
-    concept_thr = np.array([_widest_gap(concept[:, j], 0.92, 1.0) for j in range(concept.shape[1])], np.float32)
-    _apply(ref, checker, special_thr, concept_thr)
+    special_thr = np.array([widest_gap(special[:, j], 0.5, 0.9) for j in range(special.shape[1])], np.float32)
+    concept_thr = np.array([widest_gap(concept[:, j], 0.92, 1.0) for j in range(concept.shape[1])], np.float32)
+    set_thresholds(ref, checker, special_thr, concept_thr)
     _, ref_nsfw = ref(pixels.clone(), [np.ones((2, 2, 3)) for _ in range(N)])
     ours = checker.check(images)
     assert [v.nsfw for v in ours] == ref_nsfw

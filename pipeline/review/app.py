@@ -1,0 +1,324 @@
+"""The review app: a plain FastAPI app (no Ray) over a scan's current view, its SOURCE and its decisions.
+
+Routes (all JSON under ``/api``, documented at ``/docs`` and ``/openapi.json``; the page at ``/``):
+
+- ``GET /api/items?state=&category=&action=&cursor=&limit=``: a page of the queue, highest score first;
+- ``GET /api/items/{key}``: one object; ``GET /api/items/{key}/thumbnail``: a blurred 256-px PNG (blurred here, on the
+  server); ``?reveal=1`` sends that one thumbnail unblurred; ``GET /api/items/{key}/image``: the full image, unblurred
+  (re-encoded as PNG, never the stored bytes);
+- ``POST /api/items/{key}/decision`` ``{"decision": "confirm|overturn|relabel", "category", "note"}``;
+- ``GET /api/decisions``: every decision, each marked ``stale`` when the object changed since.
+
+Keys go in the path percent-encoded as one segment (``encodeURIComponent``); ``/`` and any other character are allowed.
+Bound to loopback by default; with ``DIFFGUARD_API_KEY`` set (required on any other host) every ``/api`` route needs
+``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hmac
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorized
+from ..images import DecodeLimits, decode
+from ..policy import blur
+from ..scan.state import MANIFEST, read_current
+from ..scan.storage import LocalStore, Location, S3Store, Store, parse_location
+from .decisions import NOTE_MAX, Decision, DecisionLog, now, validate
+from .queue import PAGE_MAX, STATES, ReviewQueue
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+THUMBNAIL_PX = 256  # long side of a thumbnail
+
+
+# --- typed edge -----------------------------------------------------------------------------------------------------
+class DecisionIn(BaseModel):
+    decision: Literal["confirm", "overturn", "relabel"]  # the machine was right | a false positive | another category
+    category: str | None = Field(None, max_length=200, description="relabel only: one of the scan's categories")
+    note: str | None = Field(None, max_length=NOTE_MAX)
+
+
+class DecisionOut(BaseModel):
+    key: str
+    etag: str
+    fingerprint: str | None
+    decision: str
+    category: str | None
+    note: str | None
+    reviewer: str
+    decided_at: str
+    stale: bool = False  # made on another version of the object than the current one
+
+
+class ItemOut(BaseModel):
+    key: str
+    etag: str
+    size: int | None
+    action: str | None  # the policy's: flag | blur | black | block
+    flagged: bool | None
+    nsfw: bool | None
+    score: float | None  # the queue's sort score (null: unscorable, listed first)
+    categories: dict[str, float]  # category -> score (margin; > 0 is flagged)
+    flagged_categories: list[str] | None
+    bad_concept_names: list[str] | None
+    error: str | None
+    unscorable: bool | None
+    truncated: bool | None
+    quarantined_to: str | None
+    tagged: bool | None
+    last_modified: str | None
+    scanned_at: str | None
+    state: str  # undecided | stale | confirm | overturn | relabel
+    decision: DecisionOut | None  # the latest decision on the key (stale when its etag is not the current one)
+
+
+class ItemsPage(BaseModel):
+    items: list[ItemOut]
+    next_cursor: str | None  # pass back as ?cursor= for the next page; null on the last
+    total: int  # objects in the queue, all filters off
+
+
+class Info(BaseModel):
+    dest: str
+    source: str | None
+    queue: int
+    categories: list[str]
+    actions: list[str]
+    states: list[str]
+    decisions: int
+    reviewer: str
+    auth_required: bool
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "missing or wrong API key"},
+    404: {"model": Problem, "description": "no such object in the review queue"},
+    422: {"model": Problem, "description": "a parameter outside what is allowed (names the field, value, allowed)"},
+    502: {"model": Problem, "description": "the store could not be read or written"},
+}
+
+
+# --- the app --------------------------------------------------------------------------------------------------------
+def _decision_out(decision: Decision, etag: str | None) -> DecisionOut:
+    return DecisionOut(**decision.to_json(), stale=etag is not None and decision.etag != etag)
+
+
+def _item_out(item: dict[str, Any]) -> ItemOut:
+    decision = item.pop("decision")
+    out = ItemOut(**{k: v for k, v in item.items() if k in ItemOut.model_fields}, decision=None)
+    if decision is not None:
+        out.decision = DecisionOut(**decision, stale=decision["etag"] != item["etag"])
+    return out
+
+
+def _object_store(url: str, endpoint_url: str | None) -> tuple[Store, str]:
+    """The store and key of an object URL (``s3://bucket/key`` or an absolute path)."""
+    if url.startswith("s3://"):
+        bucket, _, key = url[5:].partition("/")
+        return S3Store(bucket, endpoint_url), key
+    path = Path(url)
+    return LocalStore(str(path.parent)), path.name
+
+
+class ReviewApp:
+    """What the routes share: the DEST, the SOURCE, the queue and the decisions. Built once at start."""
+
+    def __init__(self, dest: str, endpoint_url: str | None = None, reviewer: str | None = None):
+        self.endpoint_url = endpoint_url
+        self.dest: Location = parse_location(dest, endpoint_url, "DEST")
+        if self.dest.store.head(self.dest.key(MANIFEST)) is None and not any(
+            True for _ in self.dest.store.list(self.dest.key("parts/"))
+        ):
+            raise InvalidInput(f"DEST {self.dest} holds no scan results (no {MANIFEST}, no parts/): run a scan first")
+        self.decisions = DecisionLog(self.dest)
+        table = read_current(self.dest)
+        self.queue = ReviewQueue(table, self.decisions)
+        self.source = self._manifest_source()
+        self.reviewer = reviewer or os.environ.get("DIFFGUARD_REVIEWER") or getpass.getuser()
+        self.limits = DecodeLimits()
+
+    def _manifest_source(self) -> str | None:
+        try:
+            raw, _ = self.dest.store.read(self.dest.key(MANIFEST))
+            return json.loads(raw).get("source")
+        except DiffguardError:
+            return None  # a first run still in progress: parts only
+
+    def item(self, key: str) -> dict[str, Any]:
+        item = self.queue.get(key)
+        if item is None:
+            raise HTTPException(
+                404, f"key: got {key!r}; allowed: a key in the review queue ({self.queue_size} objects)"
+            )
+        return item
+
+    @property
+    def queue_size(self) -> int:
+        return len(self.queue.keys)
+
+    def pixels(self, key: str) -> np.ndarray:
+        """The object's pixels, read from where it is now (its quarantine copy once moved). RGB uint8 (H, W, 3)."""
+        row = self.queue.table.slice(self.queue.position[key], 1).to_pylist()[0]
+        if row["quarantined_to"]:
+            store, object_key = _object_store(row["quarantined_to"], self.endpoint_url)
+        elif row["bucket"].startswith("/"):  # a local scan's rows name the absolute source directory
+            store, object_key = LocalStore(row["bucket"]), key
+        else:
+            store, object_key = S3Store(row["bucket"], self.endpoint_url), key
+        info = store.head(object_key)
+        if info is None:
+            raise HTTPException(404, f"{store.url(object_key)} is gone (moved or deleted since the scan)")
+        if info.size > self.limits.max_bytes:
+            raise ImageDecodeError(f"{store.url(object_key)} is over the limit of {self.limits.max_bytes} bytes")
+        data, _ = store.read(object_key)
+        return decode(data, self.limits).array
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _thumbnail(array: np.ndarray) -> np.ndarray:
+    im = Image.fromarray(array)
+    im.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | None = None, reviewer: str | None = None):
+    """The review app over the scan results at ``dest``. ``api_key``: when set, every /api route needs it as a bearer
+    token (the caller applies the loopback rule: see :func:`serve`).
+
+    >>> app = create_app("./results")            # then: uvicorn.run(app, host="127.0.0.1", port=8300)
+    """
+    state = ReviewApp(dest, endpoint_url, reviewer)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    api = FastAPI(
+        title="diffguard review",
+        version="1",
+        summary="A review queue over a bucket scan's results: blurred thumbnails, decisions the scan honours.",
+    )
+    api.state.review = state
+    guarded = [Depends(authorize)]
+
+    @api.exception_handler(DiffguardError)
+    async def _diffguard_error(_request: Request, exc: DiffguardError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+    @api.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @api.get("/api/info", dependencies=guarded, responses=ERRORS)
+    def info() -> Info:
+        return Info(
+            dest=str(state.dest),
+            source=state.source,
+            queue=state.queue_size,
+            categories=sorted(state.queue.categories),
+            actions=["flag", "blur", "black", "block"],
+            states=list(STATES),
+            decisions=len(state.decisions.all()),
+            reviewer=state.reviewer,
+            auth_required=api_key is not None,
+        )
+
+    @api.get("/api/items", dependencies=guarded, responses=ERRORS)
+    def items(
+        state_: Annotated[str, Query(alias="state", description=f"one of {', '.join(STATES)}")] = "all",
+        category: Annotated[str | None, Query(description="only objects flagged in this category")] = None,
+        action: Annotated[str | None, Query(description="only objects with this action")] = None,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        limit: Annotated[int, Query(ge=1, le=PAGE_MAX)] = 50,
+    ) -> ItemsPage:
+        page = state.queue.page(state_, category or None, action or None, cursor or None, limit)
+        return ItemsPage(items=[_item_out(i) for i in page.items], next_cursor=page.next_cursor, total=page.total)
+
+    @api.get("/api/decisions", dependencies=guarded, responses=ERRORS)
+    def decisions() -> list[DecisionOut]:
+        etags = dict(zip(state.queue.keys, state.queue.etags, strict=True))
+        return [_decision_out(d, etags.get(d.key, d.etag)) for d in state.decisions.all()]
+
+    @api.get(
+        "/api/items/{key:path}/thumbnail",
+        dependencies=guarded,
+        responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "PNG, blurred unless reveal=1"}},
+        response_class=Response,
+    )
+    def thumbnail(
+        key: str, reveal: Annotated[bool, Query(description="send this one thumbnail unblurred")] = False
+    ) -> Response:
+        state.item(key)
+        small = _thumbnail(state.pixels(key))
+        if not reveal:
+            small = blur(small)  # on the server: unblurred pixels leave only on an explicit reveal
+        else:
+            log.info("revealed %r to the reviewer", key)
+        return Response(_png(small), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @api.get(
+        "/api/items/{key:path}/image",
+        dependencies=guarded,
+        responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "the full image, unblurred, as PNG"}},
+        response_class=Response,
+    )
+    def image(key: str) -> Response:
+        state.item(key)
+        log.info("revealed the full image %r to the reviewer", key)
+        return Response(_png(state.pixels(key)), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @api.post("/api/items/{key:path}/decision", dependencies=guarded, responses=ERRORS)
+    def decide(key: str, body: DecisionIn) -> DecisionOut:
+        item = state.item(key)
+        validate(body.decision, body.category, body.note, state.queue.categories)
+        category = body.category
+        if body.decision == "confirm":  # the label: the top flagged category (none for an unscorable object)
+            flagged = item.get("flagged_categories") or []
+            category = max(flagged, key=lambda c: item["categories"].get(c, float("-inf")), default=None)
+        decision = Decision(
+            key=key,
+            etag=item["etag"],
+            fingerprint=item.get("model_fingerprint"),
+            decision=body.decision,
+            category=category,
+            note=body.note or None,
+            reviewer=state.reviewer,
+            decided_at=now(),
+        )
+        state.decisions.append([decision])  # durable before it is acknowledged
+        return _decision_out(decision, item["etag"])
+
+    @api.get("/api/items/{key:path}", dependencies=guarded, responses=ERRORS)
+    def one(key: str) -> ItemOut:
+        return _item_out(state.item(key))
+
+    return api

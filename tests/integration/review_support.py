@@ -1,0 +1,123 @@
+"""Shared pieces of the review tests: synthetic scan results (any size) over real image files, and the app served
+over real HTTP (uvicorn in a subprocess, so a test can kill it)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+
+from pipeline.scan.state import PartWriter, conform, rows_table
+from pipeline.scan.storage import parse_location
+from tests.conftest import ROOT
+
+CATEGORIES = ("sexual", "violence", "hate")
+ODD_KEYS = ("a b/ünï ?#%.png", "x/../y.png", "d//e.png", "100%/f g+h&.png", "trailing/")
+
+
+def results(dest: Path, source: Path, keys: list[str], seed: int = 0, images: bool = True) -> pa.Table:
+    """Scan rows for ``keys`` under the local ``source`` (each a real PNG when ``images``), committed as one part of
+    run 1 under ``dest``. Scores are seeded: about a third allowed, the rest flagged, reported or unscorable."""
+    from tests.integration.scan_support import png
+
+    rng = np.random.default_rng(seed)
+    n = len(keys)
+    score = np.round(rng.uniform(-0.2, 0.2, (n, len(CATEGORIES))), 4)
+    kind = rng.integers(0, 6, n)  # 0-1 allow, 2 flag, 3-4 block, 5 unscorable
+    now = datetime.now(UTC)
+    rows = []
+    for i, key in enumerate(keys):
+        if images and not key.endswith("/"):
+            path = source / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png(seed * 100_000 + i, (24, 32)))
+        if kind[i] == 5:
+            cats, flagged, action, error = {}, [], "block", "corrupt or truncated image"
+        else:
+            cats = dict(zip(CATEGORIES, score[i].tolist(), strict=True))
+            if kind[i] < 2:
+                cats = {c: -abs(s) - 0.001 for c, s in cats.items()}
+            else:
+                cats[CATEGORIES[i % 3]] = abs(cats[CATEGORIES[i % 3]]) + 0.001
+            flagged = [c for c, s in cats.items() if s > 0]
+            action, error = ("allow", "flag", "flag", "block", "block")[kind[i]], None
+        rows.append(
+            {
+                "bucket": str(source),
+                "key": key,
+                "etag": f"etag-{i}",
+                "size": 100 + i,
+                "last_modified": now,
+                "sha256": None,
+                "nsfw": action == "block" and "sexual" in flagged,
+                "concept_scores": [max(cats.values())] if cats else [],
+                "categories": cats,
+                "flagged_categories": flagged,
+                "action": action,
+                "flagged": action == "block",
+                "error": error,
+                "error_kind": "decode" if error else None,
+                "unscorable": bool(error),
+                "model_fingerprint": "fp-1",
+                "scanned_at": now,
+            }
+        )
+    table = conform(rows_table(rows))
+    PartWriter(parse_location(str(dest)), 1).commit(table)
+    return table
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ReviewServer:
+    """``python -m pipeline.review DEST`` in a subprocess on a free port; ``url`` once it answers."""
+
+    def __init__(self, dest: Path | str, *extra: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        cmd = [sys.executable, "-m", "pipeline.review", str(dest), "--host", host, "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def wait(self, timeout: float = 120.0, headers: dict[str, str] | None = None) -> float:
+        """Seconds from start until /api/info answers."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"review app exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/api/info", headers=headers, timeout=2).status_code in (200, 401):
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"review app not up after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+
+    def __enter__(self) -> ReviewServer:
+        self.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

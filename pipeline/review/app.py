@@ -24,6 +24,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -127,6 +128,19 @@ def _item_out(item: dict[str, Any]) -> ItemOut:
     if decision is not None:
         out.decision = DecisionOut(**decision, stale=decision["etag"] != item["etag"])
     return out
+
+
+def _route(request: Request, key: str, kind: str) -> tuple[str, str]:
+    """(key, kind) from the raw path when the key came percent-encoded as one segment (``/`` as ``%2F``), so a key
+    like ``a/thumbnail`` is never mistaken for the thumbnail of ``a``; else the routed key and kind."""
+    raw = request.scope.get("raw_path")
+    if raw:
+        parts = raw.decode("latin-1").split("?", 1)[0].split("/")[3:]  # after "", "api", "items"
+        if len(parts) == 1:
+            return unquote(parts[0]), "item"
+        if len(parts) == 2 and parts[1] in ("thumbnail", "image", "decision"):
+            return unquote(parts[0]), parts[1]
+    return key, kind
 
 
 def _object_store(url: str, endpoint_url: str | None) -> tuple[Store, str]:
@@ -275,8 +289,13 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         response_class=Response,
     )
     def thumbnail(
-        key: str, reveal: Annotated[bool, Query(description="send this one thumbnail unblurred")] = False
-    ) -> Response:
+        request: Request,
+        key: str,
+        reveal: Annotated[bool, Query(description="send this one thumbnail unblurred")] = False,
+    ) -> Any:
+        key, kind = _route(request, key, "thumbnail")
+        if kind != "thumbnail":
+            return JSONResponse(one(request, key).model_dump())
         state.item(key)
         small = _thumbnail(state.pixels(key))
         if not reveal:
@@ -291,13 +310,19 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "the full image, unblurred, as PNG"}},
         response_class=Response,
     )
-    def image(key: str) -> Response:
+    def image(request: Request, key: str) -> Any:
+        key, kind = _route(request, key, "image")
+        if kind != "image":
+            return JSONResponse(one(request, key).model_dump())
         state.item(key)
         log.info("revealed the full image %r to the reviewer", key)
         return Response(_png(state.pixels(key)), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @api.post("/api/items/{key:path}/decision", dependencies=guarded, responses=ERRORS)
-    def decide(key: str, body: DecisionIn) -> DecisionOut:
+    def decide(request: Request, key: str, body: DecisionIn) -> DecisionOut:
+        key, kind = _route(request, key, "decision")
+        if kind != "decision":
+            raise HTTPException(405, f"POST {request.url.path}: decisions are posted to /api/items/{{key}}/decision")
         item = state.item(key)
         validate(body.decision, body.category, body.note, state.queue.categories)
         category = body.category
@@ -318,7 +343,7 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         return _decision_out(decision, item["etag"])
 
     @api.get("/api/items/{key:path}", dependencies=guarded, responses=ERRORS)
-    def one(key: str) -> ItemOut:
-        return _item_out(state.item(key))
+    def one(request: Request, key: str) -> ItemOut:
+        return _item_out(state.item(_route(request, key, "item")[0]))
 
     return api

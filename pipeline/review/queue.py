@@ -177,7 +177,8 @@ class ReviewQueue:
         return Page(items, next_cursor, len(self.keys))
 
     def items(self, positions: list[int]) -> list[dict[str, Any]]:
-        rows = self.table.select([c for c in DETAIL if c in self.table.column_names]).take(positions).to_pylist()
+        rows = self.table.select([c for c in DETAIL if c in self.table.column_names])
+        rows = rows.take(pa.array(positions, pa.int64())).to_pylist()
         out = []
         for i, row in zip(positions, rows, strict=True):
             state, decision = self.state(i)

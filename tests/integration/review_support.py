@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,12 +21,15 @@ from pipeline.scan.storage import parse_location
 from tests.conftest import ROOT
 
 CATEGORIES = ("sexual", "violence", "hate")
-ODD_KEYS = ("a b/ünï ?#%.png", "x/../y.png", "d//e.png", "100%/f g+h&.png", "trailing/")
+ODD_KEYS = ("a b/ünï ?#%.png", "x/../y.png", "d//e.png", "100%/f g+h&.png", "trailing/", "thumbnail/decision")
 
 
-def results(dest: Path, source: Path, keys: list[str], seed: int = 0, images: bool = True) -> pa.Table:
-    """Scan rows for ``keys`` under the local ``source`` (each a real PNG when ``images``), committed as one part of
-    run 1 under ``dest``. Scores are seeded: about a third allowed, the rest flagged, reported or unscorable."""
+def results(
+    dest: Path, source: Path | str, keys: list[str], seed: int = 0, images: bool = True, s3=None, run: int = 1
+) -> pa.Table:
+    """Scan rows for ``keys`` under ``source`` (a local directory, or a bucket name with ``s3`` a boto3 client), each
+    a real PNG when ``images``, committed as one part of ``run`` under ``dest``. Scores are seeded: about a third
+    allowed, the rest reported (flag), withheld (block) or unscorable."""
     from tests.integration.scan_support import png
 
     rng = np.random.default_rng(seed)
@@ -35,8 +39,10 @@ def results(dest: Path, source: Path, keys: list[str], seed: int = 0, images: bo
     now = datetime.now(UTC)
     rows = []
     for i, key in enumerate(keys):
-        if images and not key.endswith("/"):
-            path = source / key
+        if images and s3 is not None:
+            s3.put_object(Bucket=str(source), Key=key, Body=png(seed * 100_000 + i, (24, 32)))
+        elif images:
+            path = Path(source) / key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png(seed * 100_000 + i, (24, 32)))
         if kind[i] == 5:
@@ -53,7 +59,7 @@ def results(dest: Path, source: Path, keys: list[str], seed: int = 0, images: bo
             {
                 "bucket": str(source),
                 "key": key,
-                "etag": f"etag-{i}",
+                "etag": f"etag-{i}" if s3 is None else s3.head_object(Bucket=str(source), Key=key)["ETag"].strip('"'),
                 "size": 100 + i,
                 "last_modified": now,
                 "sha256": None,
@@ -71,7 +77,7 @@ def results(dest: Path, source: Path, keys: list[str], seed: int = 0, images: bo
             }
         )
     table = conform(rows_table(rows))
-    PartWriter(parse_location(str(dest)), 1).commit(table)
+    PartWriter(parse_location(str(dest)), run).commit(table)
     return table
 
 
@@ -89,14 +95,18 @@ class ReviewServer:
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         cmd = [sys.executable, "-m", "pipeline.review", str(dest), "--host", host, "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="review-app-", suffix=".log")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stderr=self.log, text=True)
+
+    def stderr(self) -> str:
+        return Path(self.log.name).read_text()
 
     def wait(self, timeout: float = 120.0, headers: dict[str, str] | None = None) -> float:
         """Seconds from start until /api/info answers."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"review app exited {self.proc.returncode}: {self.proc.stderr.read()}")
+                raise RuntimeError(f"review app exited {self.proc.returncode}: {self.stderr()}")
             try:
                 if httpx.get(self.url + "/api/info", headers=headers, timeout=2).status_code in (200, 401):
                     return time.monotonic() - start
@@ -113,7 +123,7 @@ class ReviewServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stderr.close()
+        self.log.close()
 
     def __enter__(self) -> ReviewServer:
         self.wait()

@@ -37,8 +37,9 @@ from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorize
 from ..images import DecodeLimits, decode
 from ..policy import blur
 from ..scan.state import MANIFEST, read_current
-from ..scan.storage import LocalStore, Location, S3Store, Store, parse_location
+from ..scan.storage import Location, parse_location
 from .decisions import NOTE_MAX, Decision, DecisionLog, now, validate
+from .objects import locate
 from .queue import PAGE_MAX, STATES, ReviewQueue
 
 log = logging.getLogger(__name__)
@@ -143,15 +144,6 @@ def _route(request: Request, key: str, kind: str) -> tuple[str, str]:
     return key, kind
 
 
-def _object_store(url: str, endpoint_url: str | None) -> tuple[Store, str]:
-    """The store and key of an object URL (``s3://bucket/key`` or an absolute path)."""
-    if url.startswith("s3://"):
-        bucket, _, key = url[5:].partition("/")
-        return S3Store(bucket, endpoint_url), key
-    path = Path(url)
-    return LocalStore(str(path.parent)), path.name
-
-
 class ReviewApp:
     """What the routes share: the DEST, the SOURCE, the queue and the decisions. Built once at start."""
 
@@ -191,12 +183,7 @@ class ReviewApp:
     def pixels(self, key: str) -> np.ndarray:
         """The object's pixels, read from where it is now (its quarantine copy once moved). RGB uint8 (H, W, 3)."""
         row = self.queue.table.slice(self.queue.position[key], 1).to_pylist()[0]
-        if row["quarantined_to"]:
-            store, object_key = _object_store(row["quarantined_to"], self.endpoint_url)
-        elif row["bucket"].startswith("/"):  # a local scan's rows name the absolute source directory
-            store, object_key = LocalStore(row["bucket"]), key
-        else:
-            store, object_key = S3Store(row["bucket"], self.endpoint_url), key
+        store, object_key = locate(row, self.endpoint_url)
         info = store.head(object_key)
         if info is None:
             raise HTTPException(404, f"{store.url(object_key)} is gone (moved or deleted since the scan)")

@@ -1,0 +1,103 @@
+"""Review decisions as labels for ``evaluate`` and ``calibrate`` (``--labels DEST``).
+
+``confirm`` -> the category the object was flagged for (its top flagged category when decided), ``overturn`` -> safe,
+``relabel`` -> its category. Only decisions in force for the object's current etag count (stale ones are left out,
+as is a confirmed unscorable object, which has no category). The images are read from where the objects are now (the
+SOURCE, or the quarantine copy) and embedded once, like a labelled folder's.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ..errors import DiffguardError, InvalidInput
+from ..evaluate import SAFE, LabelledSet, canonical
+from ..images import load_images
+from ..scan.state import read_current
+from ..scan.storage import parse_location
+from .decisions import current_decisions
+from .objects import locate
+
+log = logging.getLogger(__name__)
+READERS = 8  # concurrent object reads
+
+
+def decision_labels(dest: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
+    """One entry per object with a decision in force: its scan row's fields, ``label`` and ``url`` (where it is now)."""
+    location = parse_location(dest, endpoint_url, "--labels")
+    current = read_current(location)
+    decisions = current_decisions(location, current, endpoint_url)
+    if not decisions:
+        return []
+    out = []
+    for row in current.filter(_keys_mask(current, decisions)).to_pylist():
+        decision = decisions[row["key"]]
+        label = decision.label()
+        if label is None:
+            log.info("%s: confirmed with no category (unscorable): not a label", row["key"])
+            continue
+        store, key = locate(row, endpoint_url)
+        out.append({**row, "label": canonical(label), "url": store.url(key), "decision": decision.decision})
+    return out
+
+
+def _keys_mask(current: Any, decisions: dict[str, Any]) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.is_in(current["key"], value_set=pa.array(sorted(decisions), pa.string()))
+
+
+def load_decision_labels(dest: str, checker: Any, endpoint_url: str | None = None) -> LabelledSet:
+    """The decided objects under ``dest`` as a :class:`~pipeline.evaluate.LabelledSet` (paths are object URLs)."""
+    entries = decision_labels(dest, endpoint_url)
+    if not entries:
+        raise InvalidInput(f"--labels {dest}: no review decisions in force there (decide some with `diffguard review`)")
+
+    def read(entry: dict[str, Any]) -> bytes | DiffguardError:
+        store, key = locate(entry, endpoint_url)
+        try:
+            data, info = store.read(key)
+        except DiffguardError as exc:
+            return exc
+        if not entry.get("quarantined_to") and info.etag != entry["etag"]:
+            return InvalidInput(
+                f"{entry['url']} changed since it was reviewed (etag {info.etag}, reviewed {entry['etag']})"
+            )
+        return data
+
+    with ThreadPoolExecutor(READERS) as pool:
+        blobs = list(pool.map(read, entries))
+    paths, labels, arrays, skipped = [], [], [], []
+    items = [b if isinstance(b, bytes) else b"" for b in blobs]
+    for entry, blob, arr in zip(entries, blobs, load_images(items, checker.limits), strict=True):
+        problem = blob if isinstance(blob, DiffguardError) else arr if isinstance(arr, Exception) else None
+        if problem is not None:
+            skipped.append({"path": entry["url"], "error": str(problem)})
+            continue
+        paths.append(entry["url"])
+        labels.append(entry["label"])
+        arrays.append(arr)
+    if not arrays:
+        raise InvalidInput(f"--labels {dest}: none of the {len(entries)} decided objects could be read: {skipped[:3]}")
+    embeds = torch.cat(
+        [checker.embed_pixels(checker.preprocess(arrays[i : i + 64])) for i in range(0, len(arrays), 64)]
+    )
+    return LabelledSet(paths, labels, embeds, skipped)
+
+
+def merge(*sets: LabelledSet) -> LabelledSet:
+    """One labelled set from several (a folder and review decisions)."""
+    return LabelledSet(
+        [p for s in sets for p in s.paths],
+        [lab for s in sets for lab in s.labels],
+        torch.cat([s.embeds for s in sets]),
+        [x for s in sets for x in s.skipped],
+    )
+
+
+__all__ = ["SAFE", "decision_labels", "load_decision_labels", "merge"]

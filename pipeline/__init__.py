@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "SafetyChecker": "checker",
+    "CheckerSpec": "spec",
     "Scores": "verdict",
     "Verdict": "verdict",
     "Generator": "generator",

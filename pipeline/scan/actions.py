@@ -37,8 +37,8 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from .errors import DiffguardError, InvalidInput
-from .scan_state import PartWriter
+from ..errors import DiffguardError, InvalidInput
+from .state import PartWriter
 from .storage import (
     LocalStore,
     Location,

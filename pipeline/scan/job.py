@@ -1,10 +1,10 @@
-"""The bucket scan: a Ray Data job over S3 (or a local directory) that scores every image with the core checker.
+"""The bucket scan's Ray Data job over S3 (or a local directory), scoring every image with the core checker.
 
-list (driver, boto3 paginator) -> plan against DEST's current view (key, etag, fingerprint) -> Ray Data:
+list and plan (:mod:`pipeline.scan.plan`, no Ray) -> Ray Data:
 read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an
 actor pool holding the core ``SafetyChecker``) -> the driver commits rows as Parquet parts under DEST -> actions on
-flagged objects -> compaction into a snapshot. See ``pipeline.scan_state`` for the layout and ``scan_actions`` for
-quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
+flagged objects -> compaction into a snapshot. See :mod:`pipeline.scan.state` for the layout and
+:mod:`pipeline.scan.actions` for quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
 
 Every object under SOURCE is a candidate, whatever its name. Objects named like images (``IMAGE_SUFFIXES``) are read
 whole as before and decoded; any other object first gets one ranged read of its first ``SNIFF_BYTES`` (a prefix read
@@ -22,22 +22,23 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .checker import CheckerSpec
-from .concepts import ConceptSet
-from .errors import DiffguardError, ImageDecodeError, InvalidInput
-from .images import IMAGE_SUFFIXES, SNIFF_BYTES, DecodeLimits, decode, identify
-from .policy import image_action, withheld
-from .scan_actions import ActionReport, apply_actions, quarantine_location, recover
-from .scan_state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
-from .storage import LocalStore, Location, ObjectInfo, S3Store, StorageError, Store, parse_location, sha256
+from ..concepts import ConceptSet
+from ..errors import DiffguardError, ImageDecodeError, InvalidInput
+from ..images import SNIFF_BYTES, DecodeLimits, decode, identify
+from ..policy import image_action, withheld
+from ..spec import CheckerSpec
+from ..tiny import TINY_BANNER
+from ..verdict import Verdict
+from .actions import apply_actions, recover
+from .plan import ScanConfig, ScanSummary, layout, list_source, named_image, plan
+from .state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
+from .storage import ObjectInfo, S3Store, StorageError, Store, sha256
 
 log = logging.getLogger("diffguard")
 
@@ -45,48 +46,6 @@ DECODE_CPUS = 0.5  # read + decode tasks: I/O-bound reads overlap with decoding
 COMMIT_EVERY_S = 30.0  # commit a part at least this often, even when it has fewer than part_rows rows
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
-HANG_AFTER_PARTS = "DIFFGUARD_TEST_HANG_AFTER_PARTS"  # tests only: stall after N commits so a real kill lands mid-run
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    source: str  # s3://bucket/prefix or a local directory
-    output: str  # DEST: s3://bucket/prefix or a local directory
-    checker: CheckerSpec = CheckerSpec()
-    endpoint_url: str | None = None  # S3-compatible endpoint for every s3:// location (None: AWS / $AWS_ENDPOINT_URL)
-    full: bool = False  # rescore everything, not only new or changed objects
-    quarantine: str | None = None  # move flagged objects under this prefix (with apply)
-    tag: bool = False  # tag flagged objects moderation=nsfw (with apply)
-    apply: bool = False  # without it, actions are a dry run
-    batch_size: int = 32  # rows per map_batches call in every stage
-    num_gpus: float = 0.0  # per scoring actor
-    max_actors: int | None = None  # scoring actors (default: GPUs / num_gpus, or half the CPUs)
-    threads: int | None = None  # torch threads per CPU scoring actor (default: the cluster's CPUs / actors)
-    part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
-
-
-@dataclass
-class ScanSummary:
-    source: str
-    output: str
-    run: int
-    fingerprint: str
-    demo: bool
-    listed: int = 0  # objects listed (every object is a candidate, whatever its name)
-    scanned: int = 0  # images read and scored, or failed, in this run
-    skipped_unchanged: int = 0
-    skipped_non_image: int = 0  # not images by their first bytes (sniffed in this run, or recorded and unchanged)
-    skipped_symlinks: int = 0  # local sources: symlinks and other non-regular files, never followed nor read
-    flagged: int = 0  # of those scanned: withheld by the policy, or unscorable (what --quarantine/--tag act on)
-    reported: int = 0  # of those scanned: released with the policy's `flag` action (reported, not withheld)
-    errors: int = 0  # of those scanned: unscorable content (also counted in flagged) and read errors
-    unscorable: int = 0  # of the errors: read but not scorable (withheld by the policy's unscorable_action)
-    truncated: int = 0  # of those scanned: truncated files scored on what decodes
-    actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
-
-    def as_json(self) -> dict[str, Any]:
-        keys = ("scanned", "skipped_unchanged", "skipped_non_image", "skipped_symlinks", "flagged", "errors")
-        return {**{k: getattr(self, k) for k in keys}, "output": self.output}
 
 
 READ_SCHEMA = pa.schema(
@@ -206,8 +165,6 @@ class ScoreActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from .checker import Verdict
-
         meta = batch.drop_columns(["pixels"]).to_pylist()
         pixels = np.concatenate([chunk.to_numpy() for chunk in batch["pixels"].chunks])  # (B, 3, H, W) float32
         ok = np.array([m["error"] is None and m["error_kind"] is None for m in meta], bool)
@@ -263,93 +220,14 @@ def ensure_ray() -> bool:
     return True
 
 
-def list_source(source: Location, exclude: list[str]) -> tuple[list[ObjectInfo], int]:
-    """Every object under the source (sorted by key), and the number of symlinks and other non-regular files a local
-    source holds (never followed nor read)."""
-    skipped: list[str] = []
-    if isinstance(source.store, LocalStore):
-        listing = source.store.list(source.prefix, skipped=skipped)
-    else:
-        listing = source.store.list(source.prefix)
-    objects = [info for info in listing if not any(info.key.startswith(p) for p in exclude)]
-    skipped = [k for k in skipped if not any(k.startswith(p) for p in exclude)]
-    if skipped:
-        log.warning("skipped %d symlinks or special files, never followed (e.g. %s)", len(skipped), skipped[0])
-    return sorted(objects, key=lambda o: o.key), len(skipped)
-
-
-def named_image(key: str) -> bool:
-    """Named like an image: read whole rather than sniffed first (the content still decides)."""
-    return Path(key).suffix.lower() in IMAGE_SUFFIXES
-
-
-def same_version(obj: ObjectInfo, etag: Any, size: Any, modified: Any, version_id: Any) -> bool:
-    """The listed object is the version a row describes: etag and size, the modification time to the second (S3
-    sets it on every write; locally the etag holds it to the nanosecond, with ctime and inode), and the version id
-    when the bucket lists one."""
-    if etag != obj.etag or size != obj.size:
-        return False
-    if modified is not None and int(modified.timestamp()) != int(obj.last_modified.timestamp()):
-        return False
-    return obj.version_id is None or version_id == obj.version_id
-
-
-def plan(objects: list[ObjectInfo], current: pa.Table, fingerprint: str, limits: DecodeLimits, full: bool):
-    """Split the listing into objects to read and objects whose current row still holds.
-
-    Returns (todo, unchanged images, unchanged non-images)."""
-    if full or current.num_rows == 0:
-        return objects, 0, 0
-    cols = ("key", "etag", "size", "last_modified", "version_id", "model_fingerprint", "error_kind", "max_pixels")
-    cols += ("max_object_bytes", "unscorable")
-    rows = {r[0]: r[1:] for r in zip(*(current[c].to_pylist() for c in cols), strict=True)}
-    todo, unchanged, others = [], 0, 0
-    for obj in objects:
-        row = rows.get(obj.key)
-        if row is None or not same_version(obj, *row[:4]):
-            todo.append(obj)
-            continue
-        fp, kind, max_pixels, max_bytes, unscorable = row[4:]
-        if kind == NOT_IMAGE:
-            others += 1  # its bytes did not change: still not an image, whatever the model
-        elif fp != fingerprint or kind == "read":
-            todo.append(obj)  # a new model or policy rescores; a read error is retried
-        elif kind == "decode" and (not unscorable or (max_pixels, max_bytes) != (limits.max_pixels, limits.max_bytes)):
-            todo.append(obj)  # a row from before unscorable verdicts, or a limit that moved
-        else:
-            unchanged += 1
-    return todo, unchanged, others
-
-
-def _layout(cfg: ScanConfig) -> tuple[Location, Location, Location | None, list[str]]:
-    source = parse_location(cfg.source, cfg.endpoint_url, "SOURCE")
-    dest = parse_location(cfg.output, cfg.endpoint_url, "--output")
-    quarantine = quarantine_location(cfg.quarantine, source, cfg.endpoint_url) if cfg.quarantine else None
-    if isinstance(source.store, LocalStore) and not Path(source.store.root).is_dir():
-        raise InvalidInput(f"SOURCE {cfg.source!r} is not a directory (or an s3://bucket/prefix)")
-    if cfg.tag and not isinstance(source.store, S3Store):
-        raise InvalidInput("--tag sets S3 object tags and needs an s3:// SOURCE; for a directory use --quarantine")
-    exclude = []
-    for name, loc in (("--output", dest), ("--quarantine", quarantine)):
-        if loc is None:
-            continue
-        if source.within(loc) is not None:
-            raise InvalidInput(f"{name} {loc} must not be SOURCE {source} or contain it")
-        if (inside := loc.within(source)) is not None:
-            exclude.append(inside)  # never scan our own results or the quarantine
-    return source, dest, quarantine, exclude
-
-
 def run_scan(cfg: ScanConfig) -> ScanSummary:
-    source, dest, quarantine, exclude = _layout(cfg)
+    source, dest, quarantine, exclude = layout(cfg)
     next(iter(source.store.list(source.prefix)), None)  # fail fast, with the bucket and credential source, on no access
     state = load_state(dest)
     if state.manifest.get("source", str(source)) != str(source):
         raise InvalidInput(f"--output {dest} holds results for {state.manifest['source']}, not {source}")
     checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
     if checker.demo:
-        from .models import TINY_BANNER
-
         log.warning("WARNING: %s", TINY_BANNER)
     summary = ScanSummary(str(source), cfg.output, state.last_run + 1, checker.fingerprint, checker.demo)
     writer = PartWriter(dest, summary.run)
@@ -461,9 +339,6 @@ def _commit(writer: PartWriter, pending: list[pa.Table], summary: ScanSummary) -
     summary.truncated += sum(bool(v) for v in table["truncated"].to_pylist())
     summary.flagged += sum(bool(v) for v in table["flagged"].to_pylist())
     summary.reported += sum(a == "flag" for a in table["action"].to_pylist())
-    if (n := os.environ.get(HANG_AFTER_PARTS)) and writer.parts >= int(n):
-        log.warning("%s=%s: stalling so a test can kill this run", HANG_AFTER_PARTS, n)
-        time.sleep(3600)
 
 
 def _default_threads(actors: int) -> int:

@@ -5,7 +5,7 @@ DEST/
   _diffguard_scan.json                  manifest: the source, the current snapshot, the last completed run's summary
   snapshots/run-000007.parquet          one row per object, as of completed run 7
   parts/run-000008/part-000000.parquet  rows committed by later runs, one file per commit
-  _quarantine/<id>.json                 quarantine moves in flight (pipeline.scan_actions)
+  _quarantine/<id>.json                 quarantine moves in flight (pipeline.scan.actions)
 ```
 
 Every file is written atomically (an S3 PUT, or a local temp file renamed into place), so a part is either all there
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 from .storage import Location, StorageError, parse_location
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def read_current(dest: str | Location, endpoint_url: str | None = None, *, non_i
     Objects found not to be images are recorded too (``error_kind == "not_image"``, so an unchanged one is not read
     again); ``non_images=True`` includes their rows.
 
-    >>> from pipeline.scan_state import read_current
+    >>> from pipeline.scan import read_current
     >>> table = read_current("s3://bucket/scan-results")   # or a local directory; a pyarrow.Table
     >>> flagged = table.filter(table["flagged"])           # what the policy withholds (nsfw: the stock decision)
     """

@@ -14,6 +14,9 @@ are never followed nor read: :meth:`LocalStore.list` reports them through ``skip
 No write here ever replaces another object: :meth:`Store.create` writes exclusively (a hard link of a complete temp
 file locally, which fails if the name exists; ``If-None-Match: *`` on S3) and is what copies use. Only the scan's own
 results (:meth:`Store.write`) are replaced in place.
+
+long: the interface and its two implementations side by side (about 520 lines), so that their shared contracts
+(exclusive create, etag-guarded delete, the exact version read) are read and changed together.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, ObjectExists, StorageError
+from ..errors import InvalidInput, ObjectExists, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ def summary(
 
 def rows_by_key(dest: str, endpoint: str | None = None) -> dict[str, dict]:
     """The current view as {key: row}, asserting it holds exactly one row per key."""
-    from pipeline.scan_state import read_current
+    from pipeline.scan import read_current
 
     table = read_current(dest, endpoint)
     rows = table.to_pylist()

@@ -27,11 +27,11 @@ from tests.integration.scan_support import (
 N = 40
 
 
-def start_scan(args: list[str], **env: str) -> subprocess.Popen:
+def start_scan(args: list[str], stall_after: int | None = None) -> subprocess.Popen:
+    command = ["pipeline", "scan"] if stall_after is None else ["tests.stalling_scan", str(stall_after)]
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "scan", *args],
+        [sys.executable, "-m", *command, *args],
         cwd=ROOT,
-        env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -47,7 +47,7 @@ def test_killed_scan_resumes(s3, s3_endpoint):
     args = [f"s3://{bucket}/imgs", "--output", dest, "--endpoint-url", s3_endpoint, "--json"]
     args += ["--batch-size", "4", "--part-rows", "4", "--dtype", "float32", "--device", "cpu"]
 
-    proc = start_scan(args, DIFFGUARD_TEST_HANG_AFTER_PARTS="3")  # stalls after its third commit, mid-job
+    proc = start_scan(args, stall_after=3)  # stalls after its third commit, mid-job
     deadline = time.monotonic() + 240
     parts: set[str] = set()
     while len(parts) < 3:

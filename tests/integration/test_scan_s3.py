@@ -196,7 +196,7 @@ class Died(BaseException):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_quarantine_never_loses_an_object_when_the_job_dies(s3, s3_endpoint, capsys, checker, monkeypatch, caplog):
-    from pipeline import scan_state, storage
+    from pipeline.scan import state as scan_state, storage
     from pipeline.cli import main
 
     caplog.set_level(logging.INFO)

@@ -76,7 +76,7 @@ def corpus_scenario(port: int, checker: Any) -> dict[str, Any]:
             (src / c.filename).write_bytes(c.data)
         args = [str(src), "--output", str(Path(tmp) / "out"), "--json", "--dtype", "float32", "--device", "cpu"]
         rc, _ = scan_here(args)
-        from pipeline.scan_state import read_current
+        from pipeline.scan import read_current
 
         by_key = {r["key"]: r for r in read_current(str(Path(tmp) / "out")).to_pylist()}
     missing = {"error": "no row", "concept_scores": []}

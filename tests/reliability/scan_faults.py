@@ -100,8 +100,8 @@ def storage_state(s3: Any, bucket: str) -> dict[str, int]:
 def audit(s3: Any, bucket: str, endpoint: str, images: dict[str, bytes], expected: dict[str, bool]) -> dict[str, int]:
     """After a completed run: one current row per object, every object exactly once (at its key, or quarantined when
     flagged), every object scored with the expected verdict, no journal entry left."""
-    from pipeline.scan_state import read_current
-    from pipeline.storage import sha256
+    from pipeline.scan import read_current
+    from pipeline.scan.storage import sha256
 
     table = read_current(f"s3://{bucket}/results", endpoint)
     keys = table["key"].to_pylist()

@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .options import add_checker_options, load_checker
+
 log = logging.getLogger("diffguard")
 
 
 def register(sub: Any) -> None:
-    from .cli import add_checker_options
-
     ev = sub.add_parser("evaluate", help="precision/recall/FPR of a policy on a folder of labelled images")
     ev.add_argument("labelled_dir", type=Path, metavar="LABELLED_DIR", help="safe/, violence/, sexual/, ...")
     ev.add_argument("--plots", type=Path, help="write one score-distribution PNG per category here")
@@ -50,8 +50,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    from .cli import load_checker
-    from .evaluate import load_labelled
+    from ..evaluate import load_labelled
 
     if args.policy in ("block", "blur", "black"):
         log.info("evaluating the default policy (the keyword only changes its actions)")
@@ -60,7 +59,7 @@ def _setup(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import metrics, plot
+    from ..evaluate import metrics, plot
 
     checker, data = _setup(args)
     report = metrics(checker, data)
@@ -76,8 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .evaluate import calibrate, metrics
-    from .policy import load_policy
+    from ..evaluate import calibrate, metrics
+    from ..policy import load_policy
 
     checker, data = _setup(args)
     policy = calibrate(checker, data, load_policy(args.policy), args.target_fpr)

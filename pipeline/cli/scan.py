@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from typing import Any
+
+from ..errors import DiffguardError, StorageError, UsageError
+from .options import add_checker_options, checker_spec, positive_int
 
 log = logging.getLogger("diffguard")
 
@@ -32,20 +34,10 @@ def _non_negative_float(text: str) -> float:
 
 
 def register(sub: Any) -> None:
-    from .cli import _positive_int, add_checker_options
-    from .images import DEFAULT_MAX_OBJECT_BYTES
-
     p = sub.add_parser("scan", help="score every image under s3://bucket/prefix or a directory; Parquet results")
     p.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix or a local directory")
     p.add_argument("--output", required=True, metavar="DEST", help="results: s3://bucket/prefix or a local directory")
     add_checker_options(p)
-    if not any("--max-object-bytes" in a.option_strings for a in p._actions):  # unless the shared options have it
-        p.add_argument(
-            "--max-object-bytes",
-            type=_positive_int,
-            default=DEFAULT_MAX_OBJECT_BYTES,
-            help="objects larger than this are withheld unread as unscorable (default 256 MiB)",
-        )
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default $AWS_ENDPOINT_URL or AWS")
     p.add_argument("--full", action="store_true", help="rescore every object, not only new or changed ones")
     action = p.add_mutually_exclusive_group()
@@ -53,11 +45,11 @@ def register(sub: Any) -> None:
     action.add_argument("--tag", action="store_true", help="tag flagged objects moderation=nsfw (with --apply)")
     p.add_argument("--apply", action="store_true", help="perform the action (default: dry run)")
     p.add_argument("--num-gpus", type=_non_negative_float, default=0.0, help="GPUs per scoring actor (default 0)")
-    p.add_argument("--max-actors", type=_positive_int, help="scoring actors (default: GPUs/--num-gpus, or CPUs/2)")
+    p.add_argument("--max-actors", type=positive_int, help="scoring actors (default: GPUs/--num-gpus, or CPUs/2)")
     p.add_argument(
-        "--threads", type=_positive_int, help="torch threads per CPU scoring actor (default: the CPUs / the actors)"
+        "--threads", type=positive_int, help="torch threads per CPU scoring actor (default: the CPUs / the actors)"
     )
-    p.add_argument("--part-rows", type=_positive_int, default=500, help="rows per committed Parquet part (500)")
+    p.add_argument("--part-rows", type=positive_int, default=500, help="rows per committed Parquet part (500)")
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
 
@@ -90,18 +82,14 @@ def stdout_reserved() -> Iterator[None]:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .cli import UsageError, checker_spec
-    from .errors import DiffguardError
-    from .scan import ScanConfig, run_scan
-    from .storage import StorageError
+    from ..scan import ScanConfig, run_scan
 
     if args.apply and not (args.quarantine or args.tag):
         raise UsageError("--apply needs an action: --quarantine PREFIX or --tag")
-    spec = dataclasses.replace(checker_spec(args), max_object_bytes=args.max_object_bytes)
     cfg = ScanConfig(
         source=args.source,
         output=args.output,
-        checker=spec,
+        checker=checker_spec(args),
         endpoint_url=endpoint(args),
         full=args.full,
         quarantine=args.quarantine,
@@ -157,13 +145,12 @@ def summary_table(s: Any) -> str:
         lines.append(f"  {a.action + ' (flagged)':<24}{state:>10}")
     if a.recovered or a.pending:
         lines.append(f"  {'interrupted moves':<24}{a.recovered:>10,} finished, {a.pending} pending --apply")
-    lines += ["", f"current view: diffguard scan-results {s.output}  (or pipeline.scan_state.read_current)"]
+    lines += ["", f"current view: diffguard scan-results {s.output}  (or pipeline.scan.read_current)"]
     return "\n".join(lines)
 
 
 def cmd_scan_results(args: argparse.Namespace) -> int:
-    from .scan_state import read_current
-    from .storage import StorageError
+    from ..scan import read_current
 
     try:
         table = read_current(args.dest, endpoint(args), non_images=args.non_images)

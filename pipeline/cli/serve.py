@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.run import check_auth, deploy, load_config, url
 
-    from . import models
+    from ..tiny import TINY_BANNER
 
     schema = load_config(args.config, args.host, args.port)  # bad config -> exit 2 before Ray starts
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tiny = any("tiny" in str(app.args) for app in schema.applications)
         print(f"diffguard is serving on {base}  (API docs: {base}/docs, health: {base}/healthz)", flush=True)
         if tiny:
-            log.warning("WARNING: %s", models.TINY_BANNER)
+            log.warning("WARNING: %s", TINY_BANNER)
         print(
             f"try: curl -s -X POST {base}/v1/generate -H 'Content-Type: application/json' "
             f'-d \'{{"prompt": "a red bicycle", "seed": 1, "steps": 4}}\'',

@@ -10,14 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import models
+from ..errors import UsageError
+from ..tiny import TINY, TINY_BANNER
+from .options import add_checker_options, checker_spec
 
 log = logging.getLogger("diffguard")
 
 
 def register(sub: Any) -> None:
-    from .cli import add_checker_options
-
     p = sub.add_parser("generate", help="generate images, check every one, write only what the policy allows")
     p.add_argument("prompt")
     p.add_argument("--out", type=Path, required=True, help="output directory (created; must be empty)")
@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
         help="policy file (YAML) or keyword: default | stock | block | blur | black (the default policy, with "
         "flagged images blocked, blurred or blackened)",
     )
-    p.add_argument("--model", default=models.TINY, help="Stable Diffusion: hub id, directory or 'tiny' (default)")
+    p.add_argument("--model", default=TINY, help="Stable Diffusion: hub id, directory or 'tiny' (default)")
     p.add_argument("--text-encoder", help="swap the text encoder, e.g. aimagelab/safeclip_vit-l_14 (or 'tiny')")
     p.add_argument("--force", action="store_true", help="replace earlier diffguard output in --out")
     add_checker_options(p, model_flag="--checker-model")
@@ -43,8 +43,6 @@ def register(sub: Any) -> None:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    from .cli import UsageError
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir():
@@ -71,10 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from .cli import checker_spec
-    from .generator import GenerationRequest, Generator
-    from .moderate import generate_moderated
-    from .policy import load_policy
+    from ..generator import GenerationRequest, Generator
+    from ..moderate import generate_moderated
+    from ..policy import load_policy
 
     fields = {
         "prompt": args.prompt,
@@ -93,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = Generator.load(args.model, args.device, args.dtype, text_encoder=args.text_encoder)
     checker = checker_spec(args, model=args.checker_model).load()
     if generator.demo or checker.demo:
-        log.warning("WARNING: %s", models.TINY_BANNER)
+        log.warning("WARNING: %s", TINY_BANNER)
     result = generate_moderated(generator, checker, request)
     report = result.report()
     for moderated, entry in zip(result.images, report["images"], strict=True):

@@ -12,15 +12,10 @@ function headers(extra) {
 async function api(path, options) {
   const opts = Object.assign({}, options || {});
   opts.headers = headers(opts.headers);
-  let resp = await fetch(path, opts);
+  const resp = await fetch(path, opts);
   if (resp.status === 401) {
-    const token = window.prompt("API key (DIFFGUARD_API_KEY)");
-    if (token) {
-      state.token = token.trim();
-      sessionStorage.setItem("diffguard-token", state.token);
-      opts.headers = headers(options && options.headers);
-      resp = await fetch(path, opts);
-    }
+    $("auth").hidden = false;
+    $("api-key").focus();
   }
   if (!resp.ok) {
     let detail = resp.statusText;
@@ -160,12 +155,12 @@ function openRelabel() {
   const sel = $("relabel-category");
   sel.textContent = "";
   for (const c of state.info.categories) option(sel, c);
-  $("relabel-note").value = "";
+  $("relabel-note").value = state.note || "";
   $("relabel").showModal();
 }
 
 $("relabel").addEventListener("close", () => {
-  if ($("relabel").returnValue === "ok") decide("relabel", $("relabel-category").value, $("relabel-note").value);
+  if ($("relabel").returnValue === "ok") decide("relabel", $("relabel-category").value, $("relabel-note").value || null);
 });
 
 async function load(reset) {
@@ -205,6 +200,7 @@ document.addEventListener("keydown", (ev) => {
 });
 
 async function start() {
+  for (const id of ["f-state", "f-category", "f-action"]) $(id).querySelectorAll("option[value]:not([value=''])").forEach((o) => o.remove());
   try {
     state.info = await (await api("/api/info")).json();
   } catch (e) {
@@ -215,9 +211,19 @@ async function start() {
   $("f-state").value = "undecided";
   for (const c of state.info.categories) option($("f-category"), c);
   for (const a of state.info.actions) option($("f-action"), a);
-  for (const id of ["f-state", "f-category", "f-action"]) $(id).addEventListener("change", () => load(true));
-  $("more").addEventListener("click", () => load(false));
   await load(true);
 }
+
+for (const id of ["f-state", "f-category", "f-action"]) $(id).addEventListener("change", () => load(true));
+$("more").addEventListener("click", () => load(false));
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.token = $("api-key").value.trim();
+  sessionStorage.setItem("diffguard-token", state.token);
+  $("auth").hidden = true;
+  say("");
+  start();
+});
 
 start();

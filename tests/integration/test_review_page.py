@@ -1,0 +1,147 @@
+"""The review page in a real browser (Playwright driving Debian's Chromium) over the review app on real HTTP: the
+queue renders with blurred thumbnails, the keyboard (j/k/c/o) records decisions, a click reveals one image, relabel
+takes a category from the scan, filters page server-side, and the key is asked for when the app needs one."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.review.decisions import DecisionLog
+from tests.conftest import ROOT
+from tests.integration.review_support import ReviewServer, results
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("DIFFGUARD_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[dev])")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url: str):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context.route(re.compile(r"^(?!http://127\.0\.0\.1:).*"), lambda route: route.abort())  # self-contained page
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.goto(url)
+    return context, page
+
+
+def wait_thumbs(page, n: int) -> None:
+    page.wait_for_function(
+        f"document.querySelectorAll('#queue img.thumb[src^=\"blob:\"]').length >= {n}", timeout=30_000
+    )
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ROOT / "docs" / name), full_page=False)
+
+
+def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
+    keys = [f"uploads/{i:03d}.png" for i in range(40)]
+    results(tmp_path / "dest", tmp_path / "src", keys, seed=21)
+    with ReviewServer(tmp_path / "dest", "--reviewer", "ana") as app:
+        queue = httpx.get(app.url + "/api/items", params={"state": "undecided", "limit": 200}).json()["items"]
+        context, page = open_page(browser, app.url + "/")
+        try:
+            page.wait_for_selector("#queue li.item.current")
+            wait_thumbs(page, 3)
+            shown = page.locator("#queue li.item").evaluate_all("els => els.map(e => e.dataset.key)")
+            assert shown == [i["key"] for i in queue][:50]
+            assert page.locator("#queue img.thumb").first.get_attribute("alt").startswith("blurred")
+
+            # j moves down twice, k back once: the second item; o overturns it, then c confirms the next
+            page.keyboard.press("j")
+            page.keyboard.press("j")
+            page.keyboard.press("k")
+            assert page.locator("#queue li.item.current").get_attribute("data-key") == queue[1]["key"]
+            page.keyboard.press("o")
+            page.wait_for_selector("#queue li.item[data-index='1'] .state.overturn")
+            page.keyboard.press("c")
+            page.wait_for_selector("#queue li.item[data-index='2'] .state.confirm")
+            assert page.locator("#queue li.item.current").get_attribute("data-key") == queue[3]["key"]
+
+            # relabel through the dialog, with a note typed first (n)
+            page.once("dialog", lambda d: d.accept("a cartoon"))
+            page.keyboard.press("n")
+            page.keyboard.press("r")
+            page.select_option("#relabel-category", "hate")
+            page.click("#relabel button[value=ok]")
+            page.wait_for_selector("#queue li.item[data-index='3'] .state.relabel")
+
+            # reveal one thumbnail: the unblurred pixels come only now, for that image only
+            first = page.locator("#queue li.item[data-index='4'] img.thumb")
+            first.click()
+            page.wait_for_function(
+                "document.querySelector(\"#queue li.item[data-index='4'] img.thumb\").dataset.revealed === '1'"
+            )
+            assert page.locator("#queue img.thumb[data-revealed='1']").count() == 1
+            shot(page, "review.png")
+
+            decided = {d.key: d for d in DecisionLog.open(str(tmp_path / "dest")).all()}
+            assert {k: (d.decision, d.category, d.note, d.reviewer) for k, d in decided.items()} == {
+                queue[1]["key"]: ("overturn", None, None, "ana"),
+                queue[2]["key"]: ("confirm", decided[queue[2]["key"]].category, None, "ana"),
+                queue[3]["key"]: ("relabel", "hate", "a cartoon", "ana"),
+            }
+            assert decided[queue[2]["key"]].category in (queue[2]["flagged_categories"] or [None])
+
+            # filters are applied by the server: only overturned objects, then only "flag" actions
+            page.select_option("#f-state", "overturn")
+            page.wait_for_function("document.querySelectorAll('#queue li.item').length === 1")
+            assert page.locator("#queue li.item").get_attribute("data-key") == queue[1]["key"]
+            page.select_option("#f-state", "all")
+            page.select_option("#f-action", "flag")
+            page.wait_for_selector("#queue li.item")
+            actions = page.locator("#queue .badge").all_inner_texts()
+            assert actions and set(actions) == {"flag"}
+            assert page.console_errors == []
+        finally:
+            context.close()
+
+
+def test_the_page_asks_for_the_key_off_loopback(browser, tmp_path):
+    results(tmp_path / "dest", tmp_path / "src", [f"k/{i}.png" for i in range(12)], seed=4)
+    env = {"DIFFGUARD_API_KEY": "review-key-1"}
+    with ReviewServer(tmp_path / "dest", host="0.0.0.0", env=env) as app:
+        context, page = open_page(browser, app.url + "/")
+        try:
+            page.wait_for_selector("#auth:not([hidden])")
+            assert "401" in page.locator("#status").inner_text()
+            page.fill("#api-key", "review-key-1")
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("#queue li.item")
+            wait_thumbs(page, 1)
+            read = "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))"
+            png = page.locator("#queue img.thumb").first.evaluate(read)
+            assert np.asarray(Image.open(io.BytesIO(bytes(png)))).ndim == 3
+        finally:
+            context.close()

@@ -42,19 +42,8 @@ class SafetyCheckerDeployment:
             torch.set_num_threads(self.args.threads)
         if self.args.factory:
             self.checker = import_factory(self.args.factory)(self.args)
-        else:
-            from pipeline import SafetyChecker
-
-            extra = {} if self.args.max_object_bytes is None else {"max_object_bytes": self.args.max_object_bytes}
-            self.checker = SafetyChecker.load(
-                self.args.model,
-                self.args.device,
-                self.args.dtype,
-                max_pixels=self.args.max_pixels,
-                concept_text_model=self.args.concept_text_model,
-                policy=None,  # the policy (and its fallback setting) comes with user_config: reconfigure() runs next
-                **extra,
-            )
+        else:  # the policy (and its fallback setting) comes with user_config: reconfigure() runs next
+            self.checker = self.args.spec().load()
         self.runtime = CheckerRuntime()
         self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
         self.batch_sizes = Histogram(

@@ -1,6 +1,7 @@
 """Typed settings for the Serve app: builder arguments and each deployment's live ``user_config``.
 
-Pydantic only; importing this module never touches torch or model weights.
+Pydantic and the core's torch-free :class:`~pipeline.spec.CheckerSpec`; importing this module never touches torch or
+model weights.
 """
 
 from __future__ import annotations
@@ -8,6 +9,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.spec import CheckerSpec
+
+SPEC = CheckerSpec()  # the core's defaults, which the checker's settings take
 
 
 class CheckerRuntime(BaseModel):
@@ -17,28 +22,34 @@ class CheckerRuntime(BaseModel):
 
     max_batch_size: int = Field(16, ge=1, le=1024)  # images per checker batch (across requests)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)  # how long a partial batch waits for more images
-    adjustment: float = Field(0.0, ge=-1, le=1)  # stricter filter when > 0
+    adjustment: float = Field(SPEC.adjustment, ge=-1, le=1)  # stricter filter when > 0
     thresholds: dict[str, float] = Field(default_factory=dict)  # concept name or index -> threshold override
     concepts: str | None = None  # a saved concept set (custom concepts + overrides) readable by every replica
-    policy: str | None = "default"  # policy file readable by every replica, or default | stock | block | blur | black
+    policy: str | None = SPEC.policy  # policy file readable by every replica, or default | stock | block | blur | black
     # None: a policy whose text concepts cannot be encoded fails the replica at start (DEPLOY_FAILED, with the fix);
     # "stock": opt in to falling back to the stock concepts, loudly (warning, and info()["policy_fallback"])
     policy_fallback: Literal["stock"] | None = None
 
 
 class CheckerArgs(BaseModel):
-    """How checker replicas load their model (fixed for a replica's life)."""
+    """How checker replicas load their model (fixed for a replica's life): the load-time fields of the core's
+    :class:`~pipeline.spec.CheckerSpec`, with its defaults, plus the replica's threads and an optional factory."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "tiny"  # hub id, local directory or "tiny"
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_pixels: int = 40_000_000  # decompression-bomb limit for uploads
-    max_object_bytes: int | None = Field(None, ge=1)  # encoded size above which an image is unscorable (None: core's)
-    concept_text_model: str | None = None  # CLIP text tower for text concepts
+    model: str = SPEC.model  # hub id, local directory or "tiny"
+    device: str = SPEC.device  # auto | cpu | cuda
+    dtype: str = SPEC.dtype  # auto | float32 | bfloat16 | float16
+    max_pixels: int = Field(SPEC.max_pixels, ge=1)  # decompression-bomb limit for uploads
+    max_object_bytes: int = Field(SPEC.max_object_bytes, ge=1)  # encoded size above which an image is unscorable
+    concept_text_model: str | None = SPEC.concept_text_model  # CLIP text tower for text concepts
     threads: int | None = Field(None, ge=1, le=256)  # torch CPU threads (None: Ray's, = the replica's num_cpus)
     factory: str | None = None  # "module:callable" returning a checker (tests inject faults through this)
+
+    def spec(self) -> CheckerSpec:
+        """The core's spec for these arguments, without a policy: replicas load first, then ``reconfigure()`` applies
+        the policy fields of their user_config (:class:`CheckerRuntime`)."""
+        return CheckerSpec(**self.model_dump(exclude={"threads", "factory"}), policy=None)
 
 
 class GeneratorArgs(BaseModel):

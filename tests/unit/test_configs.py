@@ -101,3 +101,21 @@ def test_every_error_class_is_defined_in_errors_py():
         n.name for n in ast.parse((root / "pipeline" / "errors.py").read_text()).body if isinstance(n, ast.ClassDef)
     }
     assert defined == names, f"the pickle walk missed {sorted(defined - names)}"
+
+
+def test_serve_checker_settings_are_derived_from_the_core_spec():
+    """CheckerArgs holds the load-time fields of CheckerSpec with its defaults; CheckerRuntime its policy fields."""
+    import dataclasses
+
+    from deployments.settings import CheckerArgs
+    from pipeline.spec import CheckerSpec
+
+    spec = {f.name: f.default for f in dataclasses.fields(CheckerSpec)}
+    load = {name: f.default for name, f in CheckerArgs.model_fields.items() if name not in ("threads", "factory")}
+    assert load == {name: spec[name] for name in load}
+    runtime = CheckerRuntime().model_dump(include={"adjustment", "concepts", "policy", "policy_fallback"})
+    assert runtime == {name: spec[name] for name in runtime}
+    derived = CheckerArgs(model="/models/checker", max_pixels=1000, concept_text_model="/models/text").spec()
+    assert derived == CheckerSpec(
+        model="/models/checker", max_pixels=1000, concept_text_model="/models/text", policy=None
+    )

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,10 @@ def run_scan_bench(plan: ScanPlan, repo: str) -> dict[str, Any]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from tests.integration.scan_support import new_bucket, put_many  # also sets the fake credentials moto takes
+    # moto takes any credentials; the scan subprocess and its Ray workers inherit these (boto3's standard chain)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(var, None)
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     checker_dir = models.model_dir("vit-b-32")
@@ -49,12 +53,15 @@ def run_scan_bench(plan: ScanPlan, repo: str) -> dict[str, Any]:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         s3 = boto3.client("s3", endpoint_url=endpoint)
-        bucket = new_bucket(s3)
+        bucket = "bench"
+        s3.create_bucket(Bucket=bucket)
         runs = []
         for prefix, n in (("small", plan.small), ("large", plan.images)):
             if n == 0:
                 continue
-            put_many(s3, bucket, {f"{prefix}/{i:05d}.png": bodies[i % len(bodies)] for i in range(n)})
+            objects = {f"{prefix}/{i:05d}.png": bodies[i % len(bodies)] for i in range(n)}
+            with ThreadPoolExecutor(8) as pool:  # within the client's connection pool
+                list(pool.map(lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), objects.items()))
             runs.append({"prefix": prefix, **_scan(bucket, prefix, endpoint, checker_dir, repo), "objects": n})
             log.info("scan %s", runs[-1])
         if plan.one_thread_run:  # before the scan gave its actors --threads: Ray's 1 thread for a 1-CPU actor

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import DiffguardError
-from . import check, evaluate, generate, models, scan, serve
+from . import check, evaluate, generate, models, review, scan, serve
 from .options import EXIT_USAGE
 
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (check, models, generate, serve, evaluate, scan):  # cheap imports only
+    for family in (check, models, generate, serve, evaluate, scan, review):  # cheap imports only
         family.register(sub)
     return parser
 

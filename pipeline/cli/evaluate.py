@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .options import add_checker_options, load_checker
 
 log = logging.getLogger("diffguard")
@@ -15,19 +16,31 @@ log = logging.getLogger("diffguard")
 
 def register(sub: Any) -> None:
     ev = sub.add_parser("evaluate", help="precision/recall/FPR of a policy on a folder of labelled images")
-    ev.add_argument("labelled_dir", type=Path, metavar="LABELLED_DIR", help="safe/, violence/, sexual/, ...")
+    ev.add_argument("labelled_dir", type=Path, nargs="?", metavar="LABELLED_DIR", help="safe/, violence/, sexual/, ...")
+    _label_options(ev)
     ev.add_argument("--plots", type=Path, help="write one score-distribution PNG per category here")
     ev.add_argument("--json", action="store_true", help="one JSON object with the metrics on stdout")
     add_checker_options(ev)
     ev.set_defaults(run=cmd_evaluate)
 
     cal = sub.add_parser("calibrate", help="per-concept thresholds meeting a false-positive rate on safe/")
-    cal.add_argument("labelled_dir", type=Path, metavar="LABELLED_DIR")
+    cal.add_argument("labelled_dir", type=Path, nargs="?", metavar="LABELLED_DIR")
+    _label_options(cal)
     cal.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate on safe/ (default 0.01)")
     cal.add_argument("--out", type=Path, required=True, help="where to write the calibrated policy (YAML)")
     cal.add_argument("--json", action="store_true", help="one JSON object with the expected metrics on stdout")
     add_checker_options(cal)
     cal.set_defaults(run=cmd_calibrate)
+
+
+def _label_options(p: Any) -> None:
+    p.add_argument(
+        "--labels",
+        metavar="DEST",
+        help="review decisions under a scan's DEST as labels (confirm: its category, overturn: safe, relabel: its "
+        "category), alone or with LABELLED_DIR; images are read from the scan's SOURCE",
+    )
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint for --labels (default $AWS_ENDPOINT_URL or AWS)")
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -54,8 +67,17 @@ def _setup(args: argparse.Namespace):
 
     if args.policy in ("block", "blur", "black"):
         log.info("evaluating the default policy (the keyword only changes its actions)")
+    if args.labelled_dir is None and args.labels is None:
+        raise UsageError("labels: got neither LABELLED_DIR nor --labels DEST; allowed: either, or both")
     checker = load_checker(args)
-    return checker, load_labelled(args.labelled_dir, checker)
+    sets = [load_labelled(args.labelled_dir, checker)] if args.labelled_dir is not None else []
+    if args.labels is not None:
+        from ..review.labels import load_decision_labels, merge
+        from .scan import endpoint
+
+        sets.append(load_decision_labels(args.labels, checker, endpoint(args)))
+        log.info("%d images labelled by review decisions under %s", len(sets[-1].labels), args.labels)
+    return checker, sets[0] if len(sets) == 1 else merge(*sets)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

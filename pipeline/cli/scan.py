@@ -44,6 +44,11 @@ def register(sub: Any) -> None:
     action.add_argument("--quarantine", metavar="PREFIX", help="move flagged objects under PREFIX (with --apply)")
     action.add_argument("--tag", action="store_true", help="tag flagged objects moderation=nsfw (with --apply)")
     p.add_argument("--apply", action="store_true", help="perform the action (default: dry run)")
+    p.add_argument(
+        "--release",
+        action="store_true",
+        help="move objects a reviewer overturned back out of quarantine and remove the tag set (with --apply)",
+    )
     p.add_argument("--num-gpus", type=_non_negative_float, default=0.0, help="GPUs per scoring actor (default 0)")
     p.add_argument("--max-actors", type=positive_int, help="scoring actors (default: GPUs/--num-gpus, or CPUs/2)")
     p.add_argument(
@@ -84,8 +89,8 @@ def stdout_reserved() -> Iterator[None]:
 def cmd_scan(args: argparse.Namespace) -> int:
     from ..scan import ScanConfig, run_scan
 
-    if args.apply and not (args.quarantine or args.tag):
-        raise UsageError("--apply needs an action: --quarantine PREFIX or --tag")
+    if args.apply and not (args.quarantine or args.tag or args.release):
+        raise UsageError("--apply needs an action: --quarantine PREFIX, --tag or --release")
     cfg = ScanConfig(
         source=args.source,
         output=args.output,
@@ -95,6 +100,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         quarantine=args.quarantine,
         tag=args.tag,
         apply=args.apply,
+        release=args.release,
         batch_size=args.batch_size,
         num_gpus=args.num_gpus,
         max_actors=args.max_actors,
@@ -143,6 +149,15 @@ def summary_table(s: Any) -> str:
         else:
             state = f"{a.eligible:,} would be done (dry run: add --apply)"
         lines.append(f"  {a.action + ' (flagged)':<24}{state:>10}")
+    if s.overturned:
+        lines.append(f"  {'overturned (review)':<24}{s.overturned:>10,}  (never acted on)")
+    if (r := s.release) is not None:
+        state = (
+            f"{r.done:,} done" + (f", {r.failed:,} failed" if r.failed else "")
+            if r.applied
+            else f"{r.eligible:,} would be"
+        )
+        lines.append(f"  {'release (overturned)':<24}{state:>10}")
     if a.recovered or a.pending:
         lines.append(f"  {'interrupted moves':<24}{a.recovered:>10,} finished, {a.pending} pending --apply")
     lines += ["", f"current view: diffguard scan-results {s.output}  (or pipeline.scan.read_current)"]

@@ -234,15 +234,21 @@ def recover(
     return len(done), pending
 
 
-def eligible(current: pa.Table, listed: dict[str, str], action: str) -> list[int]:
+def eligible(
+    current: pa.Table, listed: dict[str, str], action: str, decisions: dict[str, str] | None = None
+) -> list[int]:
     """Rows of flagged objects (the policy withholds them, or they could not be scored) still present with the scanned
-    etag, not yet acted on."""
+    etag, not yet acted on. ``decisions`` (key -> the review decision in force for the current etag): an ``overturn``
+    is never acted on; ``confirm`` and ``relabel`` are acted on as flagged objects are, even a reported one."""
+    decisions = decisions or {}
     out = []
     cols = ("key", "etag", "flagged", "error", "quarantined_to", "tagged")
     for i, r in enumerate(zip(*(current[c].to_pylist() for c in cols), strict=True)):
         key, etag, flagged, error, quarantined_to, tagged = r
         pending = quarantined_to is None if action == "quarantine" else not tagged
-        if flagged and listed.get(key) == etag and pending:  # scored and withheld, or unscorable (never a read error)
+        decision = decisions.get(key)
+        withheld = (flagged and decision != "overturn") or decision in ("confirm", "relabel")
+        if withheld and listed.get(key) == etag and pending:  # scored and withheld, or unscorable (never a read error)
             out.append(i)
     return out
 
@@ -256,13 +262,14 @@ def apply_actions(
     quarantine: Location | None,
     dest: Location,
     writer: PartWriter,
+    decisions: dict[str, str] | None = None,
 ) -> ActionReport:
     report = ActionReport(action, apply)
     if action is None:
         return report
     if action == "quarantine" and quarantine is None:
         raise InvalidInput("the quarantine action needs a quarantine location")
-    rows = eligible(current, listed, action)
+    rows = eligible(current, listed, action, decisions)
     report.eligible = len(rows)
     if not apply:
         if rows:

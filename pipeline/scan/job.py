@@ -32,11 +32,13 @@ from ..concepts import ConceptSet
 from ..errors import DiffguardError, ImageDecodeError, InvalidInput
 from ..images import SNIFF_BYTES, DecodeLimits, decode, identify
 from ..policy import image_action, withheld
+from ..review.decisions import current_decisions
 from ..spec import CheckerSpec
 from ..tiny import TINY_BANNER
 from ..verdict import Verdict
 from .actions import apply_actions, recover
 from .plan import ScanConfig, ScanSummary, layout, list_source, named_image, plan
+from .release import recover_releases, release
 from .state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
 from .storage import ObjectInfo, S3Store, StorageError, Store, sha256
 
@@ -232,6 +234,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     summary = ScanSummary(str(source), cfg.output, state.last_run + 1, checker.fingerprint, checker.demo)
     writer = PartWriter(dest, summary.run)
     recovered, pending = recover(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
+    recovered += recover_releases(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
     objects, summary.skipped_symlinks = list_source(source, exclude)
     if recovered:
         state = load_state(dest)
@@ -254,7 +257,13 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
     listed = {o.key: o.etag for o in objects}
     current = load_state(dest).current
-    summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer)
+    if cfg.release:
+        summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url)
+        listed.update(restored)  # back in the source: kept by the compaction below
+        current = load_state(dest).current
+    decisions = {k: d.decision for k, d in current_decisions(dest, current, cfg.endpoint_url).items()}
+    summary.overturned = sum(1 for d in decisions.values() if d == "overturn")
+    summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer, decisions)
     summary.actions.recovered, summary.actions.pending = recovered, pending
     manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
     compact(dest, summary.run, str(source), set(listed), manifest_summary)

@@ -34,6 +34,7 @@ class ScanConfig:
     quarantine: str | None = None  # move flagged objects under this prefix (with apply)
     tag: bool = False  # tag flagged objects moderation=nsfw (with apply)
     apply: bool = False  # without it, actions are a dry run
+    release: bool = False  # move overturned objects (diffguard review) back out of quarantine, untag them (with apply)
     batch_size: int = 32  # rows per map_batches call in every stage
     num_gpus: float = 0.0  # per scoring actor
     max_actors: int | None = None  # scoring actors (default: GPUs / num_gpus, or half the CPUs)
@@ -59,10 +60,15 @@ class ScanSummary:
     unscorable: int = 0  # of the errors: read but not scorable (withheld by the policy's unscorable_action)
     truncated: int = 0  # of those scanned: truncated files scored on what decodes
     actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
+    release: Any = None  # a release.ReleaseReport when --release was given
+    overturned: int = 0  # flagged objects left alone because a reviewer overturned them
 
     def as_json(self) -> dict[str, Any]:
         keys = ("scanned", "skipped_unchanged", "skipped_non_image", "skipped_symlinks", "flagged", "errors")
-        return {**{k: getattr(self, k) for k in keys}, "output": self.output}
+        out = {**{k: getattr(self, k) for k in keys}, "output": self.output}
+        if self.release is not None:
+            out["released"] = self.release.done if self.release.applied else 0
+        return out
 
 
 def list_source(source: Location, exclude: list[str]) -> tuple[list[ObjectInfo], int]:

@@ -483,6 +483,25 @@ class S3Store(Store):
         except (BotoCoreError, ClientError) as exc:
             raise self._error("tag", key, exc) from None
 
+    def untag(self, key: str, tags: dict[str, str], etag: str) -> None:
+        """Remove ``tags`` (each only while it still has the value given) from the object's tag set; others are kept."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        current = self.head(key)
+        if current is None or current.etag != etag:
+            raise StorageError(f"{self.url(key)} changed since it was scanned; not untagged")
+        try:
+            existing = self.client.get_object_tagging(Bucket=self.bucket, Key=key)["TagSet"]
+            kept = [t for t in existing if tags.get(t["Key"]) != t["Value"]]
+            if len(kept) == len(existing):
+                return
+            if kept:
+                self.client.put_object_tagging(Bucket=self.bucket, Key=key, Tagging={"TagSet": kept})
+            else:
+                self.client.delete_object_tagging(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("untag", key, exc) from None
+
 
 # --- locations --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)

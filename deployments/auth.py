@@ -7,6 +7,7 @@ only on a loopback host, unless its config says ``allow_unauthenticated: true``.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Mapping
 from typing import Any
@@ -55,3 +56,11 @@ def require_key_or_loopback(host: str | None, key: str | None, allow_unauthentic
 def auth_info(key: str | None, allow_unauthenticated: bool, host: str | None) -> dict[str, Any]:
     """What ``/v1/info`` reports about authentication (never the key)."""
     return {"required": key is not None, "allow_unauthenticated": allow_unauthenticated, "host": host}
+
+
+def authorized(header: str | None, key: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <key>`` (constant-time); always true without a key."""
+    if key is None:  # only ever None where the start-up rule allowed it (loopback, or allow_unauthenticated)
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())

@@ -10,20 +10,25 @@ exists is a 503 with no image bytes.
 
 import asyncio
 import base64
-import hmac
+import html
 import io
-import json
 import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, File, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
+from starlette.exceptions import HTTPException
 
 from pipeline.errors import (
     DiffguardError,
@@ -35,17 +40,31 @@ from pipeline.errors import (
     UnsupportedMediaType,
 )
 
-from .auth import api_key, auth_info, require_key_or_loopback
+from .auth import api_key, auth_info, authorized, require_key_or_loopback
+from .edge import UNAUTHORIZED, Edge, EdgeSettings
 from .health import ReplicaState
+from .schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    InfoResponse,
+    ModerateResponse,
+    error_responses,
+    schema_with_limits,
+)
 from .settings import IngressArgs
-from .uploads import check_request_pixels, listing, multipart_files
+from .uploads import check_request_pixels, listing
+from .validation import describe_validation
 
 log = logging.getLogger("ray.serve")
+STATIC = Path(__file__).parent / "static"
 
-api = FastAPI(
+# Swagger UI and ReDoc from the assets fastapi-offline ships (no CDN): /docs and /redoc render with no network.
+api = FastAPIOffline(
     title="diffguard",
     description="Moderated text-to-image generation and image moderation. Every image that leaves was scored by "
-    "the safety checker in the same request.",
+    'the safety checker in the same request. Errors are always `{"error", "request_id"}`. The page at `/` '
+    "drives this API.",
     version="0.1.0",
 )
 
@@ -72,11 +91,43 @@ def _request_id(request: Request) -> str:
     return rid
 
 
+api.add_middleware(Edge, request_id=_request_id)  # the key and the body limits before any route reads the body
+api.mount("/page", StaticFiles(directory=STATIC), name="page")
+
+
 @api.exception_handler(DiffguardError)
 async def _diffguard_error(request: Request, exc: DiffguardError) -> JSONResponse:
     retry = request.app.state.retry_after_s if exc.status_code == 503 else None
     message = getattr(exc, "message", None) or str(exc)  # errors re-raised from another replica keep only str()
     return _error(exc.status_code, message, _request_id(request), retry)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation errors in the one error shape: the field, the value received and what is allowed."""
+    limits = getattr(request.app.state, "limits", None)
+    return _error(422, describe_validation(exc.errors(), limits), _request_id(request))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (404, 405, a malformed multipart body) in the one error shape."""
+    rid, causes, cause = _request_id(request), [], exc.__cause__ or exc.__context__
+    while cause is not None and len(causes) < 5:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, RecursionError) for c in causes):  # FastAPI's JSON parse hit the recursion limit
+        return _error(422, "the JSON body is nested too deeply; requests are flat objects of fields", rid)
+    if exc.status_code == 400 and str(request.url.path).endswith("/v1/generate"):  # FastAPI could not parse it
+        why = next((str(c) for c in causes if isinstance(c, ValueError)), "not UTF-8 JSON")
+        return _error(422, f"the body is not valid JSON ({why[:200]})", rid)
+    message = str(exc.detail)
+    if exc.status_code == 400 and message.startswith("Too many files"):  # past starlette's own file cap
+        limit = request.app.state.edge.max_files
+        return _error(413, f"the request carries more than {limit} files (`max_files_per_request`)", rid)
+    if exc.status_code == 400 and str(request.url.path).endswith("/v1/moderate"):
+        message = f"malformed multipart body: {message}"
+    return _error(exc.status_code, message, rid)
 
 
 @api.exception_handler(Exception)
@@ -86,27 +137,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "internal error; quote the request id when reporting it", rid)
 
 
-def _authorize(request: Request) -> None:
-    key = request.app.state.api_key
-    if key is None:  # only ever None where the start-up rule allowed it (loopback, or allow_unauthenticated)
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
+_bearer = HTTPBearer(auto_error=False, description="DIFFGUARD_API_KEY, when the service has one (see /v1/info `auth`)")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """Per route (the Edge middleware already refused wrong keys before reading the body); declares the scheme."""
+    if not authorized(request.headers.get("authorization"), request.app.state.edge.api_key):
+        raise Unauthorized(UNAUTHORIZED)
+
+
+def _json_only(request: Request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind or 'no Content-Type'!r}")
 
 
 def _png_base64(image: Any) -> str:
@@ -127,6 +170,23 @@ def _http_host() -> str | None:
     except Exception as exc:  # noqa: BLE001 - unknown counts as reachable by others (the rule fails closed)
         log.warning("could not read the HTTP host from the Serve controller: %r", exc)
         return None
+
+
+RAW_BODY = {
+    "requestBody": {
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "description": "multipart/form-data with one or more `files`, or one raw image body (filename from X-Filename)",
+    }
+}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 @serve.deployment(
@@ -155,8 +215,11 @@ class Ingress:
         self.host = _http_host()
         require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
         self.auth = auth_info(key, self.args.allow_unauthenticated, self.host)
-        api.state.api_key = key
+        api.state.edge = EdgeSettings(key, self.args.max_body_bytes, self.args.max_files_per_request)
+        api.state.limits = self.limits
         api.state.retry_after_s = self.args.retry_after_s
+        api.openapi_schema = None
+        api.openapi = self._openapi  # this deployment's limits as the schema's bounds
         self.state = ReplicaState(serve.get_replica_context().app_name, self.args.health_timeout_s)
         self.generator_info: dict[str, Any] | None = None  # static per replica: fetched once, never behind renders
         self.latency = Histogram(
@@ -165,6 +228,14 @@ class Ingress:
             boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
             tag_keys=("route",),
         )
+
+    def _openapi(self) -> dict[str, Any]:
+        if api.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            document = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            api.openapi_schema = schema_with_limits(document, self.limits, self.args.max_files_per_request)
+        return api.openapi_schema
 
     async def _call(self, response: Any, timeout: float, what: str) -> Any:
         """Await a handle call; every way it can fail becomes a 503 (``Unavailable``)."""
@@ -191,31 +262,32 @@ class Ingress:
         self.latency.observe(time.perf_counter() - start, tags={"route": route})
         return results
 
-    @api.post("/v1/generate", dependencies=[Depends(_authorize)])
-    async def generate(self, request: Request) -> JSONResponse:
-        """Generate images from a JSON body of request fields; flagged images are handled by the policy."""
+    @api.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        """The page: plain HTML, CSS and JavaScript from the package, driving this API (no CDN, works offline)."""
+        base = html.escape(request.scope.get("root_path", "").rstrip("/") + "/", quote=True)
+        text = (STATIC / "index.html").read_text().replace("{{base}}", base)
+        return HTMLResponse(text, headers=PAGE_HEADERS)
+
+    @api.post(
+        "/v1/generate",
+        dependencies=[Depends(_authorize), Depends(_json_only)],
+        response_model=GenerateResponse,
+        responses=error_responses(401, 413, 415, 422, 503),
+    )
+    async def generate(self, request: Request, body: GenerateRequest) -> dict[str, Any]:
+        """Generate images from a prompt. Every image is scored by the checker in this request and the policy
+        decides what leaves: allowed and flagged images as they are, blurred or black ones as such, blocked ones not
+        at all (`image_png_base64` is null). No verdict, no pixels: a 503."""
         from pipeline.moderate import model_info, moderate
-        from pipeline.requests import GenerationRequest
 
         rid = _request_id(request)
         if self.generator is None:
             raise Unavailable("this deployment serves moderation only (no generator configured)")
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if kind not in ("application/json", ""):
-            raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind!r}")
-        body = await _read_body(request, self.args.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"the body is not valid JSON ({exc})") from None
-        except RecursionError:
-            raise InvalidInput("the JSON body is nested too deeply; requests are flat objects of fields") from None
-        parsed = GenerationRequest.parse(data, self.limits)
-        log.info(
-            "request %s: generate %d image(s), %d steps, safety=%s", rid, parsed.num_images, parsed.steps, parsed.safety
-        )
+        body.check(self.limits)  # this deployment's limits (the schema shows them); InvalidInput names each field
+        log.info("request %s: generate %d image(s), %d steps, safety=%s", rid, body.num_images, body.steps, body.safety)
         rendering = await self._call(
-            self.generator.render.remote(parsed.model_dump()), self.args.generator_timeout_s, "generator"
+            self.generator.render.remote(body.model_dump()), self.args.generator_timeout_s, "generator"
         )
         images = rendering["images"]
         self.generator_info = self.generator_info or rendering["info"]
@@ -226,41 +298,53 @@ class Ingress:
         models["checker_fingerprint"] = results[0]["fingerprint"]  # the policy that scored these very images
         out = []
         for m, r in zip(moderated, results, strict=True):
-            out.append(
-                {
-                    "index": m.index,
-                    "nsfw": m.nsfw,
-                    "action": m.action,
-                    "flagged_categories": m.verdict.flagged_categories,
-                    "image_png_base64": _png_base64(m.image) if m.image is not None else None,
-                    "moderation": {**m.verdict.to_dict(), "action": m.action, "batch_size": r["batch_size"]},
-                }
-            )
+            row = m.report()  # the core's one shape for a moderated image
+            row["moderation"].update(action=m.action, batch_size=r["batch_size"])
+            row["image_png_base64"] = _png_base64(m.image) if m.image is not None else None
+            out.append(row)
         log.info("request %s: %s", rid, [m.action for m in moderated])
-        return JSONResponse(
-            {
-                "request_id": rid,
-                "seed": rendering["seed"],
-                "width": rendering["width"],
-                "height": rendering["height"],
-                "warnings": rendering["warnings"],
-                "images": out,
-                "models": models,
-            },
-        )
+        return {
+            "request_id": rid,
+            "seed": rendering["seed"],
+            "width": rendering["width"],
+            "height": rendering["height"],
+            "warnings": rendering["warnings"],
+            "images": out,
+            "models": models,
+        }
 
-    @api.post("/v1/moderate", dependencies=[Depends(_authorize)])
-    async def moderate_uploads(self, request: Request) -> JSONResponse:
-        """Score uploaded images: multipart with one or more `files`, or one raw image body."""
+    @api.post(
+        "/v1/moderate",
+        dependencies=[Depends(_authorize)],
+        response_model=ModerateResponse,
+        responses=error_responses(400, 401, 413, 415, 422, 503),
+        openapi_extra=RAW_BODY,
+    )
+    async def moderate_uploads(
+        self,
+        request: Request,
+        files: list[UploadFile] | None = File(None, description="one or more images (multipart/form-data)"),
+        x_filename: str | None = Header(None, description="the filename reported for a raw image body"),
+    ) -> dict[str, Any]:
+        """Score uploaded images: multipart with one or more `files`, or one raw `image/*` or
+        `application/octet-stream` body. An undecodable file gets its own row with `error` (the policy's
+        unscorable action); only when every file fails is it a 400."""
         from pipeline.policy import image_action
 
         rid = _request_id(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await _read_body(request, self.args.max_body_bytes)
         if kind == "multipart/form-data":
-            names, blobs = await multipart_files(request, body, self.args.max_files_per_request)
+            if not files:
+                fields = sorted((await request.form()).keys())
+                raise InvalidInput(f"multipart body has no `files` field with a file; fields: [{listing(fields)}]")
+            if len(files) > self.args.max_files_per_request:  # the Edge counted parts; this counts what parsed
+                raise PayloadTooLarge(
+                    f"the request carries {len(files)} files; the limit is {self.args.max_files_per_request} "
+                    f"(`max_files_per_request`)"
+                )
+            names, blobs = [f.filename for f in files], [await f.read() for f in files]
         elif kind.startswith("image/") or kind in ("application/octet-stream", ""):
-            names, blobs = [request.headers.get("x-filename")], [body]
+            names, blobs = [x_filename], [await request.body()]
         else:
             raise UnsupportedMediaType(
                 f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; "
@@ -283,11 +367,13 @@ class Ingress:
             detail = listing([f"{row['filename'] or 'body'}: {row['error']}" for row in rows])
             raise ImageDecodeError(f"no uploaded file could be decoded: {detail}")
         log.info("request %s: moderated %d file(s), %d flagged", rid, len(rows), sum(r["nsfw"] for r in rows))
-        return JSONResponse(
-            {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]},
-        )
+        return {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]}
 
-    @api.get("/healthz")
+    @api.get(
+        "/healthz",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse, "description": "a deployment has no running replica"}},
+    )
     async def healthz(self) -> JSONResponse:
         """200 when every deployment has a running replica (the Serve controller's state, cached for a second: never
         a call that queues behind renders); 503 otherwise. Open without an API key."""
@@ -305,27 +391,30 @@ class Ingress:
             )
         return self.generator_info
 
-    @api.get("/v1/info", dependencies=[Depends(_authorize)])
-    async def info(self) -> JSONResponse:
+    @api.get(
+        "/v1/info",
+        dependencies=[Depends(_authorize)],
+        response_model=InfoResponse,
+        responses=error_responses(401, 503),
+    )
+    async def info(self) -> dict[str, Any]:
         """Models, fingerprints, thresholds, batching and autoscaling settings, and whether demo weights are in use."""
         checker = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
         generator = await self._generator_info()
         demo = checker["demo_weights"] or bool(generator and generator["demo_weights"])
-        return JSONResponse(
-            {
-                "checker": checker,
-                "generator": generator,
-                "demo_weights": demo,
-                "note": "tiny demo weights: verdicts are meaningless" if demo else None,
-                "policy": checker.get("policy"),
-                "limits": self.limits.__dict__,
-                "request_limits": {
-                    "max_body_bytes": self.args.max_body_bytes,
-                    "max_files_per_request": self.args.max_files_per_request,
-                    "max_request_pixels": self.args.max_request_pixels,
-                    "max_image_pixels": self.image_max_pixels,
-                },
-                "auth": self.auth,
-                "deployments": await self.state.settings(),
-            }
-        )
+        return {
+            "checker": checker,
+            "generator": generator,
+            "demo_weights": demo,
+            "note": "tiny demo weights: verdicts are meaningless" if demo else None,
+            "policy": checker.get("policy"),
+            "limits": self.limits.__dict__,
+            "request_limits": {
+                "max_body_bytes": self.args.max_body_bytes,
+                "max_files_per_request": self.args.max_files_per_request,
+                "max_request_pixels": self.args.max_request_pixels,
+                "max_image_pixels": self.image_max_pixels,
+            },
+            "auth": self.auth,
+            "deployments": await self.state.settings(),
+        }

@@ -1,0 +1,212 @@
+"""The HTTP API's request and response models: the OpenAPI document that clients, fuzzers and the page rely on.
+
+Pydantic only (no Ray, no torch). ``GenerateRequest`` is the core's ``GenerationRequest``: the same fields, types and
+checks, with the ``GenerationLimits`` shown as JSON-schema bounds (:func:`schema_with_limits` rewrites them for the
+limits a deployment configures). Every error, whatever its status, is one :class:`ErrorResponse`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.requests import MAX_SEED, GenerationLimits, GenerationRequest
+
+Action = Literal["allow", "flag", "blur", "black", "block"]
+
+
+def _bounds(limits: GenerationLimits) -> dict[str, dict[str, Any]]:
+    """JSON-schema keywords per field for these limits (what ``GenerationRequest.check`` enforces)."""
+    size = {"minimum": limits.min_size, "maximum": limits.max_size, "multipleOf": limits.size_multiple}
+    return {
+        "prompt": {"minLength": 1, "maxLength": limits.max_prompt_chars},
+        "negative_prompt": {"maxLength": limits.max_prompt_chars},
+        "num_images": {"minimum": 1, "maximum": limits.max_images},
+        "steps": {"minimum": limits.min_steps, "maximum": limits.max_steps},
+        "guidance_scale": {"minimum": limits.min_guidance, "maximum": limits.max_guidance},
+        "width": size,
+        "height": size,
+        "seed": {"minimum": 0, "maximum": MAX_SEED},
+    }
+
+
+def _apply_bounds(schema: dict[str, Any], limits: GenerationLimits) -> None:
+    for name, keywords in _bounds(limits).items():
+        prop = schema.get("properties", {}).get(name)
+        if prop is None:
+            continue
+        # `int | None` is anyOf [{type: integer}, {type: null}]: the bounds belong to the non-null branch
+        targets = [b for b in prop.get("anyOf", [prop]) if b.get("type") in ("integer", "number", "string")]
+        for target in targets:
+            target.update(keywords)
+
+
+class GenerateRequest(GenerationRequest):
+    """``POST /v1/generate``'s JSON body: the core's ``GenerationRequest`` (unknown fields are refused)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="GenerateRequest",
+        json_schema_extra=lambda schema, _: _apply_bounds(schema, GenerationLimits()),
+        json_schema_mode_override="validation",
+    )
+
+
+def schema_with_limits(openapi: dict[str, Any], limits: GenerationLimits, max_files: int) -> dict[str, Any]:
+    """The app's OpenAPI document with this deployment's limits: ``GenerateRequest``'s bounds and the most files
+    ``/v1/moderate`` takes (its multipart body requires ``files``)."""
+    components = openapi.get("components", {}).get("schemas", {})
+    if "GenerateRequest" in components:
+        _apply_bounds(components["GenerateRequest"], limits)
+    multipart = (
+        openapi.get("paths", {})
+        .get("/v1/moderate", {})
+        .get("post", {})
+        .get("requestBody", {})
+        .get("content", {})
+        .get("multipart/form-data", {})
+        .get("schema", {})
+    )
+    ref = multipart.get("$ref", "").rpartition("/")[2]
+    if ref in components:
+        body = components[ref]
+        body["required"] = ["files"]
+        files = body["properties"]["files"]
+        array = next((b for b in files.get("anyOf", [files]) if b.get("type") == "array"), files)
+        keep = {k: v for k, v in files.items() if k in ("title", "description")}
+        body["properties"]["files"] = {**array, **keep, "minItems": 1, "maxItems": max_files}
+    return openapi
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what went wrong, worded for the client (fields, values and allowed ranges), and the request id."""
+
+    error: str = Field(description="what went wrong and what is allowed; at most 10 problems are listed")
+    request_id: str = Field(description="Serve's request id (also the X-Request-ID header): quote it when reporting")
+
+
+class Moderation(BaseModel):
+    """One image's verdict (the core's ``Verdict``) with the action taken and the checker batch that scored it."""
+
+    nsfw: bool = Field(description="a stock concept's margin is > 0")
+    concept_scores: list[float] = Field(description="margin per concept (cosine - threshold + adjustment); > 0 hits")
+    special_scores: list[float] = Field(description="margin per special-care concept")
+    bad_concepts: list[int] = Field(description="indices into concept_scores with a margin > 0")
+    bad_concept_names: list[str]
+    special_care: bool
+    categories: dict[str, float] = Field(description="policy category -> its highest concept margin (> 0 flags it)")
+    flagged_categories: list[str] = Field(description="categories with a margin > 0")
+    action: Action = Field(description="what the policy did with the image")
+    error: str | None = Field(description="why the image could not be scored (then `unscorable`)")
+    truncated: bool = Field(description="scored on what decodes of a truncated file")
+    unscorable: bool = Field(description="read but not scorable; `action` is the policy's unscorable_action")
+    batch_size: int = Field(description="images in the checker batch that scored this one (across requests)")
+
+
+class GeneratedImage(BaseModel):
+    index: int
+    nsfw: bool
+    action: Action
+    flagged_categories: list[str]
+    image_png_base64: str | None = Field(
+        description="the PNG the policy releases (blurred or black if so); null when blocked"
+    )
+    moderation: Moderation
+
+
+class ModelsUsed(BaseModel):
+    generator: str
+    generator_fingerprint: str
+    text_encoder: str | None
+    checker: str
+    checker_fingerprint: str = Field(description="the policy that scored these very images")
+    demo_weights: bool = Field(description="tiny demo weights: verdicts are meaningless")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    seed: int = Field(description="the seed that reproduces these images (same device and dtype)")
+    width: int
+    height: int
+    warnings: list[str]
+    images: list[GeneratedImage]
+    models: ModelsUsed
+
+
+class ModerationResult(Moderation):
+    """One uploaded file's row; an undecodable file has ``error`` and ``unscorable`` set."""
+
+    filename: str | None = Field(description="the multipart filename, or X-Filename for a raw body")
+
+
+class ModerateResponse(BaseModel):
+    request_id: str
+    fingerprint: str = Field(description="the checker policy that scored these files")
+    results: list[ModerationResult] = Field(description="one row per file, in the order sent")
+
+
+class HealthResponse(BaseModel):
+    ready: bool = Field(description="every deployment has a running replica")
+    deployments: dict[str, str] = Field(description='label -> "ready" or "unavailable: <why>"')
+
+
+class RequestLimits(BaseModel):
+    max_body_bytes: int
+    max_files_per_request: int
+    max_request_pixels: int
+    max_image_pixels: int
+
+
+class AuthInfo(BaseModel):
+    required: bool = Field(description="`Authorization: Bearer <key>` is needed on every /v1 route")
+    allow_unauthenticated: bool
+    host: str | None
+
+
+class Limits(BaseModel):
+    """The ``GenerationLimits`` this deployment validates requests against."""
+
+    max_prompt_chars: int
+    max_images: int
+    min_steps: int
+    max_steps: int
+    min_guidance: float
+    max_guidance: float
+    min_size: int
+    max_size: int
+    size_multiple: int
+
+
+class InfoResponse(BaseModel):
+    checker: dict[str, Any] = Field(description="model, fingerprint, concepts and thresholds, policy, batching")
+    generator: dict[str, Any] | None = Field(description="model and fingerprint; null for a moderation-only service")
+    demo_weights: bool
+    note: str | None
+    policy: dict[str, Any] | None
+    limits: Limits
+    request_limits: RequestLimits
+    auth: AuthInfo
+    deployments: dict[str, Any] = Field(description="each deployment's status, replicas, autoscaling, user_config")
+
+
+STATUS_WHEN = {
+    400: "an upload could not be decoded (every file; names them), or a malformed multipart body",
+    401: "API key missing or wrong (`Authorization: Bearer <key>`)",
+    413: "body over max_body_bytes; more files than max_files_per_request or more pixels than max_request_pixels",
+    415: "wrong content type",
+    422: "invalid JSON or parameters (names the field, the value and the allowed range); JSON nested too deeply",
+    503: "checker or generator unavailable, failing or too slow, or overload: nothing was released; retry later",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status with the one error schema (503 with its Retry-After header)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": STATUS_WHEN[status]}
+        if status == 503:
+            out[status]["headers"] = RETRY_AFTER
+    return out

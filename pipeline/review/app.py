@@ -17,7 +17,6 @@ Bound to loopback by default; with ``DIFFGUARD_API_KEY`` set (required on any ot
 from __future__ import annotations
 
 import getpass
-import hmac
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from ..auth import authorized
 from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorized
 from ..images import DecodeLimits, decode
 from ..policy import blur
@@ -214,10 +214,7 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
     state = ReviewApp(dest, endpoint_url, reviewer)
 
     def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if not authorized(request.headers.get("authorization"), api_key):
             raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
 
     api = FastAPI(

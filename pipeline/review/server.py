@@ -6,8 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from deployments.auth import ENV, api_key, is_loopback
-
+from ..auth import ENV, api_key, is_loopback
 from ..errors import AuthConfigError
 
 log = logging.getLogger("diffguard")

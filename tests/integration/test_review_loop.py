@@ -155,3 +155,36 @@ def test_tag_then_release_removes_only_the_scan_tag(s3, s3_endpoint, capsys):
     assert rows[key]["tagged"] is False and all(rows[k]["tagged"] for k in flagged[1:])
     assert scan(capsys, *args, "--tag", "--apply")[0] == 0  # the overturn holds: never tagged again
     assert tags() == {"owner": "ana"}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_local_release_carries_the_overturn_to_the_restored_file(capsys, tmp_path):
+    from pipeline.review.decisions import DecisionLog
+    from pipeline.scan.release import RELEASER
+
+    src, dest, held = tmp_path / "src", tmp_path / "dest", tmp_path / "held"
+    images = {f"d/{i}.png": png(950 + i, (24, 32)) for i in range(8)}
+    for key, data in images.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(data)
+    adjustment = mixed_adjustment(checker_at(0.0), list(images.values()))
+    args = (str(src), "--output", str(dest), "--adjustment", str(adjustment))
+    assert scan(capsys, *args, "--quarantine", str(held), "--apply")[0] == 0
+    flagged = sorted(k for k, r in rows_by_key(str(dest)).items() if r["flagged"])
+    key = flagged[0]
+    assert not (src / key).exists() and (held / key).read_bytes() == images[key]
+    old_etag = rows_by_key(str(dest))[key]["etag"]
+    with ReviewServer(dest) as app:
+        decide(app.url, key, "overturn")
+    rc, out = scan(capsys, *args, "--release", "--apply")
+    assert rc == 0 and out["released"] == 1
+    assert (src / key).read_bytes() == images[key] and not (held / key).exists()
+    row = rows_by_key(str(dest))[key]
+    assert row["etag"] != old_etag and row["quarantined_to"] is None  # a new file: a new etag
+    latest = DecisionLog.open(str(dest)).latest()
+    assert latest[(key, row["etag"])].decision == "overturn" and latest[(key, row["etag"])].reviewer == RELEASER
+    rc, out = scan(capsys, *args, "--quarantine", str(held), "--apply")  # unchanged, not rescored, not moved again
+    assert rc == 0 and out["scanned"] == 0 and (src / key).exists() and not (held / key).exists()
+    capsys.readouterr()
+    assert main(["decisions", str(dest)]) == 0
+    assert "(stale)" in capsys.readouterr().out  # the decision on the old etag, superseded

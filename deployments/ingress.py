@@ -152,6 +152,15 @@ def _json_only(request: Request) -> None:
         raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind or 'no Content-Type'!r}")
 
 
+def _upload_kinds(request: Request) -> None:
+    """Before FastAPI validates the form: a urlencoded `files=x` is a wrong content type, not a bad field."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/octet-stream", "") and not kind.startswith("image/"):
+        raise UnsupportedMediaType(
+            f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; got {kind!r}"
+        )
+
+
 def _png_base64(image: Any) -> str:
     from PIL import Image
 
@@ -315,7 +324,7 @@ class Ingress:
 
     @api.post(
         "/v1/moderate",
-        dependencies=[Depends(_authorize)],
+        dependencies=[Depends(_authorize), Depends(_upload_kinds)],
         response_model=ModerateResponse,
         responses=error_responses(400, 401, 413, 415, 422, 503),
         openapi_extra=RAW_BODY,
@@ -343,13 +352,8 @@ class Ingress:
                     f"(`max_files_per_request`)"
                 )
             names, blobs = [f.filename for f in files], [await f.read() for f in files]
-        elif kind.startswith("image/") or kind in ("application/octet-stream", ""):
+        else:  # image/*, application/octet-stream or none (_upload_kinds refused the rest)
             names, blobs = [x_filename], [await request.body()]
-        else:
-            raise UnsupportedMediaType(
-                f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; "
-                f"got {kind!r}"
-            )
         # Priced from the headers before anything reaches the checker (a 5 KB 1-bit PNG can decode to 40 MP).
         await asyncio.to_thread(check_request_pixels, blobs, self.image_max_pixels, self.args.max_request_pixels)
         results = await self._check(blobs, "moderate")

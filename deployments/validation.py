@@ -47,9 +47,12 @@ def _one(error: dict[str, Any], limits: GenerationLimits) -> str:
     where = ".".join(loc)
     if not where:
         if kind == "missing":
-            return "the body is required: a JSON object with at least `prompt`"
+            return "the body is not valid JSON (it is empty): send a JSON object with at least `prompt`"
         received = type(error.get("input")).__name__
         return f"the request must be a JSON object with at least `prompt`, got {received}"
+    if loc[0] == "files":  # multipart: a `files` part without a filename is a text field, not a file
+        received = repr(error.get("input"))[:60]
+        return f"multipart body has no `files` field with a file at `{where}`: send file parts, got text {received}"
     if kind == "missing":
         return f"`{where}` is required" + (f" ({allowed(where, limits)})" if allowed(where, limits) else "")
     if kind == "extra_forbidden":

@@ -110,3 +110,13 @@ def test_edge_refuses_bodies_over_the_limit_and_too_many_file_parts():
     assert r.status_code == 413 and "carries 3 files; the limit is 2" in r.json()["error"]
     assert client.read == []
     assert client.post("/v1/moderate", files=files[:2]).status_code == 200
+
+
+def test_a_text_part_named_files_is_not_a_file():
+    error = {
+        "type": "value_error",
+        "loc": ("body", "files", 0),
+        "msg": "Value error, expected UploadFile",
+        "input": "x",
+    }
+    assert describe_validation([error]).startswith("multipart body has no `files` field with a file at `files.0`")

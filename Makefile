@@ -54,10 +54,13 @@ bench: setup ## every benchmark in one run (< 20 min on 2 cores): tables on stdo
 bench-quick: setup ## the same at small sizes, ViT-B/32 only (< 2 min; CI runs it once as a smoke test)
 	$(BIN)/python -m bench --quick
 
-.PHONY: soak reliability
+.PHONY: soak reliability reliability-adversarial
 soak: setup ## load soak: 64 clients mixing generate and moderate for SOAK_S (300) s on loopback; JSON in build/reliability/
 	mkdir -p build/reliability
 	$(BIN)/python -m tests.reliability.soak --clients 64 --duration-s $(or $(SOAK_S),300) --out build/reliability/soak.json
 
 reliability: setup ## every reliability scenario, long versions (~20 min on 2 quiet cores); rewrites docs/RELIABILITY.md
 	$(BIN)/python -m tests.reliability.report
+
+reliability-adversarial: setup ## only the adversarial-corpus scenario (~3 min); splices its section into docs/RELIABILITY.md
+	$(BIN)/python -m tests.reliability.report --only adversarial

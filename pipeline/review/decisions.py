@@ -129,8 +129,11 @@ class DecisionLog:
 
     def _remember(self, decision: Decision) -> None:
         self._all.append(decision)
-        self._latest[(decision.key, decision.etag)] = decision
-        self._by_key[decision.key] = decision
+        pair = (decision.key, decision.etag)
+        if pair not in self._latest or self._latest[pair].decided_at <= decision.decided_at:  # as a reread orders them
+            self._latest[pair] = decision
+        if decision.key not in self._by_key or self._by_key[decision.key].decided_at <= decision.decided_at:
+            self._by_key[decision.key] = decision
 
     def append(self, decisions: list[Decision]) -> str:
         """Write the decisions as one new file, durably, then remember them. Returns the file's key."""
@@ -155,6 +158,16 @@ class DecisionLog:
         """(key, etag) -> the decision in force for that version."""
         with self._lock:
             return dict(self._latest)
+
+    def get(self, key: str, etag: str) -> Decision | None:
+        """The decision in force for that version of the object."""
+        with self._lock:
+            return self._latest.get((key, etag))
+
+    def decided_keys(self) -> set[str]:
+        """Every key with a decision, on any version."""
+        with self._lock:
+            return set(self._by_key)
 
     def for_key(self, key: str) -> Decision | None:
         """The latest decision on ``key``, whatever version it was made on (compare its etag to see if it is stale)."""

@@ -123,9 +123,7 @@ class ReviewQueue:
         decision = self.decisions.for_key(self.keys[i])
         if decision is None:
             return "undecided", None
-        current = (
-            self.decisions.latest().get((self.keys[i], self.etags[i])) if decision.etag != self.etags[i] else decision
-        )
+        current = self.decisions.get(self.keys[i], self.etags[i]) if decision.etag != self.etags[i] else decision
         if current is not None:
             return current.decision, current
         return "stale", decision
@@ -140,9 +138,7 @@ class ReviewQueue:
     def _candidates(self, start: int, state: str) -> Iterator[int]:
         """Row positions from ``start`` on; for a decided state only the decided keys (few), in queue order."""
         if state in DECISIONS or state == "stale":
-            decided = sorted(
-                p for k in {d.key for d in self.decisions.all()} if (p := self.position.get(k)) is not None
-            )
+            decided = sorted(p for k in self.decisions.decided_keys() if (p := self.position.get(k)) is not None)
             yield from decided[bisect.bisect_left(decided, start) :]
         else:
             yield from range(start, len(self.keys))

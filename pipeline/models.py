@@ -1,4 +1,4 @@
-"""Model sources: a Hugging Face Hub id, a local ``save_pretrained`` directory, or ``tiny``.
+"""Model sources: a Hugging Face Hub id (``id`` or ``id@revision``), a local ``save_pretrained`` directory, or ``tiny``.
 
 ``tiny`` models (built by :mod:`pipeline.tiny`) load through the very same ``from_pretrained`` path as real weights.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,37 @@ DEFAULT_TEXT_TOWER = "openai/clip-vit-large-patch14"
 class Source:
     """Where one model comes from: ``path`` for a local directory (tiny included), else a hub ``repo_id``."""
 
-    spec: str  # what the user asked for
+    spec: str  # what the user asked for (``id@revision`` included)
     path: Path | None  # local directory to load from, when there is one
     demo: bool  # True for tiny weights
+    revision: str | None = None  # hub commit, tag or branch pinned with ``id@revision``; None: the repo's main
+
+    @property
+    def repo_id(self) -> str:
+        return split_revision(self.spec)[0]
 
     @property
     def location(self) -> str:
-        return str(self.path) if self.path is not None else self.spec
+        return str(self.path) if self.path is not None else self.repo_id
+
+
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; a spec without ``@`` -> ``(spec, None)``.
+
+    ``rev`` is what ``from_pretrained(..., revision=)`` takes: a commit hash (a pin), a tag or a branch.
+    """
+    if "@" not in spec:
+        return spec, None
+    repo_id, _, revision = spec.partition("@")
+    if not repo_id or not _REVISION.fullmatch(revision) or ".." in revision:
+        raise ModelSourceError(
+            f"model {spec!r}: expected HUB_ID@REVISION with a commit hash, tag or branch after '@' "
+            f"(letters, digits, '.', '_', '-', '/'), e.g. CompVis/stable-diffusion-safety-checker@cb41f3a2..."
+        )
+    return repo_id, revision
 
 
 def resolve(spec: str, component: str) -> Source:
@@ -43,9 +68,12 @@ def resolve(spec: str, component: str) -> Source:
         if not any(path.iterdir()):
             raise ModelSourceError(f"model directory {path} is empty: expected files written by save_pretrained")
         return Source(spec, path.resolve(), demo=_is_tiny_dir(path))
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or not spec.strip():
+    if spec.startswith((".", "/", "~")) or not spec.strip():
         raise ModelSourceError(f"model directory {spec!r} does not exist (and it is not a Hugging Face Hub id)")
-    return Source(spec, None, demo=False)
+    repo_id, revision = split_revision(spec)
+    if repo_id.count("/") > 1:
+        raise ModelSourceError(f"model directory {spec!r} does not exist (and it is not a Hugging Face Hub id)")
+    return Source(spec, None, demo=False, revision=revision)
 
 
 def _is_tiny_dir(path: Path) -> bool:
@@ -59,9 +87,11 @@ def from_pretrained(cls: Any, source: Source, what: str, **kwargs: Any) -> Any:
     reachability probe, so an offline machine fails in a second instead of after minutes of retries.
     """
     quiet_libraries()
+    if source.revision is not None:
+        kwargs = {**kwargs, "revision": source.revision}
     if source.path is None:
         try:
-            return cls.from_pretrained(source.spec, local_files_only=True, **kwargs)
+            return cls.from_pretrained(source.repo_id, local_files_only=True, **kwargs)
         except (OSError, ValueError):
             reason = hub_unreachable()
             if reason:

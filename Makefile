@@ -9,11 +9,14 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile k8s/checkov-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# checkov (tests/unit/test_k8s_checkov.py) pins boto3, packaging and networkx far below the project's: its own venv.
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet -r k8s/checkov-requirements.txt
 	touch $@
 
 serve: setup ## the README main command: the HTTP service on tiny CPU models, until Ctrl-C
@@ -40,11 +43,11 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 .PHONY: k8s
-k8s: setup ## serveConfigV2 from deployments/configs into k8s/, then every overlay rendered offline to build/k8s/
+k8s: setup ## serveConfigV2 from deployments/configs into k8s/, then every overlay rendered by kubectl kustomize to build/k8s/
 	$(BIN)/python -m k8s.sync
 	mkdir -p build/k8s
 	for o in dev dev/scan prod prod/scan; do \
-		$(BIN)/python -m k8s.kustomize k8s/overlays/$$o > build/k8s/$$(echo $$o | tr / -).yaml || exit 1; done
+		kubectl kustomize k8s/overlays/$$o > build/k8s/$$(echo $$o | tr / -).yaml || exit 1; done
 	ls build/k8s/*.yaml
 
 .PHONY: bench bench-quick

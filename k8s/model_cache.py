@@ -3,6 +3,9 @@
     python -m k8s.model_cache --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --model CompVis/stable-diffusion-safety-checker --model openai/clip-vit-large-patch14
 
+Every ID may carry a pinned revision, ``ID@REVISION`` (a commit hash), exactly as the Serve config and the scan's
+``--model`` name it: the cache then holds that snapshot, which is what the replicas load.
+
 ``--pipeline ID``: a Stable Diffusion pipeline; exactly the files ``Generator.load`` reads (diffusers' own download
 step, without the ``safety_checker`` and ``feature_extractor`` folders the generator never loads).
 ``--model ID``: a transformers repository (the checker, a CLIP text tower, Safe-CLIP): configs, tokenizer files and the
@@ -21,6 +24,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from pipeline.errors import ModelSourceError
+from pipeline.models import split_revision  # one parser for ID@REVISION: the replicas load what this fetched
+
 log = logging.getLogger("diffguard.model_cache")
 
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]  # configs, processor/tokenizer files (vocab, merges, spm models)
@@ -33,36 +39,46 @@ def transformers_patterns(filenames: list[str]) -> list[str]:
     return [*CONFIG_PATTERNS, "pytorch_model*.bin"]
 
 
-def fetch_model(repo_id: str) -> str:
+def fetch_model(spec: str) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
-    files = [sibling.rfilename for sibling in HfApi().model_info(repo_id).siblings or []]
-    return snapshot_download(repo_id, allow_patterns=transformers_patterns(files))
+    repo_id, revision = split_revision(spec)
+    files = [sibling.rfilename for sibling in HfApi().model_info(repo_id, revision=revision).siblings or []]
+    return snapshot_download(repo_id, revision=revision, allow_patterns=transformers_patterns(files))
 
 
-def fetch_pipeline(repo_id: str) -> str:
+def fetch_pipeline(spec: str) -> str:
     from diffusers import StableDiffusionPipeline
 
+    repo_id, revision = split_revision(spec)
     # The same call StableDiffusionPipeline.from_pretrained makes first, with the components the generator passes.
-    return str(StableDiffusionPipeline.download(repo_id, safety_checker=None, feature_extractor=None))
+    return str(
+        StableDiffusionPipeline.download(repo_id, revision=revision, safety_checker=None, feature_extractor=None)
+    )
 
 
-def cached(repo_id: str) -> str | None:
+def cached(spec: str) -> str | None:
     from huggingface_hub import snapshot_download
 
+    repo_id, revision = split_revision(spec)
     try:
-        return snapshot_download(repo_id, local_files_only=True)
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 - any miss means "not cached"
         return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m k8s.model_cache", description=__doc__.splitlines()[0])
-    p.add_argument("--pipeline", action="append", default=[], metavar="ID", help="Stable Diffusion pipeline hub id")
-    p.add_argument("--model", action="append", default=[], metavar="ID", help="transformers model hub id")
+    p.add_argument("--pipeline", action="append", default=[], metavar="ID[@REV]", help="Stable Diffusion pipeline")
+    p.add_argument("--model", action="append", default=[], metavar="ID[@REV]", help="transformers model hub id")
     args = p.parse_args(argv)
     if not args.pipeline and not args.model:
         p.error("nothing to fetch: pass --pipeline ID and/or --model ID")
+    for spec in args.pipeline + args.model:
+        try:
+            split_revision(spec)
+        except ModelSourceError as exc:
+            p.error(str(exc))
     return args
 
 

@@ -9,6 +9,7 @@ overlay carries ``local.yaml`` with the few changes a pod needs (``DEV_OVERRIDES
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from dataclasses import dataclass, field
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from .kustomize import merge_patch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,6 +70,19 @@ def replace_block(manifest_text: str, value: str, where: str = "manifest") -> st
     pad = indent + "  "
     block = [f"{indent}serveConfigV2: |"] + [pad + line if line else "" for line in value.rstrip("\n").split("\n")]
     return "\n".join(lines[:start] + block + lines[end:])
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge recursively, ``None`` deletes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def stale() -> list[str]:

@@ -1,7 +1,10 @@
 """KubeRay manifests: every overlay renders what it should, the Serve configs are the deployments' configs, worker
-pods match Serve's autoscaling, GPUs, dev and scans are wired right, and no secret value is in a manifest.
+pods match Serve's autoscaling, GPUs, dev and scans are wired right, hub models are pinned, and no secret value is in
+a manifest. Rendered with `kubectl kustomize` (skipped, saying so, where kubectl is absent).
 
-Also: test_k8s_crds.py (the KubeRay CRDs), test_k8s_image.py (Dockerfile, Ray pin, README), test_k8s_tools.py."""
+Also: test_k8s_crds.py (the KubeRay CRDs), test_k8s_schemas.py (core schemas), test_k8s_security.py (Ray token auth,
+pod hardening, NetworkPolicies, workload identity), test_k8s_checkov.py, test_k8s_image.py (Dockerfile, Ray pin,
+docs), test_k8s_tools.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k8s import kustomize, model_cache, sync
+from k8s import model_cache, sync
 from pipeline import models
 from tests.unit.k8s_support import (
     GPU,
@@ -40,7 +43,7 @@ GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 
 # --- parsing and rendering ---
 def test_every_yaml_file_parses_and_every_resource_is_named():
-    files = sorted(K8S.rglob("*.yaml"))
+    files = sorted(f for f in K8S.rglob("*.yaml") if f.name != "checkov-skips.yaml")  # that one: test_k8s_checkov.py
     assert {"rayservice.yaml", "rayjob-scan.yaml"} <= {f.name for f in files if f.parent == K8S}
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -61,10 +64,10 @@ def test_the_issue_paths_are_the_base_manifests():
 @pytest.mark.parametrize(
     "overlay, kinds",
     [
-        ("dev", ["RayService"]),
-        ("dev/scan", ["RayJob"]),
-        ("prod", ["PersistentVolumeClaim", "RayService"]),
-        ("prod/scan", ["RayJob"]),
+        ("dev", ["NetworkPolicy", "RayService"]),
+        ("dev/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
+        ("prod", ["NetworkPolicy", "PersistentVolumeClaim", "RayService"]),
+        ("prod/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
     ],
 )
 def test_each_overlay_renders_one_workload(overlay, kinds):
@@ -106,7 +109,7 @@ def test_serve_configs_are_the_deployments_configs():
         assert serve_config == production.rstrip("\n") + "\n"  # verbatim, comments included
     local = yaml.safe_load((ROOT / "deployments/configs/local.yaml").read_text())
     dev = yaml.safe_load(one("dev", "RayService")["spec"]["serveConfigV2"])
-    assert dev == kustomize.merge_patch(local, sync.DEV_OVERRIDES)
+    assert dev == sync.merge_patch(local, sync.DEV_OVERRIDES)
 
 
 def test_the_service_exposes_the_serve_port_and_unhealthy_thresholds_are_set():
@@ -193,7 +196,7 @@ def test_dev_overlays_run_on_cpu_with_tiny_models(overlay):
         if resource["kind"] == "RayService":
             args = serve_app(resource)["args"]
             assert args["checker"]["model"] == args["generator"]["model"] == "tiny"
-        else:
+        elif resource["kind"] == "RayJob":
             args = entrypoint_args(resource)
             assert args.model == "tiny" and args.num_gpus == 0
 
@@ -210,6 +213,34 @@ def test_prod_overlays_load_real_models(overlay):
             continue
         for model in loaded:
             assert hub_ids(model) == {model}, model  # a hub id, neither tiny nor a path baked into the image
+
+
+PINNED = re.compile(r"[^@\s]+/[^@\s]+@[0-9a-f]{40}")
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod", "prod/scan"])
+def test_every_hub_model_in_prod_is_pinned_to_a_commit(overlay):
+    """Two pods never load different weights under one id: every hub id carries @<40-hex commit>, everywhere."""
+    specs = []
+    for resource in rendered(overlay):
+        if resource["kind"] == "RayService":
+            args = serve_app(resource)["args"]
+            specs += [args["checker"]["model"], args["checker"].get("concept_text_model"), args["generator"]["model"]]
+        elif resource["kind"] == "RayJob":
+            scan = entrypoint_args(resource)
+            specs += [scan.model, scan.concept_text_model]
+        if resource["kind"] in RAY_KINDS:
+            for container in containers(resource):
+                if container.get("command") == ["python", "-m", "k8s.model_cache"]:
+                    fetch = model_cache.parse_args(container["args"])
+                    specs += fetch.pipeline + fetch.model
+    assert specs and hub_ids(*specs)
+    for spec in hub_ids(*specs):
+        assert PINNED.fullmatch(spec), f"{overlay}: hub model {spec!r} is not pinned as ID@<40-hex commit>"
+    production = yaml.safe_load((ROOT / "deployments/configs/production.yaml").read_text())
+    args = production["applications"][0]["args"]
+    for spec in hub_ids(args["checker"]["model"], args["checker"]["concept_text_model"], args["generator"]["model"]):
+        assert PINNED.fullmatch(spec), spec
 
 
 @pytest.mark.parametrize("overlay", ["base", "dev/scan", "prod/scan"])
@@ -236,30 +267,72 @@ def env_entries(node: Any) -> Iterator[Resource]:
             yield from env_entries(item)
 
 
-def test_no_manifest_holds_a_secret_value():
+def test_no_manifest_holds_a_secret_value_nor_a_secret_in_the_environment():
     everything = [r for overlay in ["base", *OVERLAYS] for r in rendered(overlay)]
     assert not [r for r in everything if r["kind"] == "Secret"]
+    assert "secretKeyRef" not in str(everything) and "secretRef" not in str(everything)  # secrets are files
     for entry in env_entries(everything):
-        if entry["name"] in SECRET_ENV or entry["name"].startswith("AWS_"):
-            assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry
+        assert entry["name"] not in SECRET_ENV and entry["name"] != "RAY_AUTH_TOKEN", entry
+        assert not re.search(r"(?i)secret|password|token$|_key$", entry["name"]), entry
     for path in [*K8S.rglob("*.yaml"), ROOT / "Dockerfile"]:
         text = path.read_text()
         assert not re.search(r"AKIA[0-9A-Z]{16}", text), path
         assert not re.search(r"(?i)(secret_access_key|api_key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}", text), path
 
 
+def secret_file(container: Resource, pod: Resource, path: str) -> tuple[str, str, bool]:
+    """(Secret name, key, optional) of the Secret volume item that ``path`` in ``container`` is."""
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True, mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    (item,) = [i for i in volume["secret"]["items"] if i["path"] == relative]
+    return volume["secret"]["secretName"], item["key"], volume["secret"].get("optional", False)
+
+
 @pytest.mark.parametrize("overlay", ["base", "dev", "prod"])
-def test_api_key_comes_from_its_secret_on_head_and_workers(overlay):
+def test_api_key_is_a_file_from_its_secret_on_head_and_workers(overlay):
     for name, pod in pod_specs(one(overlay, "RayService")):
-        env = {e["name"]: e for e in pod["containers"][0]["env"]}
-        ref = env["DIFFGUARD_API_KEY"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": "diffguard-api-key", "key": "api-key"}, name  # not optional: no key, no pod
+        container = pod["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        ref = secret_file(container, pod, env["DIFFGUARD_API_KEY_FILE"])
+        assert ref == ("diffguard-api-key", "api-key", False), name  # not optional: no key, no pod
 
 
-@pytest.mark.parametrize("overlay", ["base", "dev/scan", "prod/scan"])
-def test_scan_credentials_come_from_the_s3_secret(overlay):
-    for name, pod in pod_specs(one(overlay, "RayJob")):
-        assert {"secretRef": {"name": "diffguard-s3"}} in pod["containers"][0]["envFrom"], name
+@pytest.mark.parametrize("overlay", ["base", "prod", "prod/scan"])
+def test_hub_token_is_an_optional_file_for_the_init_containers_only(overlay):
+    for resource in rendered(overlay):
+        if resource["kind"] not in RAY_KINDS:
+            continue
+        for _, pod in pod_specs(resource):
+            for container in pod.get("initContainers", []):
+                env = {e["name"]: e["value"] for e in container["env"]}
+                # huggingface_hub reads its token from HF_TOKEN_PATH (a missing file: anonymous downloads)
+                assert secret_file(container, pod, env["HF_TOKEN_PATH"]) == ("diffguard-hf", "token", True)
+            assert "HF_TOKEN_PATH" not in str(pod["containers"])  # the replicas read the cache, never the Hub
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod/scan"])
+def test_prod_scan_needs_no_credentials_but_its_service_account(overlay):
+    job = one(overlay, "RayJob")
+    text = str(job)
+    assert "AWS_" not in text and "diffguard-s3" not in text
+    for name, pod in pod_specs(job):
+        assert pod["serviceAccountName"] == "diffguard-scan", name
+    (account,) = [r for r in rendered(overlay) if r["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == "diffguard-scan" and account["automountServiceAccountToken"] is False
+    if overlay == "prod/scan":  # the workload identity placeholders, for EKS (IRSA) and GKE
+        annotations = account["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+
+
+def test_dev_scan_reads_minio_keys_from_a_credentials_file():
+    for name, pod in pod_specs(one("dev/scan", "RayJob")):
+        container = pod["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert secret_file(container, pod, env["AWS_SHARED_CREDENTIALS_FILE"]) == ("diffguard-s3", "credentials", False)
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000", name
 
 
 # --- the model cache ---

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.k8s_support import ROOT, Resource, cluster_spec, one, ray_resources
+from tests.unit.k8s_support import OVERLAYS, ROOT, Resource, cluster_spec, one, ray_resources
 
 # The CRDs sit beside the repository (not in a clone of it); KUBERAY_CRDS points elsewhere.
 CRDS = Path(os.environ.get("KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay-crds")
@@ -52,13 +52,16 @@ def schema_errors(resource: Resource) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource)]
 
 
-@pytest.mark.parametrize("label, resource", ray_resources(), ids=[label for label, _ in ray_resources()])
-def test_ray_resources_validate_against_the_kuberay_crds(label, resource):
-    assert resource["apiVersion"] == "ray.io/v1"
-    assert schema_errors(resource) == []
-    # The cluster a RayService or RayJob creates is a RayCluster: its spec must validate as one too.
-    as_cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"}}
-    assert schema_errors({**as_cluster, "spec": cluster_spec(resource)}) == []
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_ray_resources_validate_against_the_kuberay_crds(overlay):
+    resources = ray_resources([overlay])
+    assert resources
+    for label, resource in resources:
+        assert resource["apiVersion"] == "ray.io/v1", label
+        assert schema_errors(resource) == [], label
+        # The cluster a RayService or RayJob creates is a RayCluster: its spec must validate as one too.
+        as_cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"}}
+        assert schema_errors({**as_cluster, "spec": cluster_spec(resource)}) == [], label
 
 
 def test_crd_validation_catches_typos_and_wrong_types():
@@ -67,5 +70,7 @@ def test_crd_validation_catches_typos_and_wrong_types():
     cluster["workerGroupSpecs"][0]["maxReplica"] = 6  # typo
     cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
     resource["spec"]["serviceUnhealthySecondsThreshold"] = 900  # the real field is serviceUnhealthySecondThreshold
+    cluster["authOptions"]["mode"] = "Token"  # the enum is lower case
     errors = "\n".join(schema_errors(resource))
     assert "maxReplica'" in errors and "num-cpus" in errors and "serviceUnhealthySecondsThreshold" in errors, errors
+    assert "authOptions/mode" in errors, errors

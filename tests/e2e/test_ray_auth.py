@@ -106,11 +106,13 @@ def run(argv: list[str], env: dict[str, str], timeout: float = 180) -> subproces
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_the_job_api_wants_the_token(cluster):
-    jobs = f"{cluster['dashboard']}/api/jobs/"
-    assert httpx.get(jobs, timeout=30).status_code == 401
-    assert httpx.get(jobs, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 403
-    assert httpx.get(jobs, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).status_code == 200
+@pytest.mark.parametrize("path", ["/api/jobs/", "/api/serve/applications/"])  # the job API, Serve's REST API
+def test_the_dashboard_apis_want_the_token(cluster, path):
+    url = f"{cluster['dashboard']}{path}"
+    assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.put(url, json={"applications": []}, timeout=30).status_code in (401, 405)
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 403
+    assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).status_code == 200
 
 
 def test_ray_job_submit_without_the_token_is_refused_and_runs_nothing(cluster, tmp_path):

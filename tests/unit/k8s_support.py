@@ -24,7 +24,7 @@ OVERLAYS = ["dev", "dev/scan", "prod", "prod/scan"]
 RAY_KINDS = ("RayService", "RayJob", "RayCluster")
 GPU = "nvidia.com/gpu"
 KUBECTL = shutil.which("kubectl")
-NO_KUBECTL = "kubectl is not on PATH: the overlays are rendered with `kubectl kustomize` (install kubectl >= 1.27; CI has it)"
+NO_KUBECTL = "kubectl is not on PATH: the overlays are rendered with `kubectl kustomize` (install kubectl; CI has it)"
 
 Resource = dict[str, Any]
 

@@ -3,7 +3,8 @@
 An unauthenticated client never gets a body read; a body over ``max_body_bytes`` is refused from its
 Content-Length or as it streams; a ``/v1/moderate`` multipart body with more file parts than
 ``max_files_per_request`` is refused before anything parses it. The buffered body is then replayed to FastAPI,
-which parses it (JSON, ``UploadFile``) as the routes declare.
+which parses it (JSON, ``UploadFile``) as the routes declare. Also here: the content-type rules the routes depend on
+(checked before FastAPI validates a body) and the page's security headers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.errors import UnsupportedMediaType
 
 from .auth import authorized
 from .uploads import _file_parts
@@ -91,3 +94,27 @@ class Edge:
             return await receive()  # after the body: wait for the disconnect, as the server would
 
         await self.app(scope, replay, send)
+
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# Content-type rules, as route dependencies: they run before FastAPI validates the body.
+def json_only(request: Request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind or 'no Content-Type'!r}")
+
+
+def upload_kinds(request: Request) -> None:
+    """Before FastAPI validates the form: a urlencoded `files=x` is a wrong content type, not a bad field."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/octet-stream", "") and not kind.startswith("image/"):
+        raise UnsupportedMediaType(
+            f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; got {kind!r}"
+        )

@@ -8,8 +8,11 @@ only when there is no usable snapshot.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
+
+log = logging.getLogger("ray.serve")
 
 FRESH_S = 1.0  # a snapshot this young is used as is
 STALE_S = 10.0  # an older one (up to this age) is still answered from while a refresh runs in the background
@@ -83,3 +86,15 @@ class ReplicaState:
             }
             for name, d in details.items()
         }
+
+
+def http_host() -> str | None:
+    """The host Serve's HTTP proxies bind, as the controller knows it (None when it cannot be asked)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
+    except Exception as exc:  # noqa: BLE001 - unknown counts as reachable by others (the rule fails closed)
+        log.warning("could not read the HTTP host from the Serve controller: %r", exc)
+        return None

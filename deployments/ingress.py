@@ -37,13 +37,13 @@ from pipeline.errors import (
     PayloadTooLarge,
     Unauthorized,
     Unavailable,
-    UnsupportedMediaType,
 )
 
 from .auth import api_key, auth_info, authorized, require_key_or_loopback
-from .edge import UNAUTHORIZED, Edge, EdgeSettings
-from .health import ReplicaState
+from .edge import PAGE_HEADERS, UNAUTHORIZED, Edge, EdgeSettings, json_only, upload_kinds
+from .health import ReplicaState, http_host
 from .schemas import (
+    RAW_IMAGE_BODY,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
@@ -146,56 +146,12 @@ def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | Non
         raise Unauthorized(UNAUTHORIZED)
 
 
-def _json_only(request: Request) -> None:
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind or 'no Content-Type'!r}")
-
-
-def _upload_kinds(request: Request) -> None:
-    """Before FastAPI validates the form: a urlencoded `files=x` is a wrong content type, not a bad field."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("multipart/form-data", "application/octet-stream", "") and not kind.startswith("image/"):
-        raise UnsupportedMediaType(
-            f"/v1/moderate takes multipart/form-data (field `files`), image/* or application/octet-stream; got {kind!r}"
-        )
-
-
 def _png_base64(image: Any) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def _http_host() -> str | None:
-    """The host Serve's HTTP proxies bind, as the controller knows it (None when it cannot be asked)."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    try:
-        return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
-    except Exception as exc:  # noqa: BLE001 - unknown counts as reachable by others (the rule fails closed)
-        log.warning("could not read the HTTP host from the Serve controller: %r", exc)
-        return None
-
-
-RAW_BODY = {
-    "requestBody": {
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-        "description": "multipart/form-data with one or more `files`, or one raw image body (filename from X-Filename)",
-    }
-}
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-    "connect-src 'self'; form-action 'none'; base-uri 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 @serve.deployment(
@@ -221,7 +177,7 @@ class Ingress:
         self.limits = GenerationLimits(**self.args.limits)
         self.image_max_pixels = image_max_pixels  # the checker's per-image limit: larger images are never decoded
         key = api_key(os.environ)  # stripped; empty or whitespace refuses to start
-        self.host = _http_host()
+        self.host = http_host()
         require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
         self.auth = auth_info(key, self.args.allow_unauthenticated, self.host)
         api.state.edge = EdgeSettings(key, self.args.max_body_bytes, self.args.max_files_per_request)
@@ -280,7 +236,7 @@ class Ingress:
 
     @api.post(
         "/v1/generate",
-        dependencies=[Depends(_authorize), Depends(_json_only)],
+        dependencies=[Depends(_authorize), Depends(json_only)],
         response_model=GenerateResponse,
         responses=error_responses(401, 413, 415, 422, 503),
     )
@@ -318,16 +274,17 @@ class Ingress:
             "width": rendering["width"],
             "height": rendering["height"],
             "warnings": rendering["warnings"],
+            "generator_batch_size": rendering.get("batch_size", 1),
             "images": out,
             "models": models,
         }
 
     @api.post(
         "/v1/moderate",
-        dependencies=[Depends(_authorize), Depends(_upload_kinds)],
+        dependencies=[Depends(_authorize), Depends(upload_kinds)],
         response_model=ModerateResponse,
         responses=error_responses(400, 401, 413, 415, 422, 503),
-        openapi_extra=RAW_BODY,
+        openapi_extra=RAW_IMAGE_BODY,
     )
     async def moderate_uploads(
         self,

@@ -131,6 +131,9 @@ class GenerateResponse(BaseModel):
     width: int
     height: int
     warnings: list[str]
+    generator_batch_size: int = Field(
+        description="images rendered in the same pipeline call as these (compatible requests batched across clients)"
+    )
     images: list[GeneratedImage]
     models: ModelsUsed
 
@@ -210,3 +213,15 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         if status == 503:
             out[status]["headers"] = RETRY_AFTER
     return out
+
+
+# /v1/moderate's alternative to multipart: one raw image body (FastAPI adds the multipart form itself)
+RAW_IMAGE_BODY = {
+    "requestBody": {
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "description": "multipart/form-data with one or more `files`, or one raw image body (filename from X-Filename)",
+    }
+}

@@ -52,6 +52,15 @@ class CheckerArgs(BaseModel):
         return CheckerSpec(**self.model_dump(exclude={"threads", "factory"}), policy=None)
 
 
+class GeneratorRuntime(BaseModel):
+    """The generator's ``user_config``: cross-request batching, applied by ``reconfigure()`` without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_images: int = Field(8, ge=1, le=256)  # images per pipeline call, across compatible requests (1: off)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)  # how long the oldest request waits for company
+
+
 class GeneratorArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

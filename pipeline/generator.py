@@ -144,34 +144,82 @@ class Generator:
                     out.append(f"`{name}` is {n} tokens; the text encoder reads only the first {tok.model_max_length}")
         return out
 
+    def batch_key(self, request: GenerationRequest) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call: size, steps, guidance and SLD preset (the scheduler
+        is the pipeline's own, so it is the same for all). Prompts, negative prompts, seeds and image counts differ."""
+        width, height = request.width or self.native_size, request.height or self.native_size
+        return (width, height, request.steps, float(request.guidance_scale), request.safety)
+
     def render(self, request: GenerationRequest) -> Rendering:
         """Generate the request's images (uint8 HWC) with the seed that reproduces them."""
-        request.check(self.limits)
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        width, height = request.width or self.native_size, request.height or self.native_size
-        kwargs: dict[str, Any] = dict(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_images_per_prompt=request.num_images,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),  # CPU noise: same latents on every device
-            output_type="np",
-        )
+        return self.render_many([request])[0]
+
+    def render_many(self, requests: list[GenerationRequest]) -> list[Rendering]:
+        """Render compatible requests (equal :meth:`batch_key`) in one pipeline call, one Rendering per request.
+
+        Each request's initial latents are drawn from its own seed exactly as when it is rendered alone, and every
+        image gets its own generator for any per-step noise, so a request's images match its unbatched render up to
+        the reduction order of the batched kernels. Raises ``InvalidInput`` for incompatible requests.
+        """
+        if not requests:
+            return []
+        for request in requests:
+            request.check(self.limits)
+        key = self.batch_key(requests[0])
+        if any(self.batch_key(r) != key for r in requests[1:]):
+            keys = sorted({str(self.batch_key(r)) for r in requests})
+            raise InvalidInput(
+                f"requests rendered together need equal (width, height, steps, guidance, safety); got {keys}"
+            )
+        width, height, steps, guidance, safety = key
+        seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1) for r in requests]
+        prompts = [r.prompt for r in requests for _ in range(r.num_images)]
+        negatives = [r.negative_prompt or "" for r in requests for _ in range(r.num_images)]  # None encodes as ""
         with self._lock, torch.inference_mode():
             # Under the lock too: the tokenizer is shared and a call sets its padding/truncation state for everyone.
-            notes = self.truncation_warnings(request)
-            if request.safety == "off":
+            notes = [self.truncation_warnings(r) for r in requests]
+            latents = torch.cat(
+                [self._initial_latents(r, s, width, height) for r, s in zip(requests, seeds, strict=True)]
+            )
+            kwargs: dict[str, Any] = dict(
+                prompt=prompts,
+                negative_prompt=negatives,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                latents=latents,  # (N, C, h, w): each request's own, drawn as when it renders alone
+                # per-image noise for stochastic schedulers (image i of a request: seed + i)
+                generator=[
+                    torch.Generator("cpu").manual_seed((s + i) % (MAX_SEED + 1))
+                    for r, s in zip(requests, seeds, strict=True)
+                    for i in range(r.num_images)
+                ],
+                output_type="np",
+            )
+            if safety == "off":
                 out = self.pipe(**kwargs)
             else:
                 with warnings.catch_warnings():  # the deprecated pipeline warns on every call
                     warnings.simplefilter("ignore", FutureWarning)
-                    out = self.safe_pipeline()(**kwargs, **SLD_PRESETS[request.safety])
+                    out = self.safe_pipeline()(**kwargs, **SLD_PRESETS[safety])
         images = np.asarray(out.images)  # (N, H, W, 3) float in [0, 1]
-        pixels = (np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8)
-        return Rendering(list(pixels), seed, width, height, notes)
+        pixels = list((np.clip(np.nan_to_num(images), 0, 1) * 255).round().astype(np.uint8))
+        renderings, start = [], 0
+        for request, seed, note in zip(requests, seeds, notes, strict=True):
+            stop = start + request.num_images
+            renderings.append(Rendering(pixels[start:stop], seed, width, height, note))
+            start = stop
+        return renderings
+
+    def _initial_latents(self, request: GenerationRequest, seed: int, width: int, height: int) -> torch.Tensor:
+        """The request's latents as diffusers' ``prepare_latents`` draws them from one CPU generator (unscaled)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        scale = self.pipe.vae_scale_factor
+        shape = (request.num_images, self.pipe.unet.config.in_channels, height // scale, width // scale)
+        generator = torch.Generator("cpu").manual_seed(seed)  # CPU noise: same latents on every device
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.pipe.text_encoder.dtype)
 
     def generate(self, request: GenerationRequest) -> list[np.ndarray]:
         """The request's images as uint8 (H, W, 3) arrays. Unmoderated: use ``pipeline.moderate`` to serve them."""

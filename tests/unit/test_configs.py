@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from deployments.run import load_config
-from deployments.settings import AppArgs, CheckerRuntime
+from deployments.settings import AppArgs, CheckerRuntime, GeneratorRuntime
 from pipeline.errors import DiffguardError, InvalidInput
 
 CONFIGS = sorted((Path(__file__).parents[2] / "deployments" / "configs").glob("*.yaml"))
@@ -31,6 +31,10 @@ def test_config_validates_and_its_invariants_hold(path):
         auto = checker.autoscaling_config
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] >= auto["min_replicas"]
         assert auto["target_ongoing_requests"] == runtime.max_batch_size
+        generator = deployments["Generator"]
+        batching = GeneratorRuntime(**generator.user_config)
+        assert batching.max_batch_images > 1  # generation batching is on
+        assert generator.max_ongoing_requests >= batching.max_batch_images  # or batches of 1-image requests never fill
 
 
 def test_local_config_fits_two_cpus():

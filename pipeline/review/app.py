@@ -26,9 +26,10 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -217,7 +218,7 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         if not authorized(request.headers.get("authorization"), api_key):
             raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
 
-    api = FastAPI(
+    api = FastAPIOffline(  # /docs and /redoc from packaged assets: no CDN, works offline
         title="diffguard review",
         version="1",
         summary="A review queue over a bucket scan's results: blurred thumbnails, decisions the scan honours.",

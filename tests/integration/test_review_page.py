@@ -124,6 +124,10 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
             actions = page.locator("#queue .badge").all_inner_texts()
             assert actions and set(actions) == {"flag"}
             assert page.console_errors == []
+            page.goto(app.url + "/docs")  # the API's docs render with every other host refused
+            page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+            paths = page.locator(".opblock-summary-path").all_inner_texts()
+            assert "/api/items/{key}/decision" in " ".join(paths)
         finally:
             context.close()
 

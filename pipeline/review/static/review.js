@@ -188,7 +188,10 @@ async function load(reset) {
 document.addEventListener("keydown", (ev) => {
   if (ev.target.closest("input, select, textarea, dialog") || ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const actions = {
-    j: () => select(state.current + 1),
+    j: async () => {
+      if (state.current >= state.items.length - 1 && state.cursor) await load(false);  // the next page, on demand
+      select(state.current + 1);
+    },
     k: () => select(state.current - 1),
     c: () => decide("confirm"),
     o: () => decide("overturn"),

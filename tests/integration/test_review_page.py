@@ -104,7 +104,6 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
                 "document.querySelector(\"#queue li.item[data-index='4'] img.thumb\").dataset.revealed === '1'"
             )
             assert page.locator("#queue img.thumb[data-revealed='1']").count() == 1
-            shot(page, "review.png")
 
             decided = {d.key: d for d in DecisionLog.open(str(tmp_path / "dest")).all()}
             assert {k: (d.decision, d.category, d.note, d.reviewer) for k, d in decided.items()} == {

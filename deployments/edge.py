@@ -106,9 +106,11 @@ PAGE_HEADERS = {
 
 # Content-type rules, as route dependencies: they run before FastAPI validates the body.
 def json_only(request: Request) -> None:
+    """application/json, or no Content-Type at all (read as JSON, as FastAPI and the service always have; a browser's
+    cross-site form post always carries a form or text type, so this opens nothing)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind or 'no Content-Type'!r}")
+    if kind not in ("application/json", ""):
+        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind!r}")
 
 
 def upload_kinds(request: Request) -> None:

@@ -66,6 +66,7 @@ api = FastAPIOffline(
     'the safety checker in the same request. Errors are always `{"error", "request_id"}`. The page at `/` '
     "drives this API.",
     version="0.1.0",
+    strict_content_type=False,  # a JSON body without a Content-Type is read as JSON, as the service always has
 )
 
 

@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--only SECTION,...]``: every benchmark in one run.
 
-Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``.
+Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``,
+``generate`` (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "service", "scan")
+SECTIONS = ("core", "preprocess", "service", "scan", "generate")
 
 log = logging.getLogger("bench")
 
 
 def plans(quick: bool) -> dict[str, Any]:
     from .core import CorePlan
+    from .generate import GeneratePlan
     from .scan import ScanPlan
     from .service import ServicePlan
 
@@ -33,6 +35,7 @@ def plans(quick: bool) -> dict[str, Any]:
             "preprocess": (16, 2),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "scan": ScanPlan(images=64, small=0),
+            "generate": GeneratePlan(clients=(1, 4, 8, 16), steps=2, rounds=1, window_s=1.5, checker_batches=3),
         }
     return {
         "core": {
@@ -44,6 +47,7 @@ def plans(quick: bool) -> dict[str, Any]:
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
+        "generate": GeneratePlan(),
     }
 
 
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from .scan import run_scan_bench
 
         results["scan"] = run_scan_bench(plan["scan"], str(ROOT))
+    if "generate" in only:
+        from .generate import run_generate_bench
+
+        results["generate"] = run_generate_bench(plan["generate"])
     results["targets"] = report.targets(results)
     results["seconds"] = time.perf_counter() - started
     results["load_average_after"] = os.getloadavg()

@@ -125,6 +125,21 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 f"({pct(s['x_core_one_thread_streaming'])} of core)"
             )
         out.append((title, table(["run", "objects", "scanned", "errors", "seconds", "images/s"], rows)))
+    if "generate" in results:
+        g = results["generate"]
+        rows = [
+            [r["shapes"], r["clients"], r["off_images_s"], r["on_images_s"], r["ratio"], r["mean_batch_images_on"]]
+            for r in g["rows"]
+        ]
+        headers = ["shapes", "clients", "off images/s", "on images/s", "x off", "mean batch (on)"]
+        title = f"Generation batching across requests ({g['model']}, {g['steps']} steps; on: max 8 images per call)"
+        out.append((title, table(headers, rows)))
+        c = g["checker"]
+        rows = [
+            [m, c[m]["images_s"], c[m]["decode_ms"], c[m]["preprocess_ms"], c[m]["model_ms"]] for m in ("serial", "fed")
+        ]
+        title = f"Fed checker ({c['model']}, batch {c['batch']}): fed / serial {c['ratio']:.2f}x"
+        out.append((title, table(["mode", "images/s", "decode ms/img", "preprocess ms/img", "model ms/img"], rows)))
     if results.get("targets"):
         rows = [[t["target"], t["measured"], "met" if t["met"] else "MISSED"] for t in results["targets"]]
         out.append(("Targets (this machine)", table(["target", "measured", ""], rows)))

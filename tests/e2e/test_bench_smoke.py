@@ -27,7 +27,14 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp_path / "quick.json").read_text())
     assert (tmp_path / "quick.md").read_text().count("|") > 50
-    for title in ("Core vs diffusers", "Preprocessing", "Service /v1/moderate", "Scan", "Targets"):
+    for title in (
+        "Core vs diffusers",
+        "Preprocessing",
+        "Service /v1/moderate",
+        "Scan",
+        "Generation batching",
+        "Targets",
+    ):
         assert title in proc.stdout
 
     (core,) = results["core"]
@@ -49,6 +56,15 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     } | {("batched-handle", 32)}
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in service)
     assert all(r["mean_batch"] == 1 for r in service if r["variant"] == "unbatched")
+
+    gen = results["generate"]
+    assert {(r["shapes"], r["clients"]) for r in gen["rows"]} == {
+        (s, c) for s in ("same", "two shapes") for c in (1, 4, 8, 16)
+    }
+    assert all(r["on_images_s"] > 0 and r["off_images_s"] > 0 for r in gen["rows"])
+    assert max(r["mean_batch_images_on"] for r in gen["rows"]) > 1  # batching on did batch
+    fed = gen["checker"]
+    assert all(fed[m]["images_s"] > 0 and fed[m]["model_ms"] > 0 for m in ("serial", "fed"))
 
     (run,) = results["scan"]["runs"]
     assert run["scanned"] == run["objects"] == 64 and run["errors"] == 0

@@ -50,12 +50,15 @@ k8s: setup ## serveConfigV2 from deployments/configs into k8s/, then every overl
 		kubectl kustomize k8s/overlays/$$o > build/k8s/$$(echo $$o | tr / -).yaml || exit 1; done
 	ls build/k8s/*.yaml
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-gpu
 bench: setup ## every benchmark in one run (< 20 min on 2 cores): tables on stdout, JSON + Markdown in bench/results/
 	$(BIN)/python -m bench
 
 bench-quick: setup ## the same at small sizes, ViT-B/32 only (< 2 min; CI runs it once as a smoke test)
 	$(BIN)/python -m bench --quick
+
+bench-gpu: setup ## on a CUDA machine: ViT-L/14 core (bf16/fp16, batch 1-256) and SD 1.5-sized batched generation; JSON + Markdown in BENCH_GPU_OUT
+	$(BIN)/python -m bench.gpu --out $(or $(BENCH_GPU_OUT),build/bench-gpu)
 
 .PHONY: soak reliability reliability-adversarial
 soak: setup ## load soak: 64 clients mixing generate and moderate for SOAK_S (300) s on loopback; JSON in build/reliability/

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from ..auth import ENV, api_key, is_loopback
+from ..auth import ENV, FILE_ENV, api_key, is_loopback
 from ..errors import AuthConfigError
 
 log = logging.getLogger("diffguard")
@@ -19,7 +19,7 @@ def review_key(host: str, environ: Mapping[str, str] = os.environ) -> str | None
     if key is None and not is_loopback(host):
         raise AuthConfigError(
             f"refusing to serve the review app without an API key on host {host!r}, which is not loopback: "
-            f"set {ENV} (clients send `Authorization: Bearer <key>`), or bind 127.0.0.1"
+            f"set {FILE_ENV} or {ENV} (clients send `Authorization: Bearer <key>`), or bind 127.0.0.1"
         )
     return key
 

@@ -88,13 +88,13 @@ def free_port() -> int:
 
 
 class ReviewServer:
-    """``python -m pipeline.review DEST`` in a subprocess on a free port; ``url`` once it answers."""
+    """``diffguard review DEST`` (``python -m pipeline review``) in a subprocess on a free port."""
 
     def __init__(self, dest: Path | str, *extra: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        cmd = [sys.executable, "-m", "pipeline.review", str(dest), "--host", host, "--port", str(self.port), *extra]
+        cmd = [sys.executable, "-m", "pipeline", "review", str(dest), "--host", host, "--port", str(self.port), *extra]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="review-app-", suffix=".log")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stderr=self.log, text=True)
 

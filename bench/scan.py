@@ -113,3 +113,175 @@ def _scan(
         raise RuntimeError(f"diffguard scan exited {proc.returncode}: {proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"seconds": seconds, "scanned": summary["scanned"], "errors": summary["errors"]}
+
+
+# --- growth: the driver's memory and wall time of a no-change rerun as the bucket grows (issue 20) ----------------
+DRIVER = (
+    "import json, resource, sys, time\n"
+    "from pipeline.cli import main\n"
+    "t0 = time.perf_counter()\n"
+    "rc = main(sys.argv[1:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t0, 'driver_peak_rss_mib': peak}), file=sys.stderr)\n"
+)
+
+
+def scan_driver(args: list[str], repo: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``diffguard scan ARGS`` in a fresh interpreter: its exit code, wall time and the driver's peak RSS (MiB).
+
+    The peak is the scan process's own (``RUSAGE_SELF``): Ray's workers and raylet are other processes."""
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, "scan", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"diffguard scan exited {proc.returncode}: {proc.stderr[-3000:]}")
+    measured = json.loads(proc.stderr.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1]) if "--json" in args else {}
+    return {**measured, "process_seconds": wall, "summary": summary}
+
+
+def scanned_state(dest: str, rows: Any, fingerprint: str) -> None:
+    """DEST as a completed scan leaves it: ``rows`` (key, etag, size, last_modified) recorded as scored and unflagged
+    by the checker with ``fingerprint`` (what a first run records; written directly, 10^5+ objects unscored)."""
+    import pyarrow as pa
+
+    from pipeline.scan.state import PartWriter, compact
+    from pipeline.scan.storage import parse_location
+    from pipeline.spec import CheckerSpec
+
+    spec = CheckerSpec()
+    n = rows.num_rows
+    table = rows.append_column("model_fingerprint", pa.array([fingerprint] * n, pa.string()))
+    table = table.append_column("max_pixels", pa.array([spec.max_pixels] * n, pa.int64()))
+    table = table.append_column("max_object_bytes", pa.array([spec.max_object_bytes] * n, pa.int64()))
+    for name in ("flagged", "nsfw", "unscorable", "truncated", "tagged"):
+        table = table.append_column(name, pa.array([False] * n, pa.bool_()))
+    location = parse_location(dest)
+    PartWriter(location, 1).commit(table)
+    compact(location, 1, str(rows.schema.metadata[b"source"].decode()), set(rows["key"].to_pylist()), {})
+
+
+def local_growth(n: int, root: str, repo: str) -> dict[str, Any]:
+    """A no-change rerun over ``n`` tiny files in a local directory (DEST recorded as scanned by the tiny checker)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from pipeline.scan.storage import LocalStore
+    from pipeline.spec import CheckerSpec
+
+    src, dest = Path(root, f"src-{n}"), Path(root, f"dest-{n}")
+    if not src.exists():
+        for i in range(n):
+            folder = src / f"{i // 1000:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:08d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + i.to_bytes(8, "big"))
+    if not dest.exists():
+        listing = list(LocalStore(str(src)).list())
+        rows = pa.table(
+            {
+                "bucket": [str(src)] * len(listing),
+                "key": [o.key for o in listing],
+                "etag": [o.etag for o in listing],
+                "size": pa.array([o.size for o in listing], pa.int64()),
+                "last_modified": pa.array([o.last_modified for o in listing], pa.timestamp("us", tz="UTC")),
+            }
+        ).replace_schema_metadata({"source": str(src)})
+        scanned_state(str(dest), rows, CheckerSpec().load(device="cpu", dtype="float32").fingerprint)
+    run = scan_driver([str(src), "--output", str(dest), "--json"], repo)
+    assert run["summary"]["skipped_unchanged"] == n and run["summary"]["scanned"] == 0, run
+    return {"objects": n, "input": "local directory", **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")}}
+
+
+def inventory_growth(n: int, root: str, repo: str, endpoint: str, files: int = 8) -> dict[str, Any]:
+    """A no-change rerun of ``s3://growth/`` listed by a synthetic S3 Inventory report (Parquet, ``files`` data files)
+    of ``n`` objects, DEST recorded as scanned: no object is read, so only the listing, the plan and the commit count.
+    """
+    import hashlib
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.spec import CheckerSpec
+
+    base, dest = Path(root, f"inventory-{n}"), Path(root, f"inventory-dest-{n}")
+    manifest = base / "inventory/growth/daily/2026-12-01T00-00Z/manifest.json"
+    if not manifest.exists():
+        modified = pa.scalar(datetime(2026, 11, 30, tzinfo=UTC), pa.timestamp("ms", tz="UTC"))
+        entries, step = [], -(-n // files)
+        for f in range(files):
+            ids = range(f * step, min(n, (f + 1) * step))
+            table = pa.table(
+                {
+                    "bucket": pa.array(["growth"] * len(ids)),
+                    "key": pa.array([f"img/{i // 1000:05d}/{i:09d}.png" for i in ids]),
+                    "size": pa.array([1000 + i % 977 for i in ids], pa.int64()),
+                    "last_modified_date": pa.array([modified] * len(ids)),
+                    "e_tag": pa.array([hashlib.md5(str(i).encode()).hexdigest() for i in ids]),
+                }
+            )
+            rel = f"inventory/growth/daily/data/{f:04d}.parquet"
+            (base / rel).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, base / rel)
+            data = (base / rel).read_bytes()
+            entries.append({"key": rel, "size": len(data), "MD5checksum": hashlib.md5(data).hexdigest()})
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        body = {"sourceBucket": "growth", "destinationBucket": "arn:aws:s3:::inv", "fileFormat": "Parquet"}
+        manifest.write_text(json.dumps({**body, "fileSchema": "message s3.inventory {}", "files": entries}))
+    if not dest.exists():
+        tables = [pq.read_table(base / e["key"]) for e in json.loads(manifest.read_text())["files"]]
+        raw = pa.concat_tables(tables)
+        rows = pa.table(
+            {
+                "bucket": raw["bucket"],
+                "key": raw["key"],
+                "etag": raw["e_tag"],
+                "size": raw["size"],
+                "last_modified": raw["last_modified_date"].cast(pa.timestamp("us", tz="UTC")),
+            }
+        ).replace_schema_metadata({"source": "s3://growth/"})
+        scanned_state(str(dest), rows, CheckerSpec().load(device="cpu", dtype="float32").fingerprint)
+    args = ["s3://growth/", "--output", str(dest), "--inventory", str(manifest), "--endpoint-url", endpoint, "--json"]
+    run = scan_driver(args, repo)
+    assert run["summary"]["skipped_unchanged"] == n and run["summary"]["scanned"] == 0, run
+    return {"objects": n, "input": "inventory", **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")}}
+
+
+def with_moto(fn: Any) -> Any:
+    """Run ``fn(endpoint)`` with moto's S3 server up and a bucket ``growth`` (the inventory's SOURCE) created."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(var, None)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="growth")
+        return fn(endpoint)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":  # one JSON line per size
+    import tempfile
+
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = os.environ.get("GROWTH_DIR") or tempfile.mkdtemp(prefix="growth-")
+    if sys.argv[1] == "growth":  # python -m bench.scan growth N ...: local directories of N tiny files
+        for size in sys.argv[2:]:
+            print(json.dumps(local_growth(int(size), work, repo_root)), flush=True)
+    else:  # python -m bench.scan inventory-growth N ...: synthetic S3 Inventory reports of N objects
+        for size in sys.argv[2:]:
+            out = with_moto(lambda endpoint, n=int(size): inventory_growth(n, work, repo_root, endpoint))
+            print(json.dumps(out), flush=True)

@@ -54,6 +54,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--threads", type=positive_int, help="torch threads per CPU scoring actor (default: the CPUs / the actors)"
     )
+    p.add_argument(
+        "--inventory",
+        metavar="MANIFEST",
+        help="list SOURCE from an S3 Inventory report (its manifest.json: s3://... or a local path) instead of LIST",
+    )
     p.add_argument("--part-rows", type=positive_int, default=500, help="rows per committed Parquet part (500)")
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
@@ -106,6 +111,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         max_actors=args.max_actors,
         threads=args.threads,
         part_rows=args.part_rows,
+        inventory=args.inventory,
     )
     with stdout_reserved():
         try:

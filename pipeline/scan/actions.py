@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import DiffguardError, InvalidInput
 from .state import PartWriter
@@ -203,11 +204,14 @@ def recover(
     dest: Location, source: Location, current: pa.Table, writer: PartWriter, apply: bool, endpoint_url: str | None
 ) -> tuple[int, int]:
     """Finish or forget quarantine moves a killed run left in the journal. Returns (recovered, pending)."""
+    journal = list(dest.store.list(dest.key(JOURNAL)))
+    if not journal:
+        return 0, 0
     index = {k: i for i, k in enumerate(current["key"].to_pylist())}
     done: dict[int, str] = {}
     resolved: list[str] = []
     pending = 0
-    for info in list(dest.store.list(dest.key(JOURNAL))):
+    for info in journal:
         raw, _ = dest.store.read(info.key)
         entry = json.loads(raw)
         dst_store, dst_key = _store_from(entry["dst"], endpoint_url), entry["dst"]["key"]
@@ -235,22 +239,34 @@ def recover(
 
 
 def eligible(
-    current: pa.Table, listed: dict[str, str], action: str, decisions: dict[str, str] | None = None
+    current: pa.Table, listed: dict[str, str] | pa.Table, action: str, decisions: dict[str, str] | None = None
 ) -> list[int]:
     """Rows of flagged objects (the policy withholds them, or they could not be scored) still present with the scanned
-    etag, not yet acted on. ``decisions`` (key -> the review decision in force for the current etag): an ``overturn``
-    is never acted on; ``confirm`` and ``relabel`` are acted on as flagged objects are, even a reported one."""
+    etag, not yet acted on. ``listed``: the listing's key and etag (a table with those columns, or key -> etag).
+    ``decisions`` (key -> the review decision in force for the current etag): an ``overturn`` is never acted on;
+    ``confirm`` and ``relabel`` are acted on as flagged objects are, even a reported one. Columnar: only the
+    candidates' rows become Python values."""
     decisions = decisions or {}
-    out = []
-    cols = ("key", "etag", "flagged", "error", "quarantined_to", "tagged")
-    for i, r in enumerate(zip(*(current[c].to_pylist() for c in cols), strict=True)):
-        key, etag, flagged, error, quarantined_to, tagged = r
-        pending = quarantined_to is None if action == "quarantine" else not tagged
-        decision = decisions.get(key)
-        withheld = (flagged and decision != "overturn") or decision in ("confirm", "relabel")
-        if withheld and listed.get(key) == etag and pending:  # scored and withheld, or unscorable (never a read error)
-            out.append(i)
-    return out
+    if isinstance(listed, dict):
+        listed = pa.table({"key": pa.array(list(listed), pa.string()), "etag": pa.array(list(listed.values()))})
+
+    def keys(kinds: tuple[str, ...]) -> pa.Array:
+        return pa.array(sorted(k for k, d in decisions.items() if d in kinds), pa.string())
+
+    if action == "quarantine":
+        pending = pc.is_null(current["quarantined_to"])
+    else:
+        pending = pc.invert(pc.fill_null(current["tagged"], False))
+    flagged = pc.and_(
+        pc.fill_null(current["flagged"], False), pc.invert(pc.is_in(current["key"], value_set=keys(("overturn",))))
+    )
+    withheld = pc.or_(flagged, pc.is_in(current["key"], value_set=keys(("confirm", "relabel"))))
+    rows = pc.indices_nonzero(pc.and_(withheld, pending))  # scored and withheld, or unscorable (never a read error)
+    if len(rows) == 0:
+        return []
+    candidates = current.select(["key", "etag"]).take(rows).append_column("_row", rows)
+    present = candidates.join(listed.select(["key", "etag"]), keys=["key", "etag"], join_type="inner")
+    return sorted(present["_row"].to_pylist())
 
 
 def apply_actions(

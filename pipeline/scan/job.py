@@ -13,6 +13,9 @@ image is recorded (a ``not_image`` row, hidden from :func:`read_current`) so it 
 at most one small ranged read per object that is not an image, once. What was read but cannot be scored (undecodable,
 over ``--max-pixels`` or ``--max-object-bytes``, unsupported) gets the checker's :meth:`unscorable` verdict and is
 withheld like a flagged image; read errors stay retryable errors, never acted on.
+
+long: every Ray stage of the scan (inventory files, read, decode, score) and the driver that runs them live here, the
+only module of the scan that imports Ray.
 """
 
 from __future__ import annotations
@@ -27,20 +30,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..concepts import ConceptSet
 from ..errors import DiffguardError, ImageDecodeError, InvalidInput
 from ..images import SNIFF_BYTES, DecodeLimits, decode, identify
 from ..policy import image_action, withheld
-from ..review.decisions import current_decisions
+from ..review.decisions import DecisionLog, current_decisions
 from ..spec import CheckerSpec
 from ..tiny import TINY_BANNER
 from ..verdict import Verdict
 from .actions import apply_actions, recover
-from .plan import ScanConfig, ScanSummary, layout, list_source, named_image, plan
+from .inventory import Inventory, check_source, load_manifest, read_file
+from .inventory import listing as inventory_listing
+from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, named_image, plan
 from .release import recover_releases, release
 from .state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
-from .storage import ObjectInfo, S3Store, StorageError, Store, sha256
+from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 
 log = logging.getLogger("diffguard")
 
@@ -235,39 +241,92 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     writer = PartWriter(dest, summary.run)
     recovered, pending = recover(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
     recovered += recover_releases(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
-    objects, summary.skipped_symlinks = list_source(source, exclude)
+    if cfg.inventory:
+        objects = _inventory_listing(cfg, source, exclude)
+    else:
+        objects, summary.skipped_symlinks = list_source(source, exclude)
     if recovered:
         state = load_state(dest)
     limits = DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
     todo, summary.skipped_unchanged, summary.skipped_non_image = plan(
         objects, state.current, checker.fingerprint, limits, cfg.full
     )
-    summary.listed = len(objects)
+    summary.listed = objects.num_rows
     log.info(
         "%d objects listed: %d to read, %d unchanged, %d recorded as not images",
-        len(objects),
-        len(todo),
+        objects.num_rows,
+        todo.num_rows,
         summary.skipped_unchanged,
         summary.skipped_non_image,
     )
-    if todo:
+    if todo.num_rows:
         bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
         _score(cfg, todo, source.store, bucket, checker, writer, summary)
     del checker
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
-    listed = {o.key: o.etag for o in objects}
+    listed = objects.select(["key", "etag"])
+    del objects, todo
     current = load_state(dest).current
     if cfg.release:
         summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url)
-        listed.update(restored)  # back in the source: kept by the compaction below
+        if restored:  # back in the source: kept by the compaction below
+            back = pa.table({"key": list(restored), "etag": list(restored.values())}, schema=listed.schema)
+            listed = pa.concat_tables([listed.filter(pc.invert(pc.is_in(listed["key"], back["key"]))), back])
         current = load_state(dest).current
-    decisions = {k: d.decision for k, d in current_decisions(dest, current, cfg.endpoint_url).items()}
+    decisions = _decisions(dest, current, cfg.endpoint_url)
     summary.overturned = sum(1 for d in decisions.values() if d == "overturn")
     summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer, decisions)
     summary.actions.recovered, summary.actions.pending = recovered, pending
     manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
-    compact(dest, summary.run, str(source), set(listed), manifest_summary)
+    compact(dest, summary.run, str(source), listed["key"], manifest_summary)
     return summary
+
+
+def read_inventory(batch: pa.Table, inventory: Inventory, source: Location, exclude: list[str]) -> pa.Table:
+    """Inventory data files (``key``, ``md5``) -> the listing rows they hold for SOURCE (a Ray Data stage)."""
+    tables = [
+        inventory_listing(read_file(inventory, key, md5), source, inventory.source_bucket, exclude)
+        for key, md5 in zip(batch["key"].to_pylist(), batch["md5"].to_pylist(), strict=True)
+    ]
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+def _inventory_listing(cfg: ScanConfig, source: Location, exclude: list[str]) -> pa.Table:
+    """SOURCE's objects as an S3 Inventory report lists them: its files read and filtered by Ray tasks, in parallel."""
+    import ray
+
+    inventory = load_manifest(cfg.inventory, cfg.endpoint_url)  # type: ignore[arg-type]
+    check_source(inventory, source)
+    if not inventory.files:
+        return LISTING_SCHEMA.empty_table()
+    started = ensure_ray()
+    try:
+        files = [{"key": key, "md5": md5} for key, md5 in inventory.files]
+        ds = ray.data.from_items(files, override_num_blocks=len(files))
+        ds = ds.map_batches(
+            read_inventory,
+            fn_kwargs={"inventory": inventory, "source": source, "exclude": exclude},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=DECODE_CPUS,
+        )
+        tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    finally:
+        if started:
+            ray.shutdown()
+    objects = pa.concat_tables([t.cast(LISTING_SCHEMA) for t in tables]) if tables else LISTING_SCHEMA.empty_table()
+    log.info("inventory %s: %d objects under %s", inventory.manifest, objects.num_rows, source)
+    return objects.sort_by("key")
+
+
+def _decisions(dest, current: pa.Table, endpoint_url: str | None) -> dict[str, str]:  # noqa: ANN001
+    """key -> the review decision in force for the object's current etag, looked up only for reviewed keys."""
+    latest = DecisionLog.open(dest, endpoint_url).latest()
+    if not latest:
+        return {}
+    reviewed = pa.array(sorted({key for key, _ in latest}), pa.string())
+    current = current.filter(pc.is_in(current["key"], value_set=reviewed))
+    return {k: d.decision for k, d in current_decisions(dest, current, endpoint_url).items()}
 
 
 def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa: ANN001
@@ -276,19 +335,15 @@ def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa:
     started = ensure_ray()
     try:
         max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
-        max_actors = max(1, min(max_actors, math.ceil(len(todo) / cfg.batch_size)))
-        items = [
-            {
-                "key": o.key,
-                "etag": o.etag,
-                "size": o.size,
-                "last_modified_us": _us(o.last_modified),
-                "version_id": o.version_id,
-                "whole": named_image(o.key),
-            }
-            for o in todo
-        ]
-        ds = ray.data.from_items(items, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(items) / cfg.batch_size)))
+        max_actors = max(1, min(max_actors, math.ceil(todo.num_rows / cfg.batch_size)))
+        items = todo.set_column(
+            todo.column_names.index("last_modified"),
+            "last_modified_us",
+            pc.cast(pc.cast(todo["last_modified"], pa.timestamp("us", tz="UTC")), pa.int64()),
+        )
+        items = items.append_column("whole", pa.array([named_image(k) for k in todo["key"].to_pylist()], pa.bool_()))
+        step = math.ceil(items.num_rows / min(MAX_BLOCKS, math.ceil(items.num_rows / cfg.batch_size)))
+        ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, items.num_rows, step)])
         ds = ds.map_batches(
             read_objects,
             fn_kwargs={"store": store, "max_object_bytes": cfg.checker.max_object_bytes},

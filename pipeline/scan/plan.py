@@ -7,12 +7,15 @@ is new, changed or due again. :func:`layout` checks SOURCE, DEST and the quarant
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import InvalidInput
 from ..images import IMAGE_SUFFIXES, DecodeLimits
@@ -40,6 +43,7 @@ class ScanConfig:
     max_actors: int | None = None  # scoring actors (default: GPUs / num_gpus, or half the CPUs)
     threads: int | None = None  # torch threads per CPU scoring actor (default: the cluster's CPUs / actors)
     part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
+    inventory: str | None = None  # an S3 Inventory manifest.json listing SOURCE's bucket (instead of LIST calls)
 
 
 @dataclass
@@ -71,19 +75,55 @@ class ScanSummary:
         return out
 
 
-def list_source(source: Location, exclude: list[str]) -> tuple[list[ObjectInfo], int]:
-    """Every object under the source (sorted by key), and the number of symlinks and other non-regular files a local
-    source holds (never followed nor read)."""
+LISTING_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("last_modified", pa.timestamp("us", tz="UTC")),
+        ("version_id", pa.string()),
+    ]
+)
+LISTING_CHUNK = 100_000  # objects turned into one Arrow batch at a time (no Python object per listed key is kept)
+
+
+def listing_table(objects: Iterable[ObjectInfo]) -> pa.Table:
+    """Listed objects as columns (:data:`LISTING_SCHEMA`), built a chunk at a time."""
+    batches = []
+    it = iter(objects)
+    while chunk := list(itertools.islice(it, LISTING_CHUNK)):
+        cols = list(zip(*((o.key, o.etag, o.size, o.last_modified, o.version_id) for o in chunk), strict=True))
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA, strict=True)], schema=LISTING_SCHEMA
+            )
+        )
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+
+
+def excluded(keys: pa.ChunkedArray | pa.Array, exclude: list[str]) -> pa.ChunkedArray | pa.Array:
+    """True where a key is under one of the ``exclude`` prefixes (DEST or the quarantine inside SOURCE)."""
+    mask = pa.array([False] * len(keys), pa.bool_())
+    for prefix in exclude:
+        mask = pc.or_(mask, pc.starts_with(keys, prefix))
+    return mask
+
+
+def list_source(source: Location, exclude: list[str]) -> tuple[pa.Table, int]:
+    """Every object under the source (:data:`LISTING_SCHEMA`, sorted by key), and the number of symlinks and other
+    non-regular files a local source holds (never followed nor read)."""
     skipped: list[str] = []
     if isinstance(source.store, LocalStore):
         listing = source.store.list(source.prefix, skipped=skipped)
     else:
         listing = source.store.list(source.prefix)
-    objects = [info for info in listing if not any(info.key.startswith(p) for p in exclude)]
+    objects = listing_table(listing)
+    if exclude and objects.num_rows:
+        objects = objects.filter(pc.invert(excluded(objects["key"], exclude)))
     skipped = [k for k in skipped if not any(k.startswith(p) for p in exclude)]
     if skipped:
         log.warning("skipped %d symlinks or special files, never followed (e.g. %s)", len(skipped), skipped[0])
-    return sorted(objects, key=lambda o: o.key), len(skipped)
+    return objects.sort_by("key"), len(skipped)
 
 
 def named_image(key: str) -> bool:
@@ -91,41 +131,60 @@ def named_image(key: str) -> bool:
     return Path(key).suffix.lower() in IMAGE_SUFFIXES
 
 
-def same_version(obj: ObjectInfo, etag: Any, size: Any, modified: Any, version_id: Any) -> bool:
-    """The listed object is the version a row describes: etag and size, the modification time to the second (S3
-    sets it on every write; locally the etag holds it to the nanosecond, with ctime and inode), and the version id
-    when the bucket lists one."""
-    if etag != obj.etag or size != obj.size:
-        return False
-    if modified is not None and int(modified.timestamp()) != int(obj.last_modified.timestamp()):
-        return False
-    return obj.version_id is None or version_id == obj.version_id
+_CURRENT = ("key", "etag", "size", "last_modified", "version_id", "model_fingerprint", "error_kind", "max_pixels")
+_CURRENT += ("max_object_bytes", "unscorable")
 
 
-def plan(objects: list[ObjectInfo], current: pa.Table, fingerprint: str, limits: DecodeLimits, full: bool):
-    """Split the listing into objects to read and objects whose current row still holds.
+def _seconds(ts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Whole seconds since the epoch (``int(t.timestamp())``) of a microsecond timestamp column."""
+    return pc.floor(pc.divide(pc.cast(pc.cast(ts, pa.timestamp("us", tz="UTC")), pa.int64()).cast(pa.float64()), 1e6))
 
-    Returns (todo, unchanged images, unchanged non-images)."""
-    if full or current.num_rows == 0:
+
+def plan(objects: pa.Table, current: pa.Table, fingerprint: str, limits: DecodeLimits, full: bool):
+    """Split the listing (:data:`LISTING_SCHEMA`) into objects to read and objects whose current row still holds,
+    as one columnar join of the listing with the current view (no Python object per key).
+
+    A row holds when it describes the listed version: etag and size, the modification time to the second (S3 sets
+    it on every write; locally the etag holds it to the nanosecond, with ctime and inode), and the version id when
+    the bucket lists one; then a recorded non-image stays one, and an image is read again only for a new model or
+    policy, a read error, or an unscorable row from before unscorable verdicts or under other limits.
+
+    Returns (todo as a listing table sorted by key, unchanged images, unchanged non-images)."""
+    if full or current.num_rows == 0 or objects.num_rows == 0:
         return objects, 0, 0
-    cols = ("key", "etag", "size", "last_modified", "version_id", "model_fingerprint", "error_kind", "max_pixels")
-    cols += ("max_object_bytes", "unscorable")
-    rows = {r[0]: r[1:] for r in zip(*(current[c].to_pylist() for c in cols), strict=True)}
-    todo, unchanged, others = [], 0, 0
-    for obj in objects:
-        row = rows.get(obj.key)
-        if row is None or not same_version(obj, *row[:4]):
-            todo.append(obj)
-            continue
-        fp, kind, max_pixels, max_bytes, unscorable = row[4:]
-        if kind == NOT_IMAGE:
-            others += 1  # its bytes did not change: still not an image, whatever the model
-        elif fp != fingerprint or kind == "read":
-            todo.append(obj)  # a new model or policy rescores; a read error is retried
-        elif kind == "decode" and (not unscorable or (max_pixels, max_bytes) != (limits.max_pixels, limits.max_bytes)):
-            todo.append(obj)  # a row from before unscorable verdicts, or a limit that moved
-        else:
-            unchanged += 1
+    right = current.select(list(_CURRENT)).rename_columns(["key", *(f"c_{c}" for c in _CURRENT[1:])])
+    joined = objects.join(right, keys="key", join_type="left outer", use_threads=True)
+    true = pa.scalar(True)
+
+    def known(mask):  # noqa: ANN001, ANN202 - a null comparison (no current row) counts as a difference
+        return pc.fill_null(mask, False)
+
+    same = pc.and_(known(pc.equal(joined["c_etag"], joined["etag"])), known(pc.equal(joined["c_size"], joined["size"])))
+    same_time = pc.or_(
+        pc.is_null(joined["c_last_modified"]),
+        known(pc.equal(_seconds(joined["c_last_modified"]), _seconds(joined["last_modified"]))),
+    )
+    same_version_id = pc.or_(
+        pc.is_null(joined["version_id"]), known(pc.equal(joined["c_version_id"], joined["version_id"]))
+    )
+    same = pc.and_(pc.and_(same, same_time), same_version_id)
+    kind = joined["c_error_kind"]
+    not_image = known(pc.equal(kind, NOT_IMAGE))
+    rescore = pc.or_(
+        pc.invert(known(pc.equal(joined["c_model_fingerprint"], fingerprint))), known(pc.equal(kind, "read"))
+    )
+    limits_moved = pc.or_(
+        pc.invert(known(pc.equal(joined["c_max_pixels"], limits.max_pixels))),
+        pc.invert(known(pc.equal(joined["c_max_object_bytes"], limits.max_bytes))),
+    )
+    unscorable_due = pc.and_(
+        known(pc.equal(kind, "decode")), pc.or_(pc.invert(pc.fill_null(joined["c_unscorable"], False)), limits_moved)
+    )
+    holds_image = pc.and_(pc.and_(same, pc.invert(not_image)), pc.invert(pc.or_(rescore, unscorable_due)))
+    others = pc.sum(pc.and_(same, not_image)).as_py() or 0
+    unchanged = pc.sum(holds_image).as_py() or 0
+    todo_mask = pc.invert(pc.or_(pc.and_(same, not_image), holds_image))
+    todo = joined.filter(pc.equal(todo_mask, true)).select(LISTING_SCHEMA.names).sort_by("key")
     return todo, unchanged, others
 
 

@@ -159,9 +159,12 @@ def recover_releases(
     dest: Location, source: Location, current: pa.Table, writer: PartWriter, apply: bool, endpoint_url: str | None
 ) -> int:
     """Finish releases a killed run left in the journal (the restored object verified), forget the rest."""
+    journal = list(dest.store.list(dest.key(JOURNAL)))
+    if not journal:
+        return 0
     index = {k: i for i, k in enumerate(current["key"].to_pylist())}
     updates: dict[int, dict[str, Any]] = {}
-    for info in list(dest.store.list(dest.key(JOURNAL))):
+    for info in journal:
         entry = json.loads(dest.store.read(info.key)[0])
         restored = source.store.head(entry["key"])
         verified = False

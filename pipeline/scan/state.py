@@ -189,14 +189,18 @@ class PartWriter:
         return rel
 
 
-def compact(dest: Location, run: int, source: str, keep: set[str], summary: dict[str, Any]) -> State:
+def compact(dest: Location, run: int, source: str, keep: Any, summary: dict[str, Any]) -> State:
     """Fold everything committed so far into one snapshot of the objects in ``keep`` plus quarantined ones.
 
     Order makes it crash-safe: the snapshot is written first, then the manifest that names it (the commit), and only
     then are the files it replaced deleted; until the manifest changes, readers use the old snapshot and the parts.
     """
     current = load_state(dest).current
-    listed = pc.is_in(current["key"], value_set=pa.array(sorted(keep), pa.string()))
+    if isinstance(keep, pa.ChunkedArray):  # the listed keys, as a column (or any collection of keys)
+        keep = keep.combine_chunks() if keep.num_chunks else pa.array([], pa.string())
+    elif not isinstance(keep, pa.Array):
+        keep = pa.array(sorted(keep), pa.string())
+    listed = pc.is_in(current["key"], value_set=keep)
     snapshot = current.filter(pc.or_(listed, pc.is_valid(current["quarantined_to"])))
     rel = f"snapshots/run-{run:06d}.parquet"
     buf = io.BytesIO()

@@ -45,6 +45,10 @@ class SafetyCheckerDeployment:
             self.checker = import_factory(self.args.factory)(self.args)
         else:  # the policy (and its fallback setting) comes with user_config: reconfigure() runs next
             self.checker = self.args.spec().load()
+        info = self.checker.info()
+        # What a response names besides the fingerprint; fixed for the replica's life, so it rides on each result
+        # and the ingress needs no info() round trip per request.
+        self.identity = {"model": info["model"], "demo_weights": info["demo_weights"]}
         self.runtime = CheckerRuntime()
         self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
         self.batch_sizes = Histogram(
@@ -122,7 +126,10 @@ class SafetyCheckerDeployment:
         for v in verdicts:
             for name in v.bad_concept_names + v.flagged_categories:
                 self.flagged.inc(tags={"concept": name})
-        return [{"verdict": v, "batch_size": len(items), "fingerprint": fingerprint} for v in verdicts]
+        checker = {**self.identity, "fingerprint": fingerprint}
+        return [
+            {"verdict": v, "batch_size": len(items), "fingerprint": fingerprint, "checker": checker} for v in verdicts
+        ]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _score(self, items: list[Any]) -> list[dict[str, Any]]:

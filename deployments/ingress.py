@@ -259,8 +259,7 @@ class Ingress:
         self.generator_info = self.generator_info or rendering["info"]
         results = await self._check(images, "generate")
         moderated = moderate(images, [r["verdict"] for r in results])
-        checker_info = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
-        models = model_info(rendering["info"], checker_info)  # the generator replica that rendered these images
+        models = model_info(rendering["info"], results[0]["checker"])  # the replicas that rendered and scored these
         models["checker_fingerprint"] = results[0]["fingerprint"]  # the policy that scored these very images
         out = []
         for m, r in zip(moderated, results, strict=True):

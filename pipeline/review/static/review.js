@@ -164,13 +164,16 @@ $("relabel").addEventListener("close", () => {
 });
 
 async function load(reset) {
-  if (reset) { state.items = []; state.cursor = null; $("queue").textContent = ""; }
+  // Filters can change while a page is in flight: only the answer to the latest request is shown.
+  if (reset) { state.gen = (state.gen || 0) + 1; state.items = []; state.cursor = null; $("queue").textContent = ""; }
+  const gen = state.gen;
   const q = new URLSearchParams({ state: $("f-state").value, limit: "50" });
   if ($("f-category").value) q.set("category", $("f-category").value);
   if ($("f-action").value) q.set("action", $("f-action").value);
   if (state.cursor) q.set("cursor", state.cursor);
   try {
     const page = await (await api("/api/items?" + q)).json();
+    if (gen !== state.gen) return;  // superseded by a newer filter
     for (const item of page.items) {
       $("queue").appendChild(render(item, state.items.length));
       state.items.push(item);

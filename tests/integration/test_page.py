@@ -20,22 +20,12 @@ import pytest
 
 from tests.adversarial import image_bytes
 from tests.conftest import ROOT
+from tests.integration.browser import new_page
 from tests.integration.conftest import free_port
 from tests.integration.test_serve import apply
 
 KEY = "page-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHROMIUM = os.environ.get("DIFFGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\0" * 24  # a PNG signature, then a corrupt header
 
 
@@ -197,26 +187,9 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(service, ope
 
 
 # --- the page in Chromium ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[dev])")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def page(browser, service):
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    # Nothing but the service: any other host (a CDN) is refused, so the page and /docs must be self-contained.
-    context.route(re.compile(r"^(?!http://127\.0\.0\.1:).*"), lambda route: route.abort())
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
-    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    context, page = new_page(browser)  # nothing but the service: the page and /docs must be self-contained
     yield page
     context.close()
 
@@ -320,8 +293,7 @@ def test_upload_of_a_good_and_a_corrupt_file_shows_both_cards(page, service, tmp
 
 
 def test_phone_width_has_no_horizontal_scroll(browser, service):
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
-    page = context.new_page()
+    context, page = new_page(browser, viewport={"width": 375, "height": 740}, is_mobile=True)
     page.goto(f"{service}/")
     page.wait_for_selector("#key-form:not([hidden])")
     assert page.evaluate("document.documentElement.scrollWidth") <= 375

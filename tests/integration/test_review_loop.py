@@ -28,7 +28,7 @@ from tests.integration.scan_support import (
     s3_fixture,  # noqa: F401 - fixture
     scan,
 )
-from tests.integration.test_review_page import browser, open_page, shot, wait_thumbs  # noqa: F401 - fixture
+from tests.integration.test_review_page import open_page, shot, wait_thumbs
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def decide(url: str, key: str, decision: str) -> None:
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_review_loop_quarantine_release_and_calibrate(s3, s3_endpoint, capsys, browser, tmp_path):  # noqa: F811
+def test_review_loop_quarantine_release_and_calibrate(s3, s3_endpoint, capsys, browser, tmp_path):
     bucket = new_bucket(s3)
     images = {f"up/{i:02d}.png": png(700 + i, (24, 32)) for i in range(12)}
     put_many(s3, bucket, images)

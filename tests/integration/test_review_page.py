@@ -5,9 +5,6 @@ takes a category from the scan, filters page server-side, and the key is asked f
 from __future__ import annotations
 
 import io
-import os
-import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,41 +13,14 @@ from PIL import Image
 
 from pipeline.review.decisions import DecisionLog
 from tests.conftest import ROOT
+from tests.integration.browser import new_page
 from tests.integration.review_support import ReviewServer, results
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = os.environ.get("DIFFGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[dev])")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
 
 def open_page(browser, url: str):
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    context.route(re.compile(r"^(?!http://127\.0\.0\.1:).*"), lambda route: route.abort())  # self-contained page
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
-    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    context, page = new_page(browser)  # a self-contained page: nothing but 127.0.0.1
     page.goto(url)
     return context, page
 

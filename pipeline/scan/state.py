@@ -151,6 +151,8 @@ def load_state(dest: Location) -> State:
     tables = [_read_parquet(dest, manifest["snapshot"])] if manifest.get("snapshot") else []
     tables += [_read_parquet(dest, rel) for _, _, rel in parts]
     last_run = max([snap_run, *(run for _, run, _, _ in files)])
+    if len(tables) == 1 and not parts:  # a snapshot alone already holds one row per key, sorted: no copy to dedupe
+        return State(manifest, conform(tables[0]), last_run)
     return State(manifest, latest_per_key(tables), last_run)
 
 

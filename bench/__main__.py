@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown sections {unknown}; choose from {list(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    # Before torch and Ray start: replicas and workers inherit these. The default policy's CLIP text tower is not
-    # cached on a benchmark machine; the checkers fall back to the stock policy without probing the network.
+    # Before torch and Ray start: replicas and workers inherit these. Every benchmark scores the stock concepts
+    # (policy "stock", set where each checker is built): the default policy's CLIP text tower is not on this machine.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 

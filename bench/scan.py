@@ -104,8 +104,9 @@ def _scan(
     source, dest = f"s3://{bucket}/{prefix}/", f"s3://{bucket}/out-{out or prefix}/"
     cmd = [sys.executable, "-m", "pipeline", "scan", source, "--output", dest]
     cmd += ["--endpoint-url", endpoint, "--model", str(checker_dir), "--dtype", SCAN_DTYPE, "--json", *(flags or [])]
+    cmd += ["--policy", "stock"]  # the core's benchmark scores stock concepts too (no text tower on this machine)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
-    env["HF_HUB_OFFLINE"] = "1"  # the default policy's text tower is not cached here: fall back without a probe
+    env["HF_HUB_OFFLINE"] = "1"  # never probe the Hub from a benchmark
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - t0

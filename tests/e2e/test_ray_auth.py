@@ -27,6 +27,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.conftest import free_port
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 TOKEN = secrets.token_hex(16)
 API_KEY = secrets.token_hex(16)
 TOKENLESS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")

@@ -13,6 +13,8 @@ from tests.integration.conftest import free_port
 from tests.integration.scan_support import s3_endpoint_fixture  # noqa: F401 - fixture
 from tests.reliability.adversarial import ODD_KEYS, PATHS, adversarial_scenario
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 # What the issue's "Done when" names, each with the paths it must have been driven through.
 ISSUE_CASES = {
     "truncated jpeg (last 2% cut)": PATHS,

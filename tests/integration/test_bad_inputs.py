@@ -16,6 +16,8 @@ from tests.integration.scan_support import rows_by_key, scan, summary
 from tests.reliability.apps import TINY, app, apply, replicas, serve_config
 from tests.reliability.load import Call, LoadStats, audit, verify_samples
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 MAX_BODY = 2_000_000
 APP = "bad"
 CASES = image_cases()

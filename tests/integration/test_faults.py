@@ -22,6 +22,8 @@ from tests.reliability.faults import (
 )
 from tests.reliability.load import disallowed, verify_samples
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def service(ray_cluster):

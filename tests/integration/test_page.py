@@ -24,6 +24,8 @@ from tests.integration.browser import new_page
 from tests.integration.conftest import free_port
 from tests.integration.test_serve import apply
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 KEY = "page-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\0" * 24  # a PNG signature, then a corrupt header

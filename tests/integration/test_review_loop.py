@@ -30,7 +30,7 @@ from tests.integration.scan_support import (
 )
 from tests.integration.test_review_page import open_page, shot, wait_thumbs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: deselected by `make test-fast`
 
 
 def decide(url: str, key: str, decision: str) -> None:

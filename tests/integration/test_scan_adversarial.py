@@ -25,6 +25,8 @@ from tests.integration.scan_support import (
     summary,
 )
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 
 def files(root: Path) -> dict[str, bytes]:
     """Every regular file under ``root`` (symlinks not followed), by path relative to it."""

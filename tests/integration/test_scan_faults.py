@@ -15,6 +15,8 @@ from tests.integration.scan_support import (
 )
 from tests.reliability.scan_faults import faulty_s3_scan, sigkill_trials
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def corpus(checker):

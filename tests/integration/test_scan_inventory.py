@@ -28,6 +28,8 @@ from tests.integration.scan_support import (
     scan,
 )
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag, StorageClass"
 
 

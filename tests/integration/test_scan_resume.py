@@ -11,6 +11,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import ROOT
 from tests.integration.scan_support import (
@@ -23,6 +24,8 @@ from tests.integration.scan_support import (
     s3_fixture,  # noqa: F401 - fixture
     summary,
 )
+
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
 N = 40
 

@@ -21,6 +21,8 @@ from tests.integration.scan_support import (
     summary,
 )
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 TOL = 1.1e-3  # scores are rounded to 3 decimals; a batch of different size may round the last digit differently
 
 

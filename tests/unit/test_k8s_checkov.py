@@ -18,6 +18,8 @@ import yaml
 
 from tests.unit.k8s_support import K8S, OVERLAYS, RAY_KINDS, as_pods, rendered
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 SKIPS = K8S / "checkov-skips.yaml"
 CONTROL = "diffguard-negative-control"  # a Pod every hardening check must fail: proves the run can fail
 

@@ -22,6 +22,9 @@ from tests.adversarial import TRUNCATED_FORMATS, huge_bilevel_png, image_bytes, 
 from tests.conftest import encode, varied_images
 from tests.integration.conftest import free_port
 
+# The Serve app in every configuration (~90 s); `make test-fast` keeps test_cli_serve's round trip.
+pytestmark = pytest.mark.slow
+
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # The Ingress replicas' environment, as a key file mounted into it would give it: the trailing newline is stripped.

@@ -53,6 +53,7 @@ class LoadStats:
     unchecked_images_out: int = 0  # image bytes without this request's verdict: must be 0
     missing_retry_after: int = 0  # 503s without Retry-After: must be 0
     errors: Counter = field(default_factory=Counter)  # "<status> <error message, shortened>" -> count
+    generator_batches: Counter = field(default_factory=Counter)  # generator_batch_size of 200 generate responses
     samples: list[tuple[np.ndarray, dict[str, Any]]] = field(default_factory=list, repr=False)
     duration_s: float = 0.0
     t0: float = field(default_factory=time.monotonic)  # when the load started (outcome times are relative to it)
@@ -91,6 +92,7 @@ class LoadStats:
             "images_withheld": self.images_withheld,
             "unchecked_images_out": self.unchecked_images_out,
             "missing_retry_after": self.missing_retry_after,
+            "generator_batch_sizes": dict(sorted(self.generator_batches.items())),
             "problems": len(self.problems),
             "errors": dict(self.errors.most_common(8)),
         }
@@ -133,6 +135,11 @@ def audit(stats: LoadStats, call: Call, response: httpx.Response) -> None:
                 stats.problem(f"moderate row without scores or error: {row}")
         return
     images = body.get("images", [])
+    batch = body.get("generator_batch_size")
+    if isinstance(batch, int) and batch >= 1:
+        stats.generator_batches[batch] += 1
+    else:
+        stats.problem(f"generate response without a generator_batch_size: {batch!r}")
     if len(images) != call.images:
         stats.problem(f"generate returned {len(images)} images for num_images={call.images}")
     for image in images:

@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--out DIR] [--only SECTION,...]``: every benchmark in one run.
 
 Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``,
-``generate`` (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split).
+``proxy`` (Serve's HTTP fronts: Python proxy, HAProxy, direct ingress; where decoding belongs), ``generate``
+(cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "service", "scan", "generate")
+SECTIONS = ("core", "preprocess", "service", "proxy", "scan", "generate")
 
 log = logging.getLogger("bench")
 
@@ -26,6 +27,7 @@ log = logging.getLogger("bench")
 def plans(quick: bool) -> dict[str, Any]:
     from .core import CorePlan
     from .generate import GeneratePlan
+    from .proxy import ProxyPlan
     from .scan import ScanPlan
     from .service import ServicePlan
 
@@ -34,6 +36,7 @@ def plans(quick: bool) -> dict[str, Any]:
             "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=48, small_images=8)},
             "preprocess": (16, 2),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
+            "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
             "scan": ScanPlan(images=64, small=0),
             "generate": GeneratePlan(clients=(1, 4, 8, 16), steps=2, rounds=1, window_s=1.5, checker_batches=3),
         }
@@ -46,6 +49,7 @@ def plans(quick: bool) -> dict[str, Any]:
         "service": ServicePlan(
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
+        "proxy": ProxyPlan(clients=32, warmup_s=3, measure_s=8, rounds=2),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
         "generate": GeneratePlan(),
     }
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         results["preprocess"] = run_preprocess(*plan["preprocess"])
     if "service" in only:
         results["service"] = _service(plan["service"])
+    if "proxy" in only:  # after the service section's cluster is gone: each variant starts its own
+        from .proxy import run_proxy_bench
+
+        results["proxy"] = run_proxy_bench(plan["proxy"])
     if "scan" in only:
         from .scan import run_scan_bench
 
@@ -132,6 +140,10 @@ def _write(results: dict[str, Any], out: Path) -> None:
         f"{m['load_average'][0]:.2f}, after {results['load_average_after'][0]:.2f}, {results['seconds']:.0f} s"
     )
     blocks = report.sections(results)
+    if "proxy" in results:
+        from .proxy import section
+
+        blocks.append(section(results["proxy"]))
     print(header)
     for title, cells in blocks:
         print(f"\n{title}\n{report.text(cells)}")

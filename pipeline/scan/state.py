@@ -272,9 +272,14 @@ def migrate(dest: Location) -> bool:
 
     The table is committed as run N first (skipped when a crashed conversion already committed it), then the
     manifest switches to format 2, then the old snapshot is deleted: a crash between any two steps leaves a DEST that
-    :func:`load_state` reads as before and the next call finishes. Returns True when it converted.
+    :func:`load_state` reads as before and the next call finishes. Returns True when it converted (or finished).
     """
     manifest = read_manifest(dest)
+    old = manifest.get("migrated_from")
+    if manifest.get("format") == FORMAT and old and dest.store.head(dest.key(old)) is not None:
+        _delete_folded(dest, 0)  # converted, but killed before the old snapshot was deleted
+        log.warning("WARNING: %s converted earlier: deleted the old snapshot %s", dest, dest.store.url(dest.key(old)))
+        return True
     if manifest.get("format") != 1 or not manifest.get("snapshot"):
         return False
     run, old = int(manifest["snapshot_run"]), manifest["snapshot"]

@@ -45,7 +45,7 @@ from .inventory import Inventory, check_source, load_manifest, read_file
 from .inventory import listing as inventory_listing
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, named_image, plan
 from .release import recover_releases, release
-from .state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
+from .state import NOT_IMAGE, PartWriter, compact, load_state, migrate, rows_table
 from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 
 log = logging.getLogger("diffguard")
@@ -234,6 +234,8 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     state = load_state(dest)
     if state.manifest.get("source", str(source)) != str(source):
         raise InvalidInput(f"--output {dest} holds results for {state.manifest['source']}, not {source}")
+    if migrate(dest):  # a format-1 DEST (snapshots/) becomes the Delta table, once
+        state = load_state(dest)
     checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
     if checker.demo:
         log.warning("WARNING: %s", TINY_BANNER)

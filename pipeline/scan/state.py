@@ -1,18 +1,26 @@
-"""Scan results under DEST: committed Parquet parts, compacted snapshots, a manifest, and the current view.
+"""Scan results under DEST: a Delta Lake table of completed runs, staged Parquet parts, a manifest, the current view.
 
 ```
 DEST/
-  _diffguard_scan.json                  manifest: the source, the current snapshot, the last completed run's summary
-  snapshots/run-000007.parquet          one row per object, as of completed run 7
-  parts/run-000008/part-000000.parquet  rows committed by later runs, one file per commit
+  _diffguard_scan.json                  manifest (format 2): the source, the table version, the last run's summary
+  results/                              Delta table: one row per object as of the last completed run (run 7)
+    _delta_log/00000000000000000006.json  one commit per completed run; its txn action records the run number
+    part-00000-<uuid>-c000.zstd.parquet
+  parts/run-000008/part-000000.parquet  rows committed by later runs (in flight, or killed), one file per commit
   _quarantine/<id>.json                 quarantine moves in flight (pipeline.scan.actions)
 ```
 
 Every file is written atomically (an S3 PUT, or a local temp file renamed into place), so a part is either all there
-or absent. The **current view** is the manifest's snapshot plus every part of a later run, keeping the latest row per
-key (parts are ordered by run number, then part number): a row is visible once its part is committed, never twice,
-and a killed run's committed parts count for the rerun. A completed run compacts: it writes a new snapshot (objects
-still present, plus quarantined ones), then the manifest that names it, then deletes what the snapshot replaced.
+or absent. The **current view** is the table's latest version plus every part of a later run than the one that
+version holds (:mod:`pipeline.scan.table`), keeping the latest row per key (parts are ordered by run number, then
+part number): a row is visible once its part is committed, never twice, and a killed run's committed parts count for
+the rerun. A completed run compacts: one Delta commit (the objects still present, plus quarantined ones, recording
+the run: the atomic step), then the manifest naming that version, then the parts it folded in are deleted. A crash
+before the commit leaves the previous version and the parts; after it, parts of that run or older are ignored.
+
+Format 1 (before Delta): ``snapshots/run-N.parquet`` named by a format-1 manifest instead of the table. It is read as
+it is, and converted once by the next scan (:func:`migrate`): the table is committed (as run N) first, then the
+manifest switches to format 2, and only then is the old snapshot deleted.
 """
 
 from __future__ import annotations
@@ -31,11 +39,12 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidInput
 from .storage import Location, StorageError, parse_location
+from .table import TABLE, commit, open_table, read_table, table_run, table_uri
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_diffguard_scan.json"
-FORMAT = 1
+FORMAT = 2  # results in the Delta table DEST/results; 1: in snapshots/run-N.parquet (read, and migrated by a scan)
 _TS = pa.timestamp("us", tz="UTC")
 
 # One row per object. New columns may be added (readers fill older rows with nulls); never rename these.
@@ -119,7 +128,9 @@ class State:
 
     manifest: dict[str, Any]
     current: pa.Table
-    last_run: int  # the highest run number found (snapshot or parts); the next run is last_run + 1
+    last_run: int  # the highest run number found (table, snapshot or parts); the next run is last_run + 1
+    table_version: int | None = None  # the Delta version read (None: no table yet)
+    table_run: int = 0  # the run that version (or a format-1 snapshot) holds; parts of later runs are staged rows
 
     def index(self) -> dict[str, int]:
         """key -> row number in ``current``."""
@@ -127,33 +138,56 @@ class State:
 
 
 def _files(dest: Location) -> list[tuple[str, int, int, str]]:
-    """("part" | "snapshot", run, part, relative key) of every results file under DEST."""
+    """("part" | "snapshot", run, part, relative key) of every staged or format-1 results file under DEST."""
     out = []
-    for info in dest.store.list(dest.prefix):
-        rel = info.key[len(dest.prefix) :]
-        if m := _PART.match(rel):
-            out.append(("part", int(m[1]), int(m[2]), rel))
-        elif m := _SNAPSHOT.match(rel):
-            out.append(("snapshot", int(m[1]), -1, rel))
+    for prefix in ("parts/", "snapshots/"):  # the table's own files are listed by nobody but delta-rs
+        for info in dest.store.list(dest.key(prefix)):
+            rel = info.key[len(dest.prefix) :]
+            if m := _PART.match(rel):
+                out.append(("part", int(m[1]), int(m[2]), rel))
+            elif m := _SNAPSHOT.match(rel):
+                out.append(("snapshot", int(m[1]), -1, rel))
     return out
 
 
+def read_manifest(dest: Location) -> dict[str, Any]:
+    """The manifest ({} when there is none yet); format 1 or 2, anything else is refused."""
+    if dest.store.head(dest.key(MANIFEST)) is None:
+        return {}
+    raw, _ = dest.store.read(dest.key(MANIFEST))
+    manifest = json.loads(raw)
+    if manifest.get("format") not in (1, FORMAT):
+        raise InvalidInput(
+            f"{dest} holds scan results of format {manifest.get('format')!r}; this version reads formats 1 and {FORMAT}"
+        )
+    return manifest
+
+
 def load_state(dest: Location) -> State:
-    manifest: dict[str, Any] = {}
-    if dest.store.head(dest.key(MANIFEST)) is not None:
-        raw, _ = dest.store.read(dest.key(MANIFEST))
-        manifest = json.loads(raw)
-        if manifest.get("format") != FORMAT:
-            raise InvalidInput(f"{dest} holds scan results of format {manifest.get('format')}, expected {FORMAT}")
-    snap_run = int(manifest.get("snapshot_run", 0))
+    """The current view: the table's latest version (else a format-1 snapshot) plus the parts of later runs."""
+    manifest = read_manifest(dest)
+    dt = open_table(dest)
+    snap_run = int(manifest.get("snapshot_run", 0)) if manifest.get("format") == 1 else 0
+    base: list[pa.Table] = []
+    version, base_run = None, 0
+    if dt is not None and table_run(dt) >= snap_run:  # the Delta log commit is the truth once it exists
+        version, base_run = dt.version(), table_run(dt)
+        base = [read_table(dt)]
+    elif manifest.get("format") == FORMAT:
+        raise StorageError(f"{dest} has a format-{FORMAT} manifest but no Delta table at {table_uri(dest)}")
+    elif manifest.get("snapshot"):  # format 1, not yet migrated
+        base, base_run = [_read_parquet(dest, manifest["snapshot"])], snap_run
     files = _files(dest)
-    parts = sorted((run, part, rel) for kind, run, part, rel in files if kind == "part" and run > snap_run)
-    tables = [_read_parquet(dest, manifest["snapshot"])] if manifest.get("snapshot") else []
-    tables += [_read_parquet(dest, rel) for _, _, rel in parts]
-    last_run = max([snap_run, *(run for _, run, _, _ in files)])
-    if len(tables) == 1 and not parts:  # a snapshot alone already holds one row per key, sorted: no copy to dedupe
-        return State(manifest, conform(tables[0]), last_run)
-    return State(manifest, latest_per_key(tables), last_run)
+    parts = sorted((run, part, rel) for kind, run, part, rel in files if kind == "part" and run > base_run)
+    tables = base + [_read_parquet(dest, rel) for _, _, rel in parts]
+    last_run = max([base_run, snap_run, *(run for _, run, _, _ in files)])
+    if len(tables) == 1 and not parts:  # the table alone already holds one row per key: no copy to dedupe
+        current = conform(tables[0])
+        keys = current["key"]
+        if version is not None and current.num_rows > 1 and not pc.all(pc.less(keys[:-1], keys[1:])).as_py():
+            current = current.sort_by("key")  # written sorted; several data files may come back in another order
+        return State(manifest, current, last_run, version, base_run)
+    return State(manifest, latest_per_key(tables), last_run, version, base_run)
 
 
 def read_current(dest: str | Location, endpoint_url: str | None = None, *, non_images: bool = False) -> pa.Table:
@@ -191,11 +225,24 @@ class PartWriter:
         return rel
 
 
-def compact(dest: Location, run: int, source: str, keep: Any, summary: dict[str, Any]) -> State:
-    """Fold everything committed so far into one snapshot of the objects in ``keep`` plus quarantined ones.
+def _write_manifest(dest: Location, manifest: dict[str, Any]) -> None:
+    dest.store.write(dest.key(MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
-    Order makes it crash-safe: the snapshot is written first, then the manifest that names it (the commit), and only
-    then are the files it replaced deleted; until the manifest changes, readers use the old snapshot and the parts.
+
+def _delete_folded(dest: Location, run: int) -> None:
+    """Delete the parts of runs up to ``run`` (now in the table) and every format-1 snapshot."""
+    for kind, file_run, _, rel in _files(dest):
+        if kind == "snapshot" or file_run <= run:
+            dest.store.delete(dest.key(rel))
+    dest.store.tidy(dest.prefix)
+
+
+def compact(dest: Location, run: int, source: str, keep: Any, summary: dict[str, Any]) -> State:
+    """Fold everything committed so far into one Delta version of the objects in ``keep`` plus quarantined ones.
+
+    Order makes it crash-safe: the Delta commit (recording ``run``) is the atomic step, then the manifest that names
+    its version, and only then are the parts it folded in deleted; until the commit lands, readers use the previous
+    version and the parts, and after it they ignore parts of ``run`` and older.
     """
     current = load_state(dest).current
     if isinstance(keep, pa.ChunkedArray):  # the listed keys, as a column (or any collection of keys)
@@ -204,22 +251,54 @@ def compact(dest: Location, run: int, source: str, keep: Any, summary: dict[str,
         keep = pa.array(sorted(keep), pa.string())
     listed = pc.is_in(current["key"], value_set=keep)
     snapshot = current.filter(pc.or_(listed, pc.is_valid(current["quarantined_to"])))
-    rel = f"snapshots/run-{run:06d}.parquet"
-    buf = io.BytesIO()
-    pq.write_table(snapshot, buf, compression="zstd")
-    dest.store.write(dest.key(rel), buf.getvalue())
+    version = commit(dest, snapshot, run)
     manifest = {
         "format": FORMAT,
         "source": source,
-        "snapshot": rel,
+        "table": TABLE,
+        "version": version,
         "snapshot_run": run,
         "rows": snapshot.num_rows,
         "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "last_run": summary,
     }
-    dest.store.write(dest.key(MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
-    for _kind, file_run, _, file_rel in _files(dest):
-        if file_rel != rel and file_run <= run:
-            dest.store.delete(dest.key(file_rel))
-    dest.store.tidy(dest.prefix)
-    return State(manifest, snapshot, run)
+    _write_manifest(dest, manifest)
+    _delete_folded(dest, run)
+    return State(manifest, snapshot, run, version, run)
+
+
+def migrate(dest: Location) -> bool:
+    """Convert a format-1 DEST (``snapshots/run-N.parquet``) to the Delta table, once, losing nothing.
+
+    The table is committed as run N first (skipped when a crashed conversion already committed it), then the
+    manifest switches to format 2, then the old snapshot is deleted: a crash between any two steps leaves a DEST that
+    :func:`load_state` reads as before and the next call finishes. Returns True when it converted (or finished).
+    """
+    manifest = read_manifest(dest)
+    old = manifest.get("migrated_from")
+    if manifest.get("format") == FORMAT and old and dest.store.head(dest.key(old)) is not None:
+        _delete_folded(dest, 0)  # converted, but killed before the old snapshot was deleted
+        log.warning("WARNING: %s converted earlier: deleted the old snapshot %s", dest, dest.store.url(dest.key(old)))
+        return True
+    if manifest.get("format") != 1 or not manifest.get("snapshot"):
+        return False
+    run, old = int(manifest["snapshot_run"]), manifest["snapshot"]
+    log.warning(
+        "WARNING: converting %s from format 1 to %d: snapshot %s (run %d, %s rows) becomes the Delta table %s",
+        dest,
+        FORMAT,
+        dest.store.url(dest.key(old)),
+        run,
+        manifest.get("rows", "?"),
+        table_uri(dest),
+    )
+    dt = open_table(dest)
+    if dt is not None and table_run(dt) >= run:
+        version = dt.version()
+    else:
+        version = commit(dest, conform(_read_parquet(dest, old)), run)
+    manifest = {k: v for k, v in manifest.items() if k != "snapshot"}
+    _write_manifest(dest, {**manifest, "format": FORMAT, "table": TABLE, "version": version, "migrated_from": old})
+    _delete_folded(dest, 0)  # the format-1 snapshots only; parts of later runs stay staged
+    log.warning("WARNING: %s converted: Delta table %s version %d holds run %d", dest, table_uri(dest), version, run)
+    return True

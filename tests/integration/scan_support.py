@@ -100,6 +100,17 @@ def summary(
     }
 
 
+def results_layout(keys: set[str], dest_prefix: str) -> dict[str, int]:
+    """What a DEST holds, by kind (from its keys): the manifest, Delta log commits, table data files, anything else."""
+    rel = sorted(k[len(dest_prefix) :] for k in keys if k.startswith(dest_prefix))
+    return {
+        "manifest": sum(k == "_diffguard_scan.json" for k in rel),
+        "commits": sum(k.startswith("results/_delta_log/") and k.endswith(".json") for k in rel),
+        "data": sum(k.startswith("results/part-") and k.endswith(".parquet") for k in rel),
+        "other": sum(not (k == "_diffguard_scan.json" or k.startswith("results/")) for k in rel),
+    }
+
+
 def rows_by_key(dest: str, endpoint: str | None = None) -> dict[str, dict]:
     """The current view as {key: row}, asserting it holds exactly one row per key."""
     from pipeline.scan import read_current

@@ -41,7 +41,7 @@ def test_sigkill_at_random_points_then_rerun(s3, s3_endpoint, corpus):
         assert r["rerun_rc"] == 0, r
         assert r["violations"] == {}, r  # one row per object, every object exactly once, all scored
     hit = " ".join(r["kills"][0]["killed_on"] for r in result["records"])
-    stages = ("/parts/", "/_quarantine/", "held/", "DELETE imgs/", "/snapshots/", "_diffguard_scan.json")
+    stages = ("/parts/", "/_quarantine/", "held/", "DELETE imgs/", "/_delta_log/", "_diffguard_scan.json")
     reached = [where for where in stages if where in hit]  # committing rows, journaling, copying, deleting, compacting
     assert len(reached) >= 4 and "/parts/" in hit and "/_quarantine/" in hit, hit
 

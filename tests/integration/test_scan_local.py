@@ -59,7 +59,7 @@ def test_local_directories(tmp_path, capsys, checker):
             assert after[key]["quarantined_to"] == str(held / key)
         else:
             assert (src / key).read_bytes() == images[key]
-    assert sorted(p.name for p in (src / "_scan").iterdir()) == ["_diffguard_scan.json", "snapshots"]
+    assert sorted(p.name for p in (src / "_scan").iterdir()) == ["_diffguard_scan.json", "results"]  # parts folded in
 
     from pipeline.cli import main
 

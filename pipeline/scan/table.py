@@ -1,0 +1,144 @@
+"""The scan's completed results as a Delta Lake table at ``DEST/results/``, read and committed through ``deltalake``.
+
+Each completed run is one Delta commit (an overwrite holding exactly one row per object) that also records the run
+number as a Delta *application transaction* (``txn`` action, app id :data:`APP_ID`), so the log itself says which run
+a version holds: a reader needs no other file to know which staged parts (``DEST/parts/run-M``) are newer than the
+table. Earlier runs stay readable as earlier versions (``DeltaTable(uri, version=N)``) until ``vacuum`` removes their
+files. The commit is atomic: delta-rs writes the data files first, then creates ``_delta_log/<version>.json`` without
+replacing an existing one (a rename that refuses to replace locally; ``PutObject`` with ``If-None-Match: *`` on S3),
+so of two writers racing for one version exactly one succeeds.
+
+>>> dt = open_table(dest)              # None when DEST has no table yet
+>>> table_run(dt), dt.version()        # the run the latest version holds, and that version
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from .storage import Location, S3Store, StorageError
+
+APP_ID = "diffguard-scan"  # Delta application-transaction id; its version is the scan run a table version holds
+TABLE = "results"  # the table's folder under DEST
+
+
+def table_uri(dest: Location) -> str:
+    """``s3://bucket/prefix/results`` or the local directory ``DEST/results``."""
+    if isinstance(dest.store, S3Store):
+        return f"s3://{dest.store.bucket}/{dest.prefix}{TABLE}"
+    return str(Path(dest.store.root, dest.prefix, TABLE))  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str, endpoint_url: str | None) -> str | None:
+    """The bucket's region as S3 reports it (``x-amz-bucket-region``): delta-rs does not follow region redirects."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    store = S3Store(bucket, endpoint_url)
+    try:
+        head = store.client.head_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError):
+        return None
+    return head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+
+
+def storage_options(dest: Location) -> dict[str, str] | None:
+    """deltalake ``storage_options`` for DEST: boto3's endpoint, region and credentials (its standard chain).
+
+    ``AWS_ENDPOINT_URL`` is passed only for another S3 API (``--endpoint-url`` or ``$AWS_ENDPOINT_URL``), with
+    ``AWS_ALLOW_HTTP`` when it is plain HTTP; ``conditional_put: etag`` makes every log commit a create-if-absent.
+    """
+    store = dest.store
+    if not isinstance(store, S3Store):
+        return None
+    client = store.client
+    options = {"conditional_put": "etag"}
+    endpoint = store.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = _bucket_region(store.bucket, store.endpoint_url) or client.meta.region_name or "us-east-1"
+    options["AWS_REGION"] = region
+    import boto3
+
+    credentials = boto3.session.Session().get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()  # fresh for every open: temporary credentials are renewed
+        options["AWS_ACCESS_KEY_ID"], options["AWS_SECRET_ACCESS_KEY"] = frozen.access_key, frozen.secret_key
+        if frozen.token:
+            options["AWS_SESSION_TOKEN"] = frozen.token
+    return options
+
+
+def open_table(dest: Location, version: int | None = None) -> Any:
+    """The ``deltalake.DeltaTable`` at ``DEST/results`` (latest version, or ``version``); None when there is none."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError, TableNotFoundError
+
+    uri = table_uri(dest)
+    try:
+        return DeltaTable(uri, version=version, storage_options=storage_options(dest))
+    except TableNotFoundError:
+        return None
+    except (DeltaError, OSError) as exc:
+        raise StorageError(f"cannot open the Delta table {uri}: {type(exc).__name__}: {exc}") from None
+
+
+def table_run(dt: Any) -> int:
+    """The scan run the table's loaded version holds (its :data:`APP_ID` application transaction)."""
+    run = dt.transaction_version(APP_ID)
+    if run is None:
+        raise StorageError(
+            f"{dt.table_uri} is a Delta table without a diffguard run (no application transaction {APP_ID!r}): "
+            "not written by a scan; move it away or choose another --output"
+        )
+    return int(run)
+
+
+def read_table(dt: Any) -> pa.Table:
+    try:
+        return dt.to_pyarrow_table()
+    except Exception as exc:  # noqa: BLE001 - deltalake raises its own errors, Arrow's and OSError
+        raise StorageError(f"cannot read the Delta table {dt.table_uri}: {type(exc).__name__}: {exc}") from None
+
+
+def commit(dest: Location, table: pa.Table, run: int) -> int:
+    """Overwrite the table with ``table`` as run ``run``, in one Delta commit; returns the new version.
+
+    The commit is not retried by delta-rs against a newer version (``max_commit_retries=0``): a failed commit is
+    checked against the log, and counts as done only when the latest version holds ``run`` (a commit that landed but
+    whose answer was lost; S3 then refuses the retried create with 412).
+    """
+    from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
+    from deltalake.exceptions import DeltaError
+
+    uri = table_uri(dest)
+    try:
+        write_deltalake(
+            uri,
+            table,
+            mode="overwrite",
+            schema_mode="overwrite",  # the table's schema is the rows' (ROW_SCHEMA, plus columns a newer scan added)
+            storage_options=storage_options(dest),
+            writer_properties=WriterProperties(compression="ZSTD"),
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id=APP_ID, version=run)],
+                custom_metadata={"diffguard.run": str(run)},
+                max_commit_retries=0,
+            ),
+        )
+    except (DeltaError, OSError) as exc:
+        dt = open_table(dest)
+        if dt is not None and dt.transaction_version(APP_ID) == run:
+            return dt.version()
+        raise StorageError(f"cannot commit run {run} to the Delta table {uri}: {type(exc).__name__}: {exc}") from None
+    dt = open_table(dest)
+    if dt is None or table_run(dt) != run:  # another writer committed after ours: one scan per DEST at a time
+        raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
+    return dt.version()

@@ -120,7 +120,8 @@ STAGES = [  # (method, key fragment, what the killed scan was doing)
     ("PUT", "held/", "copying an object into quarantine"),
     ("DELETE", "imgs/", "deleting a quarantined original"),
     ("DELETE", "/_quarantine/", "clearing a journal entry"),
-    ("PUT", "/snapshots/", "writing the compacted snapshot"),
+    ("PUT", "/_delta_log/", "committing the run's Delta version"),
+    ("PUT", "/results/part-", "writing the Delta table's data file"),
     ("PUT", "_diffguard_scan.json", "writing the manifest"),
     ("DELETE", "results/", "deleting compacted files"),
 ]

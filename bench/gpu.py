@@ -6,8 +6,14 @@
   configs, 512 px, the core ``Generator`` rendering 8 one-image requests in one call (``render_many``) vs one at a
   time, with the largest pixel difference between the two.
 
-Not measured here: the served path (Serve with the production config's shapes). ``--tiny`` shrinks every model and
-size so CI runs the script on CPU (``--device cpu --tiny``). Writes ``DIR/gpu.json`` and ``DIR/gpu.md``.
+- **served**: the Serve app of ``deployments/configs/production.yaml`` (its Ingress, SafetyChecker and Generator
+  settings: batch sizes, waits, concurrency limits, replica resources, checker dtype) on a local Ray cluster, with a
+  random-weight ViT-L/14 checker (one replica, stock concepts) and ``/v1/moderate`` driven by closed-loop clients
+  with 512 px PNGs; at ``--tiny`` also ``/v1/generate`` with the tiny pipeline. SD 1.5-sized weights are not served
+  (they would have to be written to disk first): generation's GPU figure is the core's, above.
+
+``--tiny`` shrinks every model and size so CI runs the script on CPU (``--device cpu --tiny``). Writes
+``DIR/gpu.json`` and ``DIR/gpu.md``.
 """
 
 from __future__ import annotations
@@ -172,6 +178,119 @@ def run_generation(device: str, tiny: bool) -> dict[str, Any]:
     }
 
 
+PRODUCTION = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "production.yaml"
+
+
+def served_config(device: str, tiny: bool, port: int, checker: str) -> dict[str, Any]:
+    """The production config with a bench checker (and at ``--tiny`` the tiny generator) on this machine: one replica
+    per deployment, loopback only, stock concepts; without CUDA the replicas ask for no GPU."""
+    import yaml
+
+    raw = yaml.safe_load(PRODUCTION.read_text())
+    raw["http_options"].update(host="127.0.0.1", port=port)
+    raw["proxy_location"] = "HeadOnly"
+    (app,) = raw["applications"]
+    args = app["args"]
+    args["checker"].update(model=checker, device=device)
+    args["checker"].pop("concept_text_model", None)
+    if device == "cpu":
+        args["checker"]["dtype"] = "float32"
+    args["generator"] = {"model": "tiny", "device": "cpu", "dtype": "float32"} if tiny else None
+    deployments = []
+    for d in app["deployments"]:
+        if d["name"] == "Generator" and not tiny:
+            continue
+        if device == "cpu":
+            d["ray_actor_options"].pop("num_gpus", None)
+        if tiny:  # a 2-core CI machine: the production CPU requests would not fit
+            d["ray_actor_options"]["num_cpus"] = 0.25
+        if "autoscaling_config" in d:
+            d["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+        if d["name"] == "SafetyChecker":
+            d["user_config"]["policy"] = "stock"
+        deployments.append(d)
+    app["deployments"] = deployments
+    return raw
+
+
+def run_served(device: str, tiny: bool) -> dict[str, Any]:
+    """Deploy ``served_config`` on a fresh local Ray, drive it, and report images/s, latency and batch sizes."""
+    import os
+    import socket
+    import tempfile
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from bench import models
+    from bench.load import run_load
+    from deployments.run import deploy, load_config
+
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    checker = "tiny" if tiny else str(models.model_dir("vit-l-14"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = served_config(device, tiny, port, checker)
+    clients, (warmup, measure), size = (8, (2, 4), 512) if tiny else (64, (10, 30), 512)
+    bodies = models.pngs(models.images(16 if tiny else 64, seed=3, size=size))
+    ray.init(address="local", include_dashboard=False, namespace="bench-gpu", log_to_driver=False)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "serve.yaml"
+            path.write_text(yaml.safe_dump(raw))
+            deploy(load_config(path), timeout_s=600)
+        base = f"http://127.0.0.1:{port}"
+        run_load(f"{base}/v1/moderate", bodies[:4], 2, 1, 1)  # lazy initialisation, connections
+        rows.append({"route": "/v1/moderate", **run_load(f"{base}/v1/moderate", bodies, clients, warmup, measure)})
+        if tiny:
+            body = {"prompt": "a red bicycle", "steps": 2}
+            rows.append({"route": "/v1/generate", **_generate_load(f"{base}/v1/generate", body, 8, warmup, measure)})
+        info = serve.get_deployment_handle("SafetyChecker", app_name="diffguard").info.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    checker_settings = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "SafetyChecker")
+    return {
+        "config": "deployments/configs/production.yaml",
+        "checker": f"{'tiny' if tiny else 'ViT-L/14 (random weights)'}, {raw['applications'][0]['args']['checker']}",
+        "checker_user_config": {
+            k: checker_settings["user_config"][k] for k in ("max_batch_size", "batch_wait_timeout_s")
+        },
+        "image": f"{size}x{size} PNG, one per request",
+        "per_image_ms": info["per_image_ms"],
+        "rows": rows,
+    }
+
+
+def _generate_load(url: str, body: dict[str, Any], clients: int, warmup_s: float, measure_s: float) -> dict[str, Any]:
+    """Closed-loop /v1/generate clients (images/s counts images, one per request here)."""
+    import asyncio
+
+    import httpx
+
+    from bench.load import _drive, _summary
+
+    async def drive() -> Any:
+        async with httpx.AsyncClient(timeout=300) as client:
+
+            async def send(_: bytes) -> tuple[bool, int | None]:
+                try:
+                    r = await client.post(url, json=body)
+                    ok = r.status_code == 200
+                    return ok, r.json()["generator_batch_size"] if ok else None
+                except (httpx.HTTPError, ValueError, KeyError):
+                    return False, None
+
+            return await _drive(send, [b""], clients, warmup_s, measure_s)
+
+    return _summary(clients, *asyncio.run(drive()))
+
+
 def markdown(results: dict[str, Any]) -> str:
     head, *rows = results["core"]
     lines = [
@@ -192,6 +311,23 @@ def markdown(results: dict[str, Any]) -> str:
         "| ---: | ---: | ---: | ---: |",
         f"| {g['unbatched_images_s']:.2f} | {g['batched_images_s']:.2f} | {g['ratio']:.2f} | {g['max_pixel_diff']} |",
     ]
+    served = results.get("served")
+    if served:
+        split = served["per_image_ms"]
+        lines += [
+            "",
+            f"**Served: {served['config']}, checker {served['checker']}, {served['checker_user_config']}, "
+            f"{served['image']}; checker ms/image decode {split['decode']}, preprocess {split['preprocess']}, "
+            f"model {split['model']}**",
+            "",
+            "| route | clients | images/s | p50 ms | p99 ms | mean batch | errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in served["rows"]:
+            p50, p99, mb = (f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("p50_ms", "p99_ms", "mean_batch"))
+            lines.append(
+                f"| {r['route']} | {r['clients']} | {r['images_per_s']:.1f} | {p50} | {p99} | {mb} | {r['errors']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine, "date": datetime.now(UTC).isoformat(timespec="seconds")}
     results["core"] = run_core(args.device, args.tiny)
     results["generation"] = run_generation(args.device, args.tiny)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the core's and the generator's tensors are gone; the replicas need the memory
+    results["served"] = run_served("cuda" if args.device.startswith("cuda") else "cpu", args.tiny)
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")

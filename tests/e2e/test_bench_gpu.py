@@ -1,8 +1,10 @@
-"""`python -m bench.gpu` (make bench-gpu) runs end to end on CPU at tiny sizes, as CI checks it without a GPU."""
+"""`python -m bench.gpu` (make bench-gpu) runs end to end on CPU at tiny sizes, as CI checks it without a GPU: the
+core, batched generation, and the served path with the production config's settings on a local Ray."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ def test_gpu_benchmark_script_runs_on_cpu_at_tiny_sizes(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--tiny", "--out", str(out)],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # its own local Ray, as make bench-gpu
         capture_output=True,
         text=True,
         timeout=600,
@@ -30,7 +33,15 @@ def test_gpu_benchmark_script_runs_on_cpu_at_tiny_sizes(tmp_path):
     gen = results["generation"]
     assert gen["requests"] == 4 and gen["batched_images_s"] > 0 and gen["unbatched_images_s"] > 0
     assert gen["max_pixel_diff"] <= 1  # batched renders match each request alone
-    assert "| float32 | 4 |" in (out / "gpu.md").read_text()
+    served = results["served"]  # the production config's app on a local Ray, driven over HTTP
+    assert served["config"] == "deployments/configs/production.yaml"
+    assert served["checker_user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
+    rows = {r["route"]: r for r in served["rows"]}
+    assert set(rows) == {"/v1/moderate", "/v1/generate"}
+    assert all(r["images_per_s"] > 0 and r["errors"] == 0 and r["p50_ms"] > 0 for r in rows.values())
+    assert served["per_image_ms"]["images"] > 0 and served["per_image_ms"]["model"] > 0
+    md = (out / "gpu.md").read_text()
+    assert "| float32 | 4 |" in md and "| /v1/moderate | 8 |" in md and "| /v1/generate | 8 |" in md
 
 
 def test_gpu_benchmark_refuses_cuda_without_a_device(tmp_path):

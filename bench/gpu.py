@@ -5,12 +5,12 @@
 - **generation**: a Stable Diffusion 1.5-sized UNet, VAE and CLIP text encoder with random weights built from their
   configs, 512 px, the core ``Generator`` rendering 8 one-image requests in one call (``render_many``) vs one at a
   time, with the largest pixel difference between the two.
-
 - **served**: the Serve app of ``deployments/configs/production.yaml`` (its Ingress, SafetyChecker and Generator
   settings: batch sizes, waits, concurrency limits, replica resources, checker dtype) on a local Ray cluster, with a
-  random-weight ViT-L/14 checker (one replica, stock concepts) and ``/v1/moderate`` driven by closed-loop clients
-  with 512 px PNGs; at ``--tiny`` also ``/v1/generate`` with the tiny pipeline. SD 1.5-sized weights are not served
-  (they would have to be written to disk first): generation's GPU figure is the core's, above.
+  random-weight ViT-L/14 checker (one replica, stock concepts) behind production's HTTP front (HAProxy, when
+  ``haproxy`` is on PATH) and ``/v1/moderate`` driven by closed-loop clients with 512 px PNGs; at ``--tiny`` also
+  ``/v1/generate`` with the tiny pipeline. SD 1.5-sized weights are not served (they would have to be written to disk
+  first): generation's GPU figure is the core's, above.
 
 ``--tiny`` shrinks every model and size so CI runs the script on CPU (``--device cpu --tiny``). Writes
 ``DIR/gpu.json`` and ``DIR/gpu.md``.
@@ -216,6 +216,7 @@ def served_config(device: str, tiny: bool, port: int, checker: str) -> dict[str,
 def run_served(device: str, tiny: bool) -> dict[str, Any]:
     """Deploy ``served_config`` on a fresh local Ray, drive it, and report images/s, latency and batch sizes."""
     import os
+    import shutil
     import socket
     import tempfile
 
@@ -229,6 +230,10 @@ def run_served(device: str, tiny: bool) -> dict[str, Any]:
 
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Production's HTTP front (k8s/base/rayservice.yaml) when this machine has haproxy; read when Ray starts, below.
+    front = "haproxy" if shutil.which("haproxy") else "python-proxy (no haproxy on PATH)"
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if front == "haproxy" else "0"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # shutdown only: no 30 s drain at the end
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     checker = "tiny" if tiny else str(models.model_dir("vit-l-14"))
     with socket.socket() as s:
@@ -258,6 +263,7 @@ def run_served(device: str, tiny: bool) -> dict[str, Any]:
     return {
         "config": "deployments/configs/production.yaml",
         "checker": f"{'tiny' if tiny else 'ViT-L/14 (random weights)'}, {raw['applications'][0]['args']['checker']}",
+        "front": front,
         "checker_user_config": {
             k: checker_settings["user_config"][k] for k in ("max_batch_size", "batch_wait_timeout_s")
         },
@@ -316,7 +322,8 @@ def markdown(results: dict[str, Any]) -> str:
         split = served["per_image_ms"]
         lines += [
             "",
-            f"**Served: {served['config']}, checker {served['checker']}, {served['checker_user_config']}, "
+            f"**Served: {served['config']} behind {served['front']}, checker {served['checker']}, "
+            f"{served['checker_user_config']}, "
             f"{served['image']}; checker ms/image decode {split['decode']}, preprocess {split['preprocess']}, "
             f"model {split['model']}**",
             "",

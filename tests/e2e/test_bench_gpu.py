@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,6 +36,7 @@ def test_gpu_benchmark_script_runs_on_cpu_at_tiny_sizes(tmp_path):
     assert gen["max_pixel_diff"] <= 1  # batched renders match each request alone
     served = results["served"]  # the production config's app on a local Ray, driven over HTTP
     assert served["config"] == "deployments/configs/production.yaml"
+    assert served["front"] == ("haproxy" if shutil.which("haproxy") else "python-proxy (no haproxy on PATH)")
     assert served["checker_user_config"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
     rows = {r["route"]: r for r in served["rows"]}
     assert set(rows) == {"/v1/moderate", "/v1/generate"}

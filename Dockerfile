@@ -34,6 +34,12 @@ RUN pip install --no-cache-dir . \
 # that need it (a blanket chmod -R would copy the whole environment into a new layer).
 # Writable at run time: HOME (an emptyDir on Kubernetes), /tmp (Ray's session dir) and HF_HOME (the model cache).
 USER root
+# HAProxy: Serve's HTTP front in production (RAY_SERVE_ENABLE_HA_PROXY=1 in k8s/, measured against the Python proxy
+# in docs/BENCHMARKS.md); Ray finds it on PATH.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends haproxy \
+    && rm -rf /var/lib/apt/lists/* \
+    && haproxy -v
 RUN groupadd --gid 10001 diffguard \
     && useradd --uid 10001 --gid 10001 --home-dir /home/diffguard --create-home --shell /bin/bash diffguard \
     && for d in /home/ray/diffguard "$(dirname "$(dirname "$(command -v python)")")"; do \

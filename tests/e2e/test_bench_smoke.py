@@ -31,6 +31,7 @@ def test_quick_benchmark_runs_every_section(tmp_path):
         "Core vs diffusers",
         "Preprocessing",
         "Service /v1/moderate",
+        "HTTP fronts for /v1/moderate",
         "Scan",
         "Generation batching",
         "Targets",
@@ -56,6 +57,17 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     } | {("batched-handle", 32)}
     assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in service)
     assert all(r["mean_batch"] == 1 for r in service if r["variant"] == "unbatched")
+
+    proxy = results["proxy"]["rows"]  # every front in its own fresh Ray (CI installs haproxy, .ci/run)
+    assert [r["variant"] for r in proxy] == [
+        "python-proxy",
+        "handle (decode in checker)",
+        "handle (decoded before queue)",
+        "haproxy",
+    ]
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 and r["checker_ms"]["images"] > 0 for r in proxy)
+    assert [r["haproxy_process"] for r in proxy] == [False, False, False, True]  # HAProxy answered, not the proxy
+    assert proxy[2]["checker_ms"]["decode"] < 0.5  # arrays reached the checker: nothing left to decode
 
     gen = results["generate"]
     assert {(r["shapes"], r["clients"]) for r in gen["rows"]} == {

@@ -342,7 +342,7 @@ def fanout_listing(
         parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1) / LIST_CPUS))
         target = PREFIXES_PER_TASK * parallelism
         split = partition(store, source.prefix, target, exclude, parallelism, versions)
-        groups = split.groups(target)
+        groups = split.groups(target, exclude)
         task = ray.remote(num_cpus=LIST_CPUS)(list_prefixes)
         tables, running = [without(listing_table(split.objects), exclude)], []
         for group in groups:  # at most `parallelism` tasks in flight; each result is an Arrow table

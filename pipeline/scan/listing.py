@@ -14,7 +14,9 @@ A source with few objects is listed by one paginator (:func:`small_listing`): a 
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,12 +38,22 @@ class Partition:
     objects: list[ObjectInfo]
     prefixes: list[str]
 
-    def groups(self, n: int) -> list[list[str]]:
-        """The prefixes in at most ``n`` contiguous groups of nearly equal count (one task each)."""
+    def groups(self, n: int, exclude: list[str]) -> list[list[str]]:
+        """The prefixes in about ``n`` contiguous groups of nearly equal count (one task each), split where an
+        excluded prefix lies between two of them (a task lists its group as one key range: never through DEST)."""
         n = max(1, min(n, len(self.prefixes)))
         size, extra = divmod(len(self.prefixes), n)
         bounds = list(itertools.accumulate([0] + [size + (i < extra) for i in range(n)]))
-        return [self.prefixes[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+        groups = []
+        for a, b in itertools.pairwise(bounds):
+            group = [self.prefixes[a]]
+            for p in self.prefixes[a + 1 : b]:
+                if any(group[-1] < e < p for e in exclude):
+                    groups.append(group)
+                    group = []
+                group.append(p)
+            groups.append(group)
+        return groups
 
 
 def _inside(prefix: str, exclude: list[str]) -> bool:
@@ -74,9 +86,30 @@ def partition(store: S3Store, prefix: str, target: int, exclude: list[str], thre
 
 
 def list_prefixes(store: S3Store, prefixes: list[str], exclude: list[str], versions: bool) -> pa.Table:
-    """Every object under each of ``prefixes`` (one paginator each, in turn), outside ``exclude``: one listing task."""
-    objects = listing_table(itertools.chain.from_iterable(store.list(p, versions) for p in prefixes))
-    return without(objects, exclude)
+    """Every object under each of ``prefixes`` (sorted, none inside another), outside ``exclude``: one listing task.
+
+    One paginator over the key range from the first prefix to the end of the last (not one per prefix: a group may
+    hold thousands of small prefixes); keys in the range under none of them (objects at an expanded level, which the
+    partition listed) are passed over. A versioned bucket is listed one prefix at a time."""
+    return without(listing_table(_in_range(store, prefixes, versions)), exclude)
+
+
+def _in_range(store: S3Store, prefixes: list[str], versions: bool) -> Iterator[ObjectInfo]:
+    if versions:  # one paginator per prefix: stores differ on a KeyMarker that is not a listed key (moto 5.2 drops
+        for prefix in prefixes:  # the first version after it), while StartAfter means the same everywhere
+            yield from store.list(prefix, versions)
+        return
+    common = os.path.commonprefix(prefixes)
+    start = prefixes[0][:-1] if common != prefixes[0] else None  # every key under prefixes[0] sorts after it
+    i = 0
+    for obj in store.list(common, versions, start_after=start):
+        # past prefixes[i] entirely: the key sorts after it and does not start with it
+        while i < len(prefixes) and obj.key > prefixes[i] and not obj.key.startswith(prefixes[i]):
+            i += 1
+        if i == len(prefixes):
+            return  # past the last prefix: the rest of the range is another task's
+        if obj.key.startswith(prefixes[i]):
+            yield obj
 
 
 def without(objects: pa.Table, exclude: list[str]) -> pa.Table:

@@ -347,9 +347,13 @@ class S3Store(Store):
             return False
         return status in ("Enabled", "Suspended")
 
-    def _pages(self, prefix: str, versions: bool, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, prefix: str, versions: bool, delimiter: str | None = None, start_after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The raw pages of one listing: ListObjectVersions in a versioned bucket, else ListObjectsV2."""
         kwargs = {"Bucket": self.bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+        if start_after:  # keys after this one only
+            kwargs["KeyMarker" if versions else "StartAfter"] = start_after
         yield from self.client.get_paginator("list_object_versions" if versions else "list_objects_v2").paginate(
             **kwargs
         )
@@ -362,14 +366,17 @@ class S3Store(Store):
                 continue  # folder marker written by consoles and sync tools
             yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"], obj.get("VersionId"))
 
-    def list(self, prefix: str = "", versions: bool | None = None) -> Iterator[ObjectInfo]:
+    def list(
+        self, prefix: str = "", versions: bool | None = None, start_after: str | None = None
+    ) -> Iterator[ObjectInfo]:
         """Every object, with its VersionId when the bucket is versioned (ListObjectVersions, latest versions only).
-        ``versions``: whether the bucket is versioned, when the caller already asked (:meth:`versioned`)."""
+        ``versions``: whether the bucket is versioned, when the caller already asked (:meth:`versioned`);
+        ``start_after``: only the keys after this one, in key order."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         versions = self.versioned() if versions is None else versions
         try:
-            for page in self._pages(prefix, versions):
+            for page in self._pages(prefix, versions, start_after=start_after):
                 yield from self._objects(page, versions)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None

@@ -277,8 +277,8 @@ def with_moto(fn: Any) -> Any:
 # --- listing: one sequential paginator against the prefix fan-out (issue 20) -------------------------------------
 def listing_bench(n: int, endpoint: str, prefixes: int = 256) -> dict[str, Any]:
     """List ``s3://listing-N/img/`` (``n`` objects under ``prefixes`` hash-like prefixes, ``img/<xx>/<id>.png``) with
-    the sequential paginator and with the prefix fan-out: the fan-out alone (Ray already up) and cold (its own Ray
-    start included, as a scan without a cluster pays it).
+    the sequential paginator and with the prefix fan-out (forced: ``fanout_min=0``): the fan-out alone (Ray already
+    up) and cold (its own Ray start included, as a scan without a cluster pays it).
 
     The objects are put through moto's backend directly, in this process (the server answers from the same memory):
     10^5 HTTP PUTs would take longer than the listings measured. The listings themselves go over HTTP."""
@@ -301,12 +301,12 @@ def listing_bench(n: int, endpoint: str, prefixes: int = 256) -> dict[str, Any]:
     sequential, _ = list_source(source, [])
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cold, tasks = fanout_listing(source, [])  # starts and stops its own local Ray
+    cold, tasks = fanout_listing(source, [], fanout_min=0)  # starts and stops its own local Ray
     t_cold = time.perf_counter() - t0
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     try:
         t0 = time.perf_counter()
-        warm, _ = fanout_listing(source, [])
+        warm, _ = fanout_listing(source, [], fanout_min=0)
         t_warm = time.perf_counter() - t0
     finally:
         ray.shutdown()

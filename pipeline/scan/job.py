@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -43,7 +44,16 @@ from ..verdict import Verdict
 from .actions import apply_actions, recover
 from .inventory import Inventory, check_source, load_manifest, read_file
 from .inventory import listing as inventory_listing
-from .listing import PREFIXES_PER_TASK, combine, list_prefixes, partition, small_listing, without
+from .listing import (
+    FANOUT_MIN,
+    LOCAL_FANOUT_MIN,
+    PREFIXES_PER_TASK,
+    combine,
+    list_prefixes,
+    partition,
+    small_listing,
+    without,
+)
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table, named_image, plan
 from .release import recover_releases, release
 from .state import NOT_IMAGE, PartWriter, compact, load_state, rows_table
@@ -324,19 +334,24 @@ def _inventory_listing(cfg: ScanConfig, source: Location, exclude: list[str]) ->
 
 
 def fanout_listing(
-    source: Location, exclude: list[str], parallelism: int | None = None, fanout_min: int = 1000
+    source: Location, exclude: list[str], parallelism: int | None = None, fanout_min: int | None = None
 ) -> tuple[pa.Table, int]:
     """An S3 SOURCE's objects (:data:`LISTING_SCHEMA`, sorted by key) listed by prefix fan-out: an exact partition of
     the key space (:func:`pipeline.scan.listing.partition`), each group of prefixes listed whole by one Ray task,
     ``parallelism`` at once (None: two per CPU of the cluster). A SOURCE of at most ``fanout_min`` objects is listed by
-    one paginator here, without starting Ray. Returns the listing and the number of listing tasks."""
-    import ray
-
+    one paginator here, without starting Ray (None: 1,000 when a Ray cluster is up or $RAY_ADDRESS names one, else
+    100,000: below that, starting a local Ray costs more than the LIST calls it spreads). Returns the listing and the
+    number of listing tasks."""
+    if fanout_min is None:  # without importing Ray (a second) for a small listing
+        running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        fanout_min = FANOUT_MIN if running or os.environ.get("RAY_ADDRESS") else LOCAL_FANOUT_MIN
     store: S3Store = source.store  # type: ignore[assignment]
     versions = store.versioned()
     small = small_listing(store, source.prefix, fanout_min, versions) if fanout_min else None
     if small is not None:
         return without(listing_table(small), exclude).sort_by("key"), 0
+    import ray
+
     started = ensure_ray()
     try:
         parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1) / LIST_CPUS))

@@ -26,6 +26,10 @@ import pyarrow.compute as pc
 from .plan import LISTING_SCHEMA, excluded, listing_table
 from .storage import ObjectInfo, S3Store, StorageError
 
+FANOUT_MIN = 1000  # with a Ray cluster up: SOURCEs of at most this many objects (one LIST page) get one paginator
+# Without one, the fan-out first pays Ray's start (4-14 s measured on 2 cores), which S3 answers ~10^5 keys in
+# sequentially (100 LIST calls at 50-100 ms): below that, one paginator is faster.
+LOCAL_FANOUT_MIN = 100_000
 PREFIXES_PER_TASK = 4  # the partition aims at this many prefixes per listing task running at once (load balance)
 MAX_DEPTH = 16  # levels below SOURCE that the partition descends at most (a prefix this deep is listed whole)
 

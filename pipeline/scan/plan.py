@@ -45,7 +45,7 @@ class ScanConfig:
     part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
     inventory: str | None = None  # an S3 Inventory manifest.json listing SOURCE's bucket (instead of LIST calls)
     list_parallelism: int | None = None  # S3 listing tasks at once (None: the cluster's CPUs x 2; 1: one paginator)
-    list_fanout_min: int = 1000  # an S3 SOURCE with at most this many objects is listed by one paginator (no Ray)
+    list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
 
     def __post_init__(self) -> None:
         if self.list_parallelism is not None and not (
@@ -54,8 +54,12 @@ class ScanConfig:
             raise InvalidInput(
                 f"list_parallelism must be an integer >= 1 (or None: automatic), got {self.list_parallelism!r}"
             )
-        if not (isinstance(self.list_fanout_min, int) and self.list_fanout_min >= 0):
-            raise InvalidInput(f"list_fanout_min must be an integer >= 0, got {self.list_fanout_min!r}")
+        if self.list_fanout_min is not None and not (
+            isinstance(self.list_fanout_min, int) and self.list_fanout_min >= 0
+        ):
+            raise InvalidInput(
+                f"list_fanout_min must be an integer >= 0 (or None: automatic), got {self.list_fanout_min!r}"
+            )
 
 
 @dataclass

@@ -45,6 +45,8 @@ class Partition:
     def groups(self, n: int, exclude: list[str]) -> list[list[str]]:
         """The prefixes in about ``n`` contiguous groups of nearly equal count (one task each), split where an
         excluded prefix lies between two of them (a task lists its group as one key range: never through DEST)."""
+        if not self.prefixes:
+            return []  # the tree ended: the partition listed everything itself
         n = max(1, min(n, len(self.prefixes)))
         size, extra = divmod(len(self.prefixes), n)
         bounds = list(itertools.accumulate([0] + [size + (i < extra) for i in range(n)]))

@@ -87,6 +87,9 @@ def test_fanout_listing_equals_the_sequential_paginator(s3, s3_endpoint, version
     assert set(fanned["key"].to_pylist()) == expected and fanned.num_rows == len(expected)
     assert all(v is not None for v in fanned["version_id"].to_pylist()) == versioned
 
+    whole, none = fanout_listing(source, exclude, parallelism=64, fanout_min=0)  # the tree ends before 256 prefixes
+    assert none == 0 and whole.to_pylist() == sequential.to_pylist()  # all listed by the partition itself
+
     split = partition(source.store, source.prefix, 16, exclude, 4, versioned)  # what the tasks above listed
     assert len(split.prefixes) >= 16 and split.objects  # descended past the first level; objects found on the way
     assert not any(a != b and b.startswith(a) for a in split.prefixes for b in split.prefixes)  # no prefix nests
@@ -210,3 +213,4 @@ def test_groups_are_contiguous_and_never_span_an_excluded_prefix():
     assert split.groups(2, []) == [["a/", "b/", "c/"], ["out-x/", "p/", "q/"]]
     assert split.groups(2, ["out/"]) == [["a/", "b/", "c/"], ["out-x/"], ["p/", "q/"]]  # "out-x/" < "out/" < "p/"
     assert split.groups(50, []) == [[p] for p in split.prefixes]
+    assert Partition([], []).groups(4, ["out/"]) == []  # the tree ended during the partition: no task

@@ -274,6 +274,85 @@ def with_moto(fn: Any) -> Any:
         server.stop()
 
 
+# --- listing: one sequential paginator against the prefix fan-out (issue 20) -------------------------------------
+def listing_bench(n: int, endpoint: str, prefixes: int = 256) -> dict[str, Any]:
+    """List ``s3://listing-N/img/`` (``n`` objects under ``prefixes`` hash-like prefixes, ``img/<xx>/<id>.png``) with
+    the sequential paginator and with the prefix fan-out (forced: ``fanout_min=0``): the fan-out alone (Ray already
+    up) and cold (its own Ray start included, as a scan without a cluster pays it).
+
+    The objects are put through moto's backend directly, in this process (the server answers from the same memory):
+    10^5 HTTP PUTs would take longer than the listings measured. The listings themselves go over HTTP."""
+    import ray
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    from pipeline.scan.job import fanout_listing
+    from pipeline.scan.plan import list_source
+    from pipeline.scan.storage import Location, S3Store
+
+    bucket = f"listing-{n}"
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket(bucket, "us-east-1")
+    for i in range(n):
+        backend.put_object(bucket, f"img/{i % prefixes:02x}/{i:08d}.png", b"\x89PNG" + i.to_bytes(4, "big"))
+    source = Location(S3Store(bucket, endpoint), "img/")
+
+    t0 = time.perf_counter()
+    sequential, _ = list_source(source, [])
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cold, tasks = fanout_listing(source, [], fanout_min=0)  # starts and stops its own local Ray
+    t_cold = time.perf_counter() - t0
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        t0 = time.perf_counter()
+        warm, _ = fanout_listing(source, [], fanout_min=0)
+        t_warm = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    assert sequential.num_rows == cold.num_rows == warm.num_rows == n and tasks > 1, (sequential.num_rows, tasks)
+    assert warm.equals(sequential) and cold.equals(sequential)
+    return {
+        "objects": n,
+        "prefixes": prefixes,
+        "list_calls_sequential": -(-n // 1000),
+        "sequential_s": round(t_seq, 2),
+        "fanout_s": round(t_warm, 2),
+        "fanout_cold_s": round(t_cold, 2),
+        "listing_tasks": tasks,
+        "x_fanout": round(t_seq / t_warm, 2),
+        "x_fanout_cold": round(t_seq / t_cold, 2),
+        "cpus": os.cpu_count(),
+    }
+
+
+def local_walk(n: int, root: str) -> dict[str, Any]:
+    """The local walk of ``n`` tiny files (``src-N/<n // 1000>/<id>.png``, as ``growth`` makes them) against Ray's
+    start alone: what a fan-out by subdirectory would have to beat before listing anything."""
+    from pathlib import Path
+
+    import ray
+
+    from pipeline.scan.plan import list_source
+    from pipeline.scan.storage import parse_location
+
+    src = Path(root, f"src-{n}")
+    if not src.exists():
+        for i in range(n):
+            folder = src / f"{i // 1000:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:08d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + i.to_bytes(8, "big"))
+    t0 = time.perf_counter()
+    listed, _ = list_source(parse_location(str(src)), [])
+    walk = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    start = time.perf_counter() - t0
+    ray.shutdown()
+    assert listed.num_rows == n
+    return {"objects": n, "input": "local directory", "walk_s": round(walk, 2), "ray_start_s": round(start, 2)}
+
+
 if __name__ == "__main__":  # one JSON line per size
     import tempfile
 
@@ -282,6 +361,10 @@ if __name__ == "__main__":  # one JSON line per size
     if sys.argv[1] == "growth":  # python -m bench.scan growth N ...: local directories of N tiny files
         for size in sys.argv[2:]:
             print(json.dumps(local_growth(int(size), work, repo_root)), flush=True)
+    elif sys.argv[1] == "listing":  # python -m bench.scan listing N ...: sequential LIST against the fan-out
+        for size in sys.argv[2:]:
+            print(json.dumps(with_moto(lambda endpoint, n=int(size): listing_bench(n, endpoint))), flush=True)
+            print(json.dumps(local_walk(int(size), work)), flush=True)
     else:  # python -m bench.scan inventory-growth N ...: synthetic S3 Inventory reports of N objects
         for size in sys.argv[2:]:
             out = with_moto(lambda endpoint, n=int(size): inventory_growth(n, work, repo_root, endpoint))

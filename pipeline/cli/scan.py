@@ -59,6 +59,12 @@ def register(sub: Any) -> None:
         metavar="MANIFEST",
         help="list SOURCE from an S3 Inventory report (its manifest.json: s3://... or a local path) instead of LIST",
     )
+    p.add_argument(
+        "--list-parallelism",
+        type=positive_int,
+        metavar="N",
+        help="S3 listing tasks at once, over prefixes (default: automatic, 2 per CPU; 1: one sequential paginator)",
+    )
     p.add_argument("--part-rows", type=positive_int, default=500, help="rows per committed Parquet part (500)")
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
@@ -112,6 +118,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         threads=args.threads,
         part_rows=args.part_rows,
         inventory=args.inventory,
+        list_parallelism=args.list_parallelism,
     )
     with stdout_reserved():
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -43,7 +44,17 @@ from ..verdict import Verdict
 from .actions import apply_actions, recover
 from .inventory import Inventory, check_source, load_manifest, read_file
 from .inventory import listing as inventory_listing
-from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, named_image, plan
+from .listing import (
+    FANOUT_MIN,
+    LOCAL_FANOUT_MIN,
+    PREFIXES_PER_TASK,
+    combine,
+    list_prefixes,
+    partition,
+    small_listing,
+    without,
+)
+from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table, named_image, plan
 from .release import recover_releases, release
 from .state import NOT_IMAGE, PartWriter, compact, load_state, migrate, rows_table
 from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
@@ -54,6 +65,7 @@ DECODE_CPUS = 0.5  # read + decode tasks: I/O-bound reads overlap with decoding
 COMMIT_EVERY_S = 30.0  # commit a part at least this often, even when it has fewer than part_rows rows
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
+LIST_CPUS = 0.5  # per S3 listing task (waiting on LIST calls, mostly)
 
 
 READ_SCHEMA = pa.schema(
@@ -245,6 +257,8 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     recovered += recover_releases(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
     if cfg.inventory:
         objects = _inventory_listing(cfg, source, exclude)
+    elif isinstance(source.store, S3Store) and cfg.list_parallelism != 1:
+        objects, summary.listing_tasks = fanout_listing(source, exclude, cfg.list_parallelism, cfg.list_fanout_min)
     else:
         objects, summary.skipped_symlinks = list_source(source, exclude)
     if recovered:
@@ -319,6 +333,57 @@ def _inventory_listing(cfg: ScanConfig, source: Location, exclude: list[str]) ->
     objects = pa.concat_tables([t.cast(LISTING_SCHEMA) for t in tables]) if tables else LISTING_SCHEMA.empty_table()
     log.info("inventory %s: %d objects under %s", inventory.manifest, objects.num_rows, source)
     return objects.sort_by("key")
+
+
+def fanout_listing(
+    source: Location, exclude: list[str], parallelism: int | None = None, fanout_min: int | None = None
+) -> tuple[pa.Table, int]:
+    """An S3 SOURCE's objects (:data:`LISTING_SCHEMA`, sorted by key) listed by prefix fan-out: an exact partition of
+    the key space (:func:`pipeline.scan.listing.partition`), each group of prefixes listed whole by one Ray task,
+    ``parallelism`` at once (None: two per CPU of the cluster). A SOURCE of at most ``fanout_min`` objects is listed by
+    one paginator here, without starting Ray (None: 1,000 when a Ray cluster is up or $RAY_ADDRESS names one, else
+    100,000: below that, starting a local Ray costs more than the LIST calls it spreads). Returns the listing and the
+    number of listing tasks."""
+    if fanout_min is None:  # without importing Ray (a second) for a small listing
+        running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        fanout_min = FANOUT_MIN if running or os.environ.get("RAY_ADDRESS") else LOCAL_FANOUT_MIN
+    store: S3Store = source.store  # type: ignore[assignment]
+    versions = store.versioned()
+    small = small_listing(store, source.prefix, fanout_min, versions) if fanout_min else None
+    if small is not None:
+        return without(listing_table(small), exclude).sort_by("key"), 0
+    import ray
+
+    started = ensure_ray()
+    try:
+        parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1) / LIST_CPUS))
+        target = PREFIXES_PER_TASK * parallelism
+        split = partition(store, source.prefix, target, exclude, parallelism, versions)
+        groups = split.groups(target, exclude)
+        task = ray.remote(num_cpus=LIST_CPUS)(list_prefixes)
+        tables, running = [without(listing_table(split.objects), exclude)], []
+        for group in groups:  # at most `parallelism` tasks in flight; each result is an Arrow table
+            if len(running) >= parallelism:
+                done, running = ray.wait(running, num_returns=1)
+                tables += ray.get(done)
+            running.append(task.remote(store, group, exclude, versions))
+        tables += ray.get(running)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, DiffguardError):
+            raise exc.cause from None  # the store's own message (bucket, key, credentials), as a sequential listing
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    objects = combine(tables)
+    log.info(
+        "listed %d objects under %s: %d prefixes in %d tasks",
+        objects.num_rows,
+        source,
+        len(split.prefixes),
+        len(groups),
+    )
+    return objects, len(groups)
 
 
 def _decisions(dest, current: pa.Table, endpoint_url: str | None) -> dict[str, str]:  # noqa: ANN001

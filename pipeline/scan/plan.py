@@ -44,6 +44,22 @@ class ScanConfig:
     threads: int | None = None  # torch threads per CPU scoring actor (default: the cluster's CPUs / actors)
     part_rows: int = 500  # rows per committed Parquet part (a killed run loses at most this much work)
     inventory: str | None = None  # an S3 Inventory manifest.json listing SOURCE's bucket (instead of LIST calls)
+    list_parallelism: int | None = None  # S3 listing tasks at once (None: the cluster's CPUs x 2; 1: one paginator)
+    list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
+
+    def __post_init__(self) -> None:
+        if self.list_parallelism is not None and not (
+            isinstance(self.list_parallelism, int) and self.list_parallelism >= 1
+        ):
+            raise InvalidInput(
+                f"list_parallelism must be an integer >= 1 (or None: automatic), got {self.list_parallelism!r}"
+            )
+        if self.list_fanout_min is not None and not (
+            isinstance(self.list_fanout_min, int) and self.list_fanout_min >= 0
+        ):
+            raise InvalidInput(
+                f"list_fanout_min must be an integer >= 0 (or None: automatic), got {self.list_fanout_min!r}"
+            )
 
 
 @dataclass
@@ -66,6 +82,7 @@ class ScanSummary:
     actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
     release: Any = None  # a release.ReleaseReport when --release was given
     overturned: int = 0  # flagged objects left alone because a reviewer overturned them
+    listing_tasks: int = 0  # S3 prefix groups listed by parallel tasks (0: one paginator, or an inventory)
 
     def as_json(self) -> dict[str, Any]:
         keys = ("scanned", "skipped_unchanged", "skipped_non_image", "skipped_symlinks", "flagged", "errors")

@@ -15,7 +15,7 @@ No write here ever replaces another object: :meth:`Store.create` writes exclusiv
 file locally, which fails if the name exists; ``If-None-Match: *`` on S3) and is what copies use. Only the scan's own
 results (:meth:`Store.write`) are replaced in place.
 
-long: the interface and its two implementations side by side (about 520 lines), so that their shared contracts
+long: the interface and its two implementations side by side (about 570 lines), so that their shared contracts
 (exclusive create, etag-guarded delete, the exact version read) are read and changed together.
 """
 
@@ -347,24 +347,55 @@ class S3Store(Store):
             return False
         return status in ("Enabled", "Suspended")
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object, with its VersionId when the bucket is versioned (ListObjectVersions, latest versions only)."""
+    def _pages(
+        self, prefix: str, versions: bool, delimiter: str | None = None, start_after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The raw pages of one listing: ListObjectVersions in a versioned bucket, else ListObjectsV2."""
+        kwargs = {"Bucket": self.bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+        if start_after:  # keys after this one only
+            kwargs["KeyMarker" if versions else "StartAfter"] = start_after
+        yield from self.client.get_paginator("list_object_versions" if versions else "list_objects_v2").paginate(
+            **kwargs
+        )
+
+    def _objects(self, page: dict[str, Any], versions: bool) -> Iterator[ObjectInfo]:
+        """A page's objects: latest versions only (delete markers are never listed as objects), no folder markers."""
+        entries = (v for v in page.get("Versions", []) if v.get("IsLatest")) if versions else page.get("Contents", [])
+        for obj in entries:
+            if obj["Key"].endswith("/") and obj["Size"] == 0:
+                continue  # folder marker written by consoles and sync tools
+            yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"], obj.get("VersionId"))
+
+    def list(
+        self, prefix: str = "", versions: bool | None = None, start_after: str | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Every object, with its VersionId when the bucket is versioned (ListObjectVersions, latest versions only).
+        ``versions``: whether the bucket is versioned, when the caller already asked (:meth:`versioned`);
+        ``start_after``: only the keys after this one, in key order."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        versions = self.versioned()
+        versions = self.versioned() if versions is None else versions
         try:
-            if versions:
-                pages = self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=prefix)
-                objects = (v for page in pages for v in page.get("Versions", []) if v.get("IsLatest"))
-            else:
-                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-                objects = (o for page in pages for o in page.get("Contents", []))
-            for obj in objects:
-                if obj["Key"].endswith("/") and obj["Size"] == 0:
-                    continue  # folder marker written by consoles and sync tools
-                yield self._info(obj["Key"], obj["ETag"], obj["Size"], obj["LastModified"], obj.get("VersionId"))
+            for page in self._pages(prefix, versions, start_after=start_after):
+                yield from self._objects(page, versions)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
+
+    def list_level(self, prefix: str, versions: bool) -> tuple[list[ObjectInfo], list[str]]:
+        """One level of the key tree under ``prefix`` (a ``Delimiter="/"`` listing): the objects directly at it and
+        its sub-prefixes (each ending in '/'). Every key under ``prefix`` is one of the objects (or a folder marker),
+        or lies under exactly one of the sub-prefixes."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        try:
+            for page in self._pages(prefix, versions, delimiter="/"):
+                objects.extend(self._objects(page, versions))
+                prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
+        return objects, prefixes
 
     def read(self, key: str) -> tuple[bytes, ObjectInfo]:
         return self._get(key, None)

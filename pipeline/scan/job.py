@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +53,7 @@ log = logging.getLogger("diffguard")
 
 DECODE_CPUS = 0.5  # read + decode tasks: I/O-bound reads overlap with decoding
 WRITE_CPUS = 0.25  # part-writing tasks: one Parquet encode and one PUT per part_rows rows
+PROGRESS_EVERY_S = 30.0  # the driver logs how many objects are committed at most this often
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
 
@@ -420,11 +422,13 @@ def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa:
             num_cpus=WRITE_CPUS,
         )
         ds.context.raise_original_map_exception = True  # this dataset only: a failed part write names the part
-        committed = 0
+        committed, logged = 0, time.monotonic()
         try:
             for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
                 committed += _add_counts(summary, counts)
-                log.info("%d of %d objects scored and committed", committed, todo.num_rows)
+                if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == todo.num_rows:
+                    log.info("%d of %d objects scored and committed", committed, todo.num_rows)
+                    logged = time.monotonic()
         except Exception as exc:
             if (error := _job_error(exc)) is not exc:
                 raise error from exc

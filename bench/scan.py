@@ -254,6 +254,36 @@ def inventory_growth(n: int, root: str, repo: str, endpoint: str, files: int = 8
     return {"objects": n, "input": "inventory", **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")}}
 
 
+def first_run(n: int, root: str, repo: str) -> dict[str, Any]:
+    """A first run over ``n`` real tiny PNGs (8x8) in a local directory into a fresh DEST: every image is read, scored
+    and committed, so the driver's peak RSS shows what passes through it besides the listing and the plan."""
+    import io
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    src, dest = Path(root, f"first-src-{n}"), Path(root, f"first-dest-{n}")
+    if not src.exists():
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            folder = src / f"{i // 1000:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+            (folder / f"{i:08d}.png").write_bytes(buf.getvalue())
+    shutil.rmtree(dest, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": repo}  # the driver and its Ray workers run ``repo``'s code
+    run = scan_driver([str(src), "--output", str(dest), "--json"], repo, env)
+    assert run["summary"]["scanned"] == n and run["summary"]["errors"] == 0, run
+    return {
+        "objects": n,
+        "input": "local directory, first run",
+        **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")},
+    }
+
+
 def with_moto(fn: Any) -> Any:
     """Run ``fn(endpoint)`` with moto's S3 server up and a bucket ``growth`` (the inventory's SOURCE) created."""
     import boto3
@@ -358,7 +388,14 @@ if __name__ == "__main__":  # one JSON line per size
 
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = os.environ.get("GROWTH_DIR") or tempfile.mkdtemp(prefix="growth-")
-    if sys.argv[1] == "growth":  # python -m bench.scan growth N ...: local directories of N tiny files
+    if sys.argv[1] == "first-run":  # python -m bench.scan first-run N ... [--repo DIR]: first runs over N tiny PNGs
+        sizes, repo = sys.argv[2:], repo_root
+        if "--repo" in sizes:  # another checkout's code (e.g. the previous version, for a before/after figure)
+            at = sizes.index("--repo")
+            sizes, repo = sizes[:at] + sizes[at + 2 :], os.path.abspath(sizes[at + 1])
+        for size in sizes:
+            print(json.dumps({**first_run(int(size), work, repo), "repo": repo}), flush=True)
+    elif sys.argv[1] == "growth":  # python -m bench.scan growth N ...: local directories of N tiny files
         for size in sys.argv[2:]:
             print(json.dumps(local_growth(int(size), work, repo_root)), flush=True)
     elif sys.argv[1] == "listing":  # python -m bench.scan listing N ...: sequential LIST against the fan-out

@@ -1,5 +1,6 @@
-"""``python -m tests.stalling_scan N SCAN-ARGS...``: ``diffguard scan SCAN-ARGS`` that stalls after its Nth committed
-Parquet part, so that a test's SIGKILL lands mid-run (the hook lives here, not in the product)."""
+"""``python -m tests.stalling_scan N SCAN-ARGS...``: ``diffguard scan SCAN-ARGS`` whose scoring workers stall once N
+parts are committed under DEST, so that a test's SIGKILL lands mid-run (the hook lives here, not in the product: the
+driver's reference to the write stage is replaced, and Ray ships the replacement to the workers)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ import sys
 import time
 
 from pipeline.cli import main
-from pipeline.scan.state import PartWriter
+from pipeline.scan import job
 
 
-def stall_after(parts: int) -> None:
-    commit = PartWriter.commit
+def stall_after(n: int) -> None:
+    write_part = job.write_part
 
-    def commit_then_stall(self: PartWriter, table):  # noqa: ANN001
-        result = commit(self, table)
-        if self.parts >= parts:
-            print(f"stalling after part {self.parts} so that the test can kill this run", file=sys.stderr, flush=True)
+    def write_then_stall(batch, parts):  # noqa: ANN001, ANN202 - runs in a Ray worker
+        counts = write_part(batch, parts)
+        dest = parts.dest
+        if sum(info.key.endswith(".parquet") for info in dest.store.list(dest.key("parts/"))) >= n:
+            print(f"stalling after {n} parts so that the test can kill this run", file=sys.stderr, flush=True)
             time.sleep(3600)
-        return result
+        return counts
 
-    PartWriter.commit = commit_then_stall  # type: ignore[method-assign]
+    job.write_part = write_then_stall
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 list and plan (:mod:`pipeline.scan.plan`, no Ray) -> Ray Data:
 read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an
-actor pool holding the core ``SafetyChecker``) -> the driver commits rows as Parquet parts under DEST -> actions on
-flagged objects -> compaction into a snapshot. See :mod:`pipeline.scan.state` for the layout and
+actor pool holding the core ``SafetyChecker``) -> write parts (``map_batches`` tasks: each commits ``--part-rows`` rows
+as a Parquet part under DEST and returns only their counts to the driver) -> actions on flagged objects -> one Delta
+commit of the run. See :mod:`pipeline.scan.state` for the layout and
 :mod:`pipeline.scan.actions` for quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
 
 Every object under SOURCE is a candidate, whatever its name. Objects named like images (``IMAGE_SUFFIXES``) are read
@@ -56,13 +57,14 @@ from .listing import (
 )
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table, named_image, plan
 from .release import recover_releases, release
-from .state import NOT_IMAGE, PartWriter, compact, load_state, migrate, rows_table
+from .state import NOT_IMAGE, PartWriter, WorkerParts, compact, load_state, migrate, rows_table
 from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 
 log = logging.getLogger("diffguard")
 
 DECODE_CPUS = 0.5  # read + decode tasks: I/O-bound reads overlap with decoding
-COMMIT_EVERY_S = 30.0  # commit a part at least this often, even when it has fewer than part_rows rows
+WRITE_CPUS = 0.25  # part-writing tasks: one Parquet encode and one PUT per part_rows rows
+PROGRESS_EVERY_S = 30.0  # the driver logs how many objects are committed at most this often
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
 LIST_CPUS = 0.5  # per S3 listing task (waiting on LIST calls, mostly)
@@ -222,6 +224,40 @@ class ScoreActor:
                 }
             )
         return rows_table(rows)
+
+
+COUNTS = pa.schema(
+    [
+        ("part", pa.string()),  # its relative key under DEST
+        ("rows", pa.int64()),
+        ("not_image", pa.int64()),  # error_kind not_image (not counted as scanned)
+        ("errors", pa.int64()),  # error set: read errors and unscorable content
+        ("unscorable", pa.int64()),  # error_kind decode
+        ("truncated", pa.int64()),
+        ("flagged", pa.int64()),  # withheld by the policy (or unscorable)
+        ("reported", pa.int64()),  # released with the policy's `flag` action
+    ]
+)
+
+
+def write_part(batch: pa.Table, parts: WorkerParts) -> pa.Table:
+    """Scored rows -> one part under DEST, committed by this worker -> one row of COUNTS (a Ray Data stage).
+
+    Unlike the other stages it returns one row per batch, not per object: only these counts reach the driver. A
+    failed write raises (after the store's own retries), which fails the job: the rows stay uncommitted, and the
+    rerun scores them."""
+    kinds = batch["error_kind"]
+    counts = {
+        "part": parts.commit(batch),
+        "rows": batch.num_rows,
+        "not_image": pc.sum(pc.equal(kinds, NOT_IMAGE)).as_py() or 0,
+        "errors": batch.num_rows - batch["error"].null_count,
+        "unscorable": pc.sum(pc.equal(kinds, "decode")).as_py() or 0,
+        "truncated": pc.sum(pc.fill_null(batch["truncated"], False)).as_py() or 0,
+        "flagged": pc.sum(pc.fill_null(batch["flagged"], False)).as_py() or 0,
+        "reported": pc.sum(pc.equal(batch["action"], "flag")).as_py() or 0,
+    }
+    return pa.Table.from_pylist([counts], schema=COUNTS)
 
 
 def _us(t: datetime) -> int:
@@ -443,33 +479,54 @@ def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa:
             num_cpus=1,
             **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
         )
-        pending: list[pa.Table] = []
-        last_commit = time.monotonic()
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            pending.append(block)
-            if sum(t.num_rows for t in pending) >= cfg.part_rows or time.monotonic() - last_commit >= COMMIT_EVERY_S:
-                _commit(writer, pending, summary)
-                last_commit = time.monotonic()
-        _commit(writer, pending, summary)
+        ds = ds.map_batches(  # scored rows never come back to the driver: workers commit them as parts
+            write_part,
+            fn_kwargs={"parts": writer.workers()},
+            batch_size=_part_rows(cfg),
+            batch_format="pyarrow",
+            num_cpus=WRITE_CPUS,
+        )
+        ds.context.raise_original_map_exception = True  # this dataset only: a failed part write names the part
+        committed, logged = 0, time.monotonic()
+        try:
+            for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
+                committed += _add_counts(summary, counts)
+                if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == todo.num_rows:
+                    log.info("%d of %d objects scored and committed", committed, todo.num_rows)
+                    logged = time.monotonic()
+        except Exception as exc:
+            if (error := _job_error(exc)) is not exc:
+                raise error from exc
+            raise
     finally:
         if started:
             ray.shutdown()
 
 
-def _commit(writer: PartWriter, pending: list[pa.Table], summary: ScanSummary) -> None:
-    if not pending:
-        return
-    table = pa.concat_tables(pending)
-    pending.clear()
-    writer.commit(table)
-    kinds = table["error_kind"].to_pylist()
-    summary.skipped_non_image += kinds.count(NOT_IMAGE)
-    summary.scanned += table.num_rows - kinds.count(NOT_IMAGE)
-    summary.errors += table.num_rows - table["error"].null_count
-    summary.unscorable += kinds.count("decode")
-    summary.truncated += sum(bool(v) for v in table["truncated"].to_pylist())
-    summary.flagged += sum(bool(v) for v in table["flagged"].to_pylist())
-    summary.reported += sum(a == "flag" for a in table["action"].to_pylist())
+def _job_error(exc: Exception) -> Exception:
+    """What the CLI reports for a failed job: a worker's StorageError as itself (a part that could not be written),
+    another diffguard error as a job failure with its message (exit 1, like any failed job), anything else as is."""
+    cause = getattr(exc, "cause", None)  # Ray's task error around the worker's own exception
+    if isinstance(cause, StorageError):
+        return StorageError(str(cause))
+    if isinstance(cause, DiffguardError):
+        return RuntimeError(f"{type(cause).__name__}: {cause}")
+    return exc
+
+
+def _part_rows(cfg: ScanConfig) -> int:
+    """Rows per worker part: --part-rows, rounded down to whole scoring batches (a part from whole blocks)."""
+    return cfg.part_rows if cfg.part_rows < cfg.batch_size else cfg.part_rows // cfg.batch_size * cfg.batch_size
+
+
+def _add_counts(summary: ScanSummary, counts: pa.Table) -> int:
+    """Add the workers' per-part counts to the run's summary; returns the rows they committed."""
+    total = {name: pc.sum(counts[name]).as_py() or 0 for name in COUNTS.names if name != "part"}
+    summary.skipped_non_image += total["not_image"]
+    summary.scanned += total["rows"] - total["not_image"]
+    for name in ("errors", "unscorable", "truncated", "flagged", "reported"):
+        setattr(summary, name, getattr(summary, name) + total[name])
+    return total["rows"]
 
 
 def _default_threads(actors: int) -> int:

@@ -6,7 +6,9 @@ DEST/
   results/                              Delta table: one row per object as of the last completed run (run 7)
     _delta_log/00000000000000000006.json  one commit per completed run; its txn action records the run number
     part-00000-<uuid>-c000.zstd.parquet
-  parts/run-000008/part-000000.parquet  rows committed by later runs (in flight, or killed), one file per commit
+  parts/run-000008/part-000000.parquet  rows committed by the driver of a later run (in flight, or killed)
+  parts/run-000008/part-000001-w3f9a0c1d2e3b4a59.parquet
+                                        scored rows of that run, committed by a scoring worker (sorts before 000001)
   _quarantine/<id>.json                 quarantine moves in flight (pipeline.scan.actions)
 ```
 
@@ -14,9 +16,16 @@ Every file is written atomically (an S3 PUT, or a local temp file renamed into p
 or absent. The **current view** is the table's latest version plus every part of a later run than the one that
 version holds (:mod:`pipeline.scan.table`), keeping the latest row per key (parts are ordered by run number, then
 part number): a row is visible once its part is committed, never twice, and a killed run's committed parts count for
-the rerun. A completed run compacts: one Delta commit (the objects still present, plus quarantined ones, recording
-the run: the atomic step), then the manifest naming that version, then the parts it folded in are deleted. A crash
-before the commit leaves the previous version and the parts; after it, parts of that run or older are ignored.
+the rerun. The driver numbers its parts (:class:`PartWriter`: journal recovery before scoring, actions and releases
+after it); scoring workers write theirs in parallel without coordination (:class:`WorkerParts`), each named by the
+driver's next part number when scoring began plus a digest of the keys it holds (``part-000001-w<16 hex>``): they
+sort after the driver's earlier parts and before its part 000001 (among themselves in any order: a key is scored once
+per run, and a retried write of the same rows replaces its own file). Parts of the previous version (the driver's
+only) are read the same way.
+
+A completed run compacts: one Delta commit (the objects still present, plus quarantined ones, recording the run: the
+atomic step), then the manifest naming that version, then the parts it folded in are deleted. A crash before the
+commit leaves the previous version and the parts; after it, parts of that run or older are ignored.
 
 Format 1 (before Delta): ``snapshots/run-N.parquet`` named by a format-1 manifest instead of the table. It is read as
 it is, and converted once by the next scan (:func:`migrate`): the table is committed (as run N) first, then the
@@ -25,6 +34,7 @@ manifest switches to format 2, and only then is the old snapshot deleted.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -84,7 +94,7 @@ ROW_SCHEMA = pa.schema(
 
 NOT_IMAGE = "not_image"  # error_kind of an object that is not an image (kept so it is not sniffed again)
 
-_PART = re.compile(r"^parts/run-(\d{6,})/part-(\d{6,})\.parquet$")
+_PART = re.compile(r"^parts/run-(\d{6,})/part-(\d{6,})(-w[0-9a-f]{16})?\.parquet$")  # group 3: a worker's part
 _SNAPSHOT = re.compile(r"^snapshots/run-(\d{6,})\.parquet$")
 
 
@@ -137,16 +147,18 @@ class State:
         return {k: i for i, k in enumerate(self.current["key"].to_pylist())}
 
 
-def _files(dest: Location) -> list[tuple[str, int, int, str]]:
-    """("part" | "snapshot", run, part, relative key) of every staged or format-1 results file under DEST."""
+def _files(dest: Location) -> list[tuple[str, int, tuple[int, int], str]]:
+    """("part" | "snapshot", run, order within the run, relative key) of every staged or format-1 results file.
+
+    The order of part P is (P, 1) for the driver's part, (P, 0) for a worker's part written before the driver's P."""
     out = []
     for prefix in ("parts/", "snapshots/"):  # the table's own files are listed by nobody but delta-rs
         for info in dest.store.list(dest.key(prefix)):
             rel = info.key[len(dest.prefix) :]
             if m := _PART.match(rel):
-                out.append(("part", int(m[1]), int(m[2]), rel))
+                out.append(("part", int(m[1]), (int(m[2]), 0 if m[3] else 1), rel))
             elif m := _SNAPSHOT.match(rel):
-                out.append(("snapshot", int(m[1]), -1, rel))
+                out.append(("snapshot", int(m[1]), (-1, 0), rel))
     return out
 
 
@@ -207,8 +219,20 @@ def read_current(dest: str | Location, endpoint_url: str | None = None, *, non_i
     return current.filter(pc.fill_null(pc.not_equal(current["error_kind"], NOT_IMAGE), True))
 
 
+def _write_part(dest: Location, rel: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(conform(table), buf, compression="zstd")
+    dest.store.write(dest.key(rel), buf.getvalue())  # atomic: a PUT, or a temp file renamed into place
+    log.debug("committed %s (%d rows)", rel, table.num_rows)
+
+
 class PartWriter:
-    """Commits rows of one run as numbered Parquet parts, each written atomically."""
+    """The driver's parts of one run, numbered in commit order, each written atomically.
+
+    >>> writer = PartWriter(dest, run=8)
+    >>> writer.commit(rows)          # parts/run-000008/part-000000.parquet
+    >>> workers = writer.workers()   # picklable: scoring workers commit their own parts with it
+    """
 
     def __init__(self, dest: Location, run: int):
         self.dest, self.run, self.parts = dest, run, 0
@@ -217,11 +241,38 @@ class PartWriter:
         if table.num_rows == 0:
             return None
         rel = f"parts/run-{self.run:06d}/part-{self.parts:06d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(conform(table), buf, compression="zstd")
-        self.dest.store.write(self.dest.key(rel), buf.getvalue())
+        _write_part(self.dest, rel, table)
         self.parts += 1
-        log.debug("committed %s (%d rows)", rel, table.num_rows)
+        return rel
+
+    def workers(self) -> WorkerParts:
+        """Where workers commit rows produced from now on: before this writer's next part, after its earlier ones."""
+        return WorkerParts(self.dest, self.run, self.parts)
+
+
+@dataclass(frozen=True)
+class WorkerParts:
+    """Parts of one run written by scoring workers in parallel, without coordination, each atomically.
+
+    Each is named by ``slot`` (the driver's next part number) and a digest of the keys it holds, so names never
+    collide within a run (a key is scored once per run) and the parts sort before the driver's part ``slot``.
+
+    >>> WorkerParts(dest, run=8, slot=1).commit(rows)   # parts/run-000008/part-000001-w<16 hex>.parquet
+    """
+
+    dest: Location
+    run: int
+    slot: int
+
+    def commit(self, table: pa.Table) -> str | None:
+        if table.num_rows == 0:
+            return None
+        digest = hashlib.sha256()
+        for key in sorted(table["key"].to_pylist()):  # the same rows always get the same name
+            raw = key.encode()
+            digest.update(len(raw).to_bytes(4, "big") + raw)
+        rel = f"parts/run-{self.run:06d}/part-{self.slot:06d}-w{digest.hexdigest()[:16]}.parquet"
+        _write_part(self.dest, rel, table)
         return rel
 
 

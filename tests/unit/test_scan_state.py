@@ -216,3 +216,25 @@ def test_unknown_formats_and_foreign_tables_are_refused(tmp_path):
     write_deltalake(str(other / "results"), rows(a="a1"))  # a Delta table no scan wrote
     with pytest.raises(StorageError, match=r"without a diffguard run"):
         read_current(str(other))
+
+
+def test_worker_parts_sort_between_the_drivers_parts_of_their_run(tmp_path):
+    """Workers' parts (named without coordination) hold the rows scored between the driver's parts: journal
+    recovery before scoring, actions after it. The latest row per key must follow that order, not the names'."""
+    dest = tmp_path / "dest"
+    location = parse_location(str(dest))
+    driver = PartWriter(location, 1)
+    driver.commit(rows(a="a-recovered", q="q-recovered"))  # part-000000: before scoring
+    workers = driver.workers()
+    first = workers.commit(rows(a="a-scored", b="b-scored"))
+    second = workers.commit(rows(c="c-scored"))
+    driver.commit(rows(b="b-quarantined"))  # part-000001: an action on a scored row
+    assert first.startswith("parts/run-000001/part-000001-w") and first.endswith(".parquet") and first != second
+    assert workers.commit(rows(b="b-scored", a="a-scored")) == first  # the same rows again (a retry): same file
+    later = PartWriter(location, 2).workers()  # a rerun's worker parts (slot 0) come after every part of run 1
+    later.commit(rows(q="q-rescored"))
+    expected = {"a.png": "a-scored", "b.png": "b-quarantined", "c.png": "c-scored", "q.png": "q-rescored"}
+    assert view(dest) == expected
+    assert load_state(location).last_run == 2
+    compact(location, 2, "src", list(expected), {"run": 2})
+    assert view(dest) == expected and not any((dest / "parts").rglob("*.parquet"))  # worker parts folded in too

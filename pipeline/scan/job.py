@@ -1,6 +1,7 @@
 """The bucket scan's Ray Data job over S3 (or a local directory), scoring every image with the core checker.
 
-list and plan (:mod:`pipeline.scan.plan`, no Ray) -> Ray Data:
+list (the driver's paginator; a large S3 source by prefix fan-out in Ray tasks, :mod:`pipeline.scan.listing`; or an
+S3 Inventory report read by Ray tasks) and plan (:mod:`pipeline.scan.plan`, no Ray) -> Ray Data:
 read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an
 actor pool holding the core ``SafetyChecker``) -> write parts (``map_batches`` tasks: each commits ``--part-rows`` rows
 as a Parquet part under DEST and returns only their counts to the driver) -> actions on flagged objects -> one Delta

@@ -23,6 +23,8 @@ from tests.integration.scan_support import (
     scan,
 )
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 DOC = ROOT / "docs" / "SCANS.md"
 DOC_DEST = "/tmp/examples-scan"  # the DEST the documented snippets name
 FIXTURE = ROOT / "tests" / "fixtures" / "scan_format1"

@@ -27,6 +27,8 @@ from tests.integration.scan_support import (
     summary,
 )
 
+pytestmark = pytest.mark.slow  # deselected by `make test-fast`
+
 N = 24
 
 

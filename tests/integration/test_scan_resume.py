@@ -62,7 +62,13 @@ def test_killed_scan_resumes(s3, s3_endpoint):
     killed = proc.pid  # also its process group id
     os.killpg(killed, signal.SIGKILL)
     proc.communicate(timeout=60)
-    parts = {k for k in all_keys(s3, bucket, "results/parts/") if k.endswith(".parquet")}  # incl. racing writes
+    # A worker outside the killed process group may still land a part it was writing: wait until the set is stable.
+    parts, stable_since = set(), time.monotonic()
+    while time.monotonic() - stable_since < 5:
+        now = {k for k in all_keys(s3, bucket, "results/parts/") if k.endswith(".parquet")}
+        if now != parts:
+            parts, stable_since = now, time.monotonic()
+        time.sleep(0.5)
     assert "results/_diffguard_scan.json" not in all_keys(s3, bucket, "results/")  # the run never completed
     committed = [pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read())) for k in parts]
     done = {key for table in committed for key in table["key"].to_pylist()}

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.integration.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.integration.scan_support import s3_endpoint_fixture, s3_fixture  # noqa: F401 - moto S3 fixtures: s3_endpoint, s3
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.conftest import free_port
-from tests.integration.scan_support import s3_endpoint_fixture  # noqa: F401 - fixture
 from tests.reliability.adversarial import ODD_KEYS, PATHS, adversarial_scenario
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`

@@ -24,7 +24,7 @@ from pipeline.policy import blur
 from pipeline.review.decisions import PREFIX, DecisionLog
 from pipeline.scan.storage import parse_location
 from tests.integration.review_support import ODD_KEYS, ReviewServer, results
-from tests.integration.scan_support import new_bucket, s3_endpoint_fixture, s3_fixture  # noqa: F401 (fixtures)
+from tests.integration.scan_support import new_bucket
 
 pytestmark = pytest.mark.integration
 

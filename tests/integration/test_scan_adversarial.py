@@ -19,8 +19,6 @@ from tests.integration.scan_support import (
     body,
     new_bucket,
     rows_by_key,
-    s3_endpoint_fixture,  # noqa: F401 - fixture
-    s3_fixture,  # noqa: F401 - fixture
     scan,
     summary,
 )

@@ -10,8 +10,6 @@ from tests.integration.scan_support import (
     checker_at,
     mixed_adjustment,
     png,
-    s3_endpoint_fixture,  # noqa: F401 - fixture
-    s3_fixture,  # noqa: F401 - fixture
 )
 from tests.reliability.scan_faults import faulty_s3_scan, sigkill_trials
 

@@ -23,8 +23,6 @@ from tests.integration.scan_support import (
     png,
     put_many,
     rows_by_key,
-    s3_endpoint_fixture,  # noqa: F401 - fixture
-    s3_fixture,  # noqa: F401 - fixture
     scan,
 )
 

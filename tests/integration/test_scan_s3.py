@@ -16,8 +16,6 @@ from tests.integration.scan_support import (
     put_many,
     results_layout,
     rows_by_key,
-    s3_endpoint_fixture,  # noqa: F401 - fixture
-    s3_fixture,  # noqa: F401 - fixture
     scan,
     summary,
 )

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -118,14 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 def _service(plan: Any) -> dict[str, Any]:
     import ray
 
+    from .load import free_port
     from .service import run_service
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
     try:
-        with socket.socket() as s:  # a free port for the service
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return run_service(plan, port)
+        return run_service(plan, free_port())
     finally:
         ray.shutdown()
 

@@ -217,16 +217,13 @@ def run_served(device: str, tiny: bool) -> dict[str, Any]:
     """Deploy ``served_config`` on a fresh local Ray, drive it, and report images/s, latency and batch sizes."""
     import os
     import shutil
-    import socket
-    import tempfile
 
     import ray
-    import yaml
     from ray import serve
 
     from bench import models
-    from bench.load import run_load
-    from deployments.run import deploy, load_config
+    from bench.load import free_port, run_load
+    from deployments.run import config_schema, deploy
 
     root = str(Path(__file__).resolve().parent.parent)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -236,19 +233,14 @@ def run_served(device: str, tiny: bool) -> dict[str, Any]:
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # shutdown only: no 30 s drain at the end
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     checker = "tiny" if tiny else str(models.model_dir("vit-l-14"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     raw = served_config(device, tiny, port, checker)
     clients, (warmup, measure), size = (8, (2, 4), 512) if tiny else (64, (10, 30), 512)
     bodies = models.pngs(models.images(16 if tiny else 64, seed=3, size=size))
     ray.init(address="local", include_dashboard=False, namespace="bench-gpu", log_to_driver=False)
     rows = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "serve.yaml"
-            path.write_text(yaml.safe_dump(raw))
-            deploy(load_config(path), timeout_s=600)
+        deploy(config_schema(raw), timeout_s=600)
         base = f"http://127.0.0.1:{port}"
         run_load(f"{base}/v1/moderate", bodies[:4], 2, 1, 1)  # lazy initialisation, connections
         rows.append({"route": "/v1/moderate", **run_load(f"{base}/v1/moderate", bodies, clients, warmup, measure)})

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,12 +45,6 @@ class ProxyPlan:
     variants: tuple[str, ...] = tuple(VARIANTS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _split_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The checker replica's per-image decode/preprocess/model milliseconds over one load window (from /v1/info's
     running means before and after)."""
@@ -69,17 +62,16 @@ def _child(variant: str, plan: ProxyPlan, out: Path) -> None:
     with bytes and with arrays decoded before the queue), write the rows as JSON."""
     import httpx
     import ray
-    import yaml
     from ray import serve
 
-    from deployments.run import deploy, load_config
+    from deployments.run import config_schema, deploy
     from pipeline.images import load_images
 
     from . import models
-    from .load import run_handle_load, run_load
+    from .load import free_port, run_handle_load, run_load
     from .service import ServicePlan, serve_config
 
-    port = _free_port()
+    port = free_port()
     checker_dir = models.model_dir("vit-b-32")
     raw = serve_config(port, checker_dir, ServicePlan(clients=(plan.clients,), warmup_s=0, measure_s=0))
     raw["applications"] = [a for a in raw["applications"] if a["name"] == "batched"]
@@ -87,10 +79,7 @@ def _child(variant: str, plan: ProxyPlan, out: Path) -> None:
     rows: list[dict[str, Any]] = []
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "serve.yaml"
-            path.write_text(yaml.safe_dump(raw))
-            deploy(load_config(path), timeout_s=600)
+        deploy(config_schema(raw), timeout_s=600)
         url = f"http://127.0.0.1:{port}/batched/v1/moderate"
         _first_request(url, bodies[0])
         haproxy = _haproxy_running()

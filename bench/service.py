@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from deployments.run import DEFAULT_CONFIG, deploy, load_config
+from deployments.run import DEFAULT_CONFIG, config_schema, deploy
 
 from . import models
 from .core import bytes_rates
@@ -75,10 +74,7 @@ def run_service(plan: ServicePlan, port: int) -> dict[str, Any]:
 
     checker_dir = models.model_dir("vit-b-32")
     raw = serve_config(port, checker_dir, plan)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "serve.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        deploy(load_config(path), timeout_s=600)
+    deploy(config_schema(raw), timeout_s=600)
     bodies = models.pngs(models.images(plan.images, seed=3, size=plan.size))
     rows, window = [], (plan.warmup_s, plan.measure_s)
     try:

@@ -16,16 +16,21 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 def load_config(path: str | Path | None = None, host: str | None = None, port: int | None = None) -> Any:
     """A Serve config file -> validated ``ServeDeploySchema`` (HTTP host/port overridable)."""
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
     path = Path(path or DEFAULT_CONFIG)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidInput(f"cannot read Serve config {path}: {exc}") from None
+    return config_schema(raw, host, port, where=str(path))
+
+
+def config_schema(raw: Any, host: str | None = None, port: int | None = None, where: str = "(mapping)") -> Any:
+    """A Serve config as a mapping (what :func:`load_config` reads from a file) -> validated ``ServeDeploySchema``."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
     if not isinstance(raw, dict):
-        raise InvalidInput(f"Serve config {path} must be a mapping with `applications`")
+        raise InvalidInput(f"Serve config {where} must be a mapping with `applications`")
     http = raw.setdefault("http_options", {})
     if host is not None:
         http["host"] = host
@@ -34,7 +39,7 @@ def load_config(path: str | Path | None = None, host: str | None = None, port: i
     try:
         return ServeDeploySchema.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidInput(f"Serve config {path} is invalid: {exc}") from None
+        raise InvalidInput(f"Serve config {where} is invalid: {exc}") from None
 
 
 def ingress_environment(app: Any, environ: Mapping[str, str]) -> dict[str, str]:

@@ -4,15 +4,13 @@ file -> schema -> controller path as ``diffguard serve``, and the replicas behin
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from deployments.run import DEFAULT_CONFIG, deploy, load_config
+from deployments.run import DEFAULT_CONFIG, config_schema, deploy
 
 LIGHT = {"ray_actor_options": {"num_cpus": 0.05}}  # logical CPUs: many small apps fit the 2-CPU test cluster
 ONE = {"min_replicas": 1, "max_replicas": 1}
@@ -73,10 +71,7 @@ def app(
 
 def apply(raw: dict[str, Any], wait: bool = True, timeout_s: float = 600) -> None:
     """Deploy a config; with ``wait=False`` return as soon as the controller accepted it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "serve.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        schema = load_config(path)
+    schema = config_schema(raw)
     if wait:
         deploy(schema, timeout_s=timeout_s)
         return

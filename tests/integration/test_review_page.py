@@ -114,7 +114,7 @@ def test_the_page_asks_for_the_key_off_loopback(browser, tmp_path):
             page.wait_for_selector("#queue li.item")
             wait_thumbs(page, 1)
             read = "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))"
-            png = page.locator("#queue img.thumb").first.evaluate(read)
+            png = page.locator('#queue img.thumb[src^="blob:"]').first.evaluate(read)  # one that has loaded
             assert np.asarray(Image.open(io.BytesIO(bytes(png)))).ndim == 3
         finally:
             context.close()

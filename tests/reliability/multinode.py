@@ -128,7 +128,13 @@ class Sampler(threading.Thread):
         return time.monotonic() - self.t0
 
 
-def run(load_s: float = 40, clients: int = 16, max_replicas: int = 4, downscale_timeout_s: float = 180) -> dict:
+def run(
+    load_s: float = 40,
+    clients: int = 16,
+    max_replicas: int = 4,
+    downscale_timeout_s: float = 180,
+    scale_up_timeout_s: float = 240,
+) -> dict:
     from ray import serve
 
     from tests.integration.conftest import free_port
@@ -149,7 +155,22 @@ def run(load_s: float = 40, clients: int = 16, max_replicas: int = 4, downscale_
         sampler = Sampler()
         sampler.start()
         stats = LoadStats()
-        asyncio.run(run_load(base, heavy, clients, load_s, 100_000, stats=stats))
+
+        async def load_until_scaled_up() -> None:
+            # at least load_s of load, and on until a second replica is RUNNING (a slow machine may take longer than
+            # load_s to start one): the peak snapshot must see the scaled-up deployment, not one still starting
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                run_load(base, heavy, clients, scale_up_timeout_s, 100_000, stats=stats, stop=stop)
+            )
+            while not task.done():
+                if sampler.now() >= load_s and any(n > 1 for _, n in sampler.samples):
+                    break
+                await asyncio.sleep(0.5)
+            stop.set()
+            await task
+
+        asyncio.run(load_until_scaled_up())
         load_end = sampler.now()
         peak = placement()
         trickle = LoadStats()  # one client keeps requests flowing while replicas are removed

@@ -287,9 +287,7 @@ def apply_actions(
         raise InvalidInput("the quarantine action needs a quarantine location")
     rows = eligible(current, listed, action, decisions)
     report.eligible = len(rows)
-    if not apply:
-        if rows:
-            log.info("dry run: would %s %d flagged objects (add --apply to act)", action, len(rows))
+    if not apply:  # the driver reports the run's total
         return report
 
     def act(i: int) -> Any:

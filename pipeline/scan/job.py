@@ -1,11 +1,15 @@
 """The bucket scan's Ray Data job over S3 (or a local directory), scoring every image with the core checker.
 
-list (the driver's paginator; a large S3 source by prefix fan-out in Ray tasks, :mod:`pipeline.scan.listing`; or an
-S3 Inventory report read by Ray tasks) and plan (:mod:`pipeline.scan.plan`, no Ray) -> Ray Data:
-read bytes and decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an
-actor pool holding the core ``SafetyChecker``) -> write parts (``map_batches`` tasks: each commits ``--part-rows`` rows
-as a Parquet part under DEST and returns only their counts to the driver) -> actions on flagged objects -> one Delta
-commit of the run. See :mod:`pipeline.scan.state` for the layout and
+list (S3 Inventory files read by Ray tasks; a large S3 source by prefix fan-out in Ray tasks,
+:mod:`pipeline.scan.listing`; else the driver's paginator or directory walk) -> plan, one Ray task per shard of the
+keys (:mod:`pipeline.scan.shards`: the listing's shard joined with the current view's) -> Ray Data: read bytes and
+decode + preprocess (CPU tasks, ``map_batches``) -> score (``map_batches`` with :class:`ScoreActor`, an actor pool
+holding the core ``SafetyChecker``) -> write parts (``map_batches`` tasks: each commits ``--part-rows`` rows as a
+Parquet part under DEST and returns only their counts) -> finish, one Ray task per shard: actions on its flagged
+objects, its new slice of the table -> one Delta commit of the files by name (:mod:`pipeline.scan.commit`). Listed
+and scored rows stay in the object store and the workers: the driver holds object references and counts. A small
+scan (:data:`pipeline.scan.shards.LOCAL_ROWS` objects, no Ray running) plans and finishes in the driver instead,
+without starting Ray when nothing is to be read. See :mod:`pipeline.scan.state` for the layout and
 :mod:`pipeline.scan.actions` for quarantine/tag. Bad objects are rows with ``error``; only a job-level failure raises.
 
 Every object under SOURCE is a candidate, whatever its name. Objects named like images (``IMAGE_SUFFIXES``) are read
@@ -22,6 +26,7 @@ only module of the scan that imports Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,7 +48,9 @@ from ..review.decisions import DecisionLog, current_decisions
 from ..spec import CheckerSpec
 from ..tiny import TINY_BANNER
 from ..verdict import Verdict
-from .actions import apply_actions, recover
+from .actions import JOURNAL as QUARANTINE_JOURNAL
+from .actions import ActionReport, recover
+from .commit import Runner, commit_run, current_inputs, scatter_listing
 from .inventory import Inventory, check_source, load_manifest, read_file
 from .inventory import listing as inventory_listing
 from .listing import (
@@ -56,10 +63,25 @@ from .listing import (
     small_listing,
     without,
 )
-from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table, named_image, plan
-from .release import recover_releases, release
-from .state import NOT_IMAGE, PartWriter, WorkerParts, compact, load_state, migrate, rows_table
+from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table
+from .release import JOURNAL as RELEASE_JOURNAL
+from .release import ReleaseReport, recover_releases, release
+from .shards import (
+    LOCAL_ROWS,
+    PLAN_COLUMNS,
+    FinishSpec,
+    PlanSpec,
+    TableFile,
+    current_of,
+    finish_shard,
+    lookup,
+    plan_shard,
+    shard_count,
+    sharded_files,
+)
+from .state import NOT_IMAGE, PartWriter, WorkerParts, load_meta, migrate, read_manifest, rows_table
 from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
+from .table import TABLE
 
 log = logging.getLogger("diffguard")
 
@@ -69,6 +91,8 @@ PROGRESS_EVERY_S = 30.0  # the driver logs how many objects are committed at mos
 MAX_BLOCKS = 4096  # input blocks for the keys (streaming granularity without per-block overhead on huge buckets)
 READ_THREADS = 16  # concurrent GETs per read task
 LIST_CPUS = 0.5  # per S3 listing task (waiting on LIST calls, mostly)
+SHARD_CPUS = 1  # per plan or finish task (each holds one shard: at most one per CPU)
+SPLIT_ROWS = 4_000_000  # listing rows split by one task (fewer tasks: fewer object references in the driver)
 
 
 READ_SCHEMA = pa.schema(
@@ -277,231 +301,375 @@ def ensure_ray() -> bool:
     return True
 
 
+class RayRunner(Runner):
+    """The shard functions as Ray tasks: arguments that are object references are resolved by Ray, and results stay
+    in the object store until a task takes them (the driver holds references and counts)."""
+
+    remote = True
+
+    def __init__(self) -> None:
+        import ray
+
+        self._ray, self._remote = ray, {}
+
+    def call(self, fn: Any, *args: Any, num_returns: int = 1) -> Any:
+        if fn not in self._remote:
+            self._remote[fn] = self._ray.remote(fn)
+        return self._remote[fn].options(num_returns=num_returns, num_cpus=SHARD_CPUS).remote(*args)
+
+    def get(self, value: Any) -> Any:
+        return self._ray.get(value)
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
+
+def ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def run_scan(cfg: ScanConfig) -> ScanSummary:
+    """Plan, score, act and commit one run. The driver lists (or has tasks list), sizes the shards, and commits; the
+    rows live in the shard tasks (:mod:`pipeline.scan.shards`) and the Ray Data stream, except for a small scan
+    (:data:`LOCAL_ROWS` objects at most, no Ray running), planned and committed in this process."""
     source, dest, quarantine, exclude = layout(cfg)
     next(iter(source.store.list(source.prefix)), None)  # fail fast, with the bucket and credential source, on no access
-    state = load_state(dest)
-    if state.manifest.get("source", str(source)) != str(source):
-        raise InvalidInput(f"--output {dest} holds results for {state.manifest['source']}, not {source}")
-    if migrate(dest):  # a format-1 DEST (snapshots/) becomes the Delta table, once
-        state = load_state(dest)
+    manifest = read_manifest(dest)
+    if manifest.get("source", str(source)) != str(source):
+        raise InvalidInput(f"--output {dest} holds results for {manifest['source']}, not {source}")
+    migrate(dest)  # a format-1 DEST (snapshots/) becomes the Delta table, once
+    meta = load_meta(dest)
     checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
     if checker.demo:
         log.warning("WARNING: %s", TINY_BANNER)
-    summary = ScanSummary(str(source), cfg.output, state.last_run + 1, checker.fingerprint, checker.demo)
+    summary = ScanSummary(str(source), cfg.output, meta.last_run + 1, checker.fingerprint, checker.demo)
     writer = PartWriter(dest, summary.run)
-    recovered, pending = recover(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
-    recovered += recover_releases(dest, source, state.current, writer, cfg.apply, cfg.endpoint_url)
-    if cfg.inventory:
-        objects = _inventory_listing(cfg, source, exclude)
-    elif isinstance(source.store, S3Store) and cfg.list_parallelism != 1:
-        objects, summary.listing_tasks = fanout_listing(source, exclude, cfg.list_parallelism, cfg.list_fanout_min)
-    else:
-        objects, summary.skipped_symlinks = list_source(source, exclude)
-    if recovered:
-        state = load_state(dest)
-    limits = DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
-    todo, summary.skipped_unchanged, summary.skipped_non_image = plan(
-        objects, state.current, checker.fingerprint, limits, cfg.full
-    )
-    summary.listed = objects.num_rows
-    log.info(
-        "%d objects listed: %d to read, %d unchanged, %d recorded as not images",
-        objects.num_rows,
-        todo.num_rows,
-        summary.skipped_unchanged,
-        summary.skipped_non_image,
-    )
-    if todo.num_rows:
-        bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
-        _score(cfg, todo, source.store, bucket, checker, writer, summary)
-    del checker
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
-    listed = objects.select(["key", "etag"])
-    del objects, todo
-    current = load_state(dest).current
-    if cfg.release:
-        summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url)
-        if restored:  # back in the source: kept by the compaction below
-            back = pa.table({"key": list(restored), "etag": list(restored.values())}, schema=listed.schema)
-            listed = pa.concat_tables([listed.filter(pc.invert(pc.is_in(listed["key"], back["key"]))), back])
-        current = load_state(dest).current
-    decisions = _decisions(dest, current, cfg.endpoint_url)
-    summary.overturned = sum(1 for d in decisions.values() if d == "overturn")
-    summary.actions = apply_actions(action, cfg.apply, current, listed, source, quarantine, dest, writer, decisions)
-    summary.actions.recovered, summary.actions.pending = recovered, pending
-    manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
-    compact(dest, summary.run, str(source), listed["key"], manifest_summary)
+    owned = not ray_running()  # a Ray this run starts (for listing, planning or scoring) is shut down at its end
+    try:
+        recovered, pending = _recover(dest, source, meta, writer, cfg)
+        if cfg.inventory:
+            ensure_ray()
+            pieces, listed = _inventory_pieces(cfg, source, exclude)
+        elif isinstance(source.store, S3Store) and cfg.list_parallelism != 1:
+            pieces, listed, summary.listing_tasks = fanout_pieces(
+                source, exclude, cfg.list_parallelism, cfg.list_fanout_min
+            )
+        else:
+            objects, summary.skipped_symlinks = list_source(source, exclude)
+            pieces, listed = [objects], objects.num_rows
+        if recovered:
+            meta = load_meta(dest)
+        recorded = sum(max(rows, 0) for _, rows in meta.files)
+        shards = shard_count(max(listed, recorded), (sharded_files(meta.files) or (1, {}))[0])
+        if shards > 1 or max(listed, recorded) > LOCAL_ROWS:  # the shards' rows stay in tasks and the object store
+            ensure_ray()
+            runner: Runner = RayRunner()
+            pieces = [p if not isinstance(p, pa.Table) else runner.put(p) for p in pieces]
+        else:  # a small scan: its rows fit in the driver, and tasks would cost more than they spread
+            runner = Runner()
+            refs = [p for p in pieces if not isinstance(p, pa.Table)]
+            pieces = [p for p in pieces if isinstance(p, pa.Table)] + (RayRunner().get(refs) if refs else [])
+        per_task = max(1, SPLIT_ROWS // max(1, listed // max(1, len(pieces))))  # listing pieces split by one task
+        listing = scatter_listing(runner, pieces, shards, per_task)
+        del pieces
+        limits = DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
+        inputs = current_inputs(runner, dest, meta, shards, PLAN_COLUMNS)
+        plan_spec = PlanSpec(checker.fingerprint, limits, cfg.full, action)
+        planned = [
+            runner.call(
+                plan_shard,
+                plan_spec,
+                len(listing[s]),
+                len(inputs.table[s]),
+                *listing[s],
+                *inputs.table[s],
+                *inputs.staged[s],
+                num_returns=2,
+            )
+            for s in range(shards)
+        ]
+        counts = runner.get([c for _, c in planned])
+        todo = [t for (t, _), c in zip(planned, counts, strict=True) if c["todo"]]
+        del planned, inputs
+        total = {k: sum(c[k] for c in counts) for k in counts[0]}
+        summary.listed, summary.skipped_unchanged = listed, total["unchanged"]
+        summary.skipped_non_image = total["non_image"]
+        log.info(
+            "%d objects listed: %d to read, %d unchanged, %d recorded as not images (%d shards)",
+            listed,
+            total["todo"],
+            total["unchanged"],
+            total["non_image"],
+            shards,
+        )
+        if total["todo"]:
+            bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
+            _score(cfg, todo, total["todo"], source.store, bucket, checker, writer, summary)
+        del checker, todo
+        restored, decisions = _reviews(cfg, dest, source, writer, summary)
+        meta = load_meta(dest)  # the staged parts now include this run's
+        rewrite = meta.table_version is None or (sharded_files(meta.files) or (0, {}))[0] != shards
+        released = summary.release is not None and summary.release.done > 0  # rows committed after the plan
+        every = rewrite or released or bool(restored)
+        finish = [
+            s
+            for s, c in enumerate(counts)
+            if every or c["todo"] or c["staged"] or c["gone"] or (action and (c["pending"] or decisions))
+        ]
+        inputs = current_inputs(runner, dest, meta, shards, None)
+        spec = runner.put(
+            FinishSpec(
+                dest,
+                summary.run,
+                shards,
+                inputs.rewrite,
+                source,
+                quarantine,
+                action,
+                cfg.apply,
+                writer.workers() if action else None,
+                decisions,
+                restored,
+            )
+        )
+        refs = [
+            runner.call(
+                finish_shard,
+                spec,
+                s,
+                len(listing[s]),
+                len(inputs.table[s]),
+                *listing[s],
+                *inputs.table[s],
+                *inputs.staged[s],
+            )
+            for s in finish
+        ]
+        results = dict(zip(finish, runner.get(refs), strict=True))
+        summary.actions = ActionReport(action, cfg.apply, recovered=recovered, pending=pending)
+        for r in results.values():
+            for name in ("eligible", "done", "failed"):
+                setattr(summary.actions, name, getattr(summary.actions, name) + r["report"][name])
+        if action and not cfg.apply and summary.actions.eligible:
+            log.info("dry run: would %s %d flagged objects (add --apply to act)", action, summary.actions.eligible)
+        manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
+        commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary)
+    finally:
+        if owned and ray_running():
+            import ray
+
+            ray.shutdown()
     return summary
 
 
-def read_inventory(batch: pa.Table, inventory: Inventory, source: Location, exclude: list[str]) -> pa.Table:
-    """Inventory data files (``key``, ``md5``) -> the listing rows they hold for SOURCE (a Ray Data stage)."""
-    tables = [
-        inventory_listing(read_file(inventory, key, md5), source, inventory.source_bucket, exclude)
-        for key, md5 in zip(batch["key"].to_pylist(), batch["md5"].to_pylist(), strict=True)
-    ]
-    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+def _recover(dest: Location, source: Location, meta, writer: PartWriter, cfg: ScanConfig) -> tuple[int, int]:  # noqa: ANN001
+    """Finish or forget quarantine moves and releases a killed run left in the journals: only the rows of the
+    objects named there are read from the current view."""
+    keys = journal_keys(dest)
+    if not keys:
+        return 0, 0
+    current = lookup_rows(dest, meta, keys)
+    recovered, pending = recover(dest, source, current, writer, cfg.apply, cfg.endpoint_url)
+    return recovered + recover_releases(dest, source, current, writer, cfg.apply, cfg.endpoint_url), pending
 
 
-def _inventory_listing(cfg: ScanConfig, source: Location, exclude: list[str]) -> pa.Table:
-    """SOURCE's objects as an S3 Inventory report lists them: its files read and filtered by Ray tasks, in parallel."""
+def journal_keys(dest: Location) -> list[str]:
+    """The object keys named by the quarantine and release journals (moves a killed run left in flight)."""
+    keys = []
+    for journal in (QUARANTINE_JOURNAL, RELEASE_JOURNAL):
+        for info in dest.store.list(dest.key(journal)):
+            keys.append(json.loads(dest.store.read(info.key)[0])["key"])
+    return keys
+
+
+def lookup_rows(dest: Location, meta, keys: list[str]) -> pa.Table:  # noqa: ANN001
+    """The current rows of ``keys`` (a journal's or the reviews' objects), read file by file in this process."""
+    value_set = pa.array(sorted(set(keys)), pa.string())
+    pieces = [lookup(value_set, TableFile(dest, f"{TABLE}/{path}")) for path, _ in meta.files]
+    pieces += [lookup(value_set, TableFile(dest, rel)) for rel in meta.parts]
+    return current_of(pieces)
+
+
+def _reviews(cfg: ScanConfig, dest: Location, source: Location, writer: PartWriter, summary: ScanSummary):  # noqa: ANN202
+    """--release, then the review decisions in force (key -> decision) for the reviewed objects' current rows.
+    Returns (key -> etag of the objects released back into SOURCE, decisions)."""
+    latest = DecisionLog.open(dest, cfg.endpoint_url).latest()
+    if not latest:
+        if cfg.release:
+            summary.release = ReleaseReport(cfg.apply)
+        return {}, {}
+    reviewed = sorted({key for key, _ in latest})
+    current = lookup_rows(dest, load_meta(dest), reviewed)
+    restored: dict[str, str] = {}
+    if cfg.release:
+        summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url)
+        if restored:
+            current = lookup_rows(dest, load_meta(dest), reviewed)
+    decisions = {k: d.decision for k, d in current_decisions(dest, current, cfg.endpoint_url).items()}
+    summary.overturned = sum(1 for d in decisions.values() if d == "overturn")
+    return restored, decisions
+
+
+def inventory_piece(
+    inventory: Inventory, key: str, md5: str, source: Location, exclude: list[str]
+) -> tuple[pa.Table, int]:
+    """One inventory data file -> the listing rows it holds for SOURCE, and their number (a Ray task)."""
+    table = inventory_listing(read_file(inventory, key, md5), source, inventory.source_bucket, exclude)
+    return table.cast(LISTING_SCHEMA), table.num_rows
+
+
+def _inventory_pieces(cfg: ScanConfig, source: Location, exclude: list[str]) -> tuple[list[Any], int]:
+    """SOURCE's objects as an S3 Inventory report lists them: each data file read and filtered by a Ray task; the
+    rows stay in the object store. Returns the pieces and the number of objects."""
     import ray
 
     inventory = load_manifest(cfg.inventory, cfg.endpoint_url)  # type: ignore[arg-type]
     check_source(inventory, source)
-    if not inventory.files:
-        return LISTING_SCHEMA.empty_table()
-    started = ensure_ray()
+    task = ray.remote(num_returns=2, num_cpus=DECODE_CPUS)(inventory_piece)
+    refs = [task.remote(inventory, key, md5, source, exclude) for key, md5 in inventory.files]
     try:
-        files = [{"key": key, "md5": md5} for key, md5 in inventory.files]
-        ds = ray.data.from_items(files, override_num_blocks=len(files))
-        ds = ds.map_batches(
-            read_inventory,
-            fn_kwargs={"inventory": inventory, "source": source, "exclude": exclude},
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=DECODE_CPUS,
-        )
-        tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    finally:
-        if started:
-            ray.shutdown()
-    objects = pa.concat_tables([t.cast(LISTING_SCHEMA) for t in tables]) if tables else LISTING_SCHEMA.empty_table()
-    log.info("inventory %s: %d objects under %s", inventory.manifest, objects.num_rows, source)
-    return objects.sort_by("key")
+        listed = sum(ray.get([rows for _, rows in refs]))
+    except ray.exceptions.RayTaskError as exc:
+        raise (exc.cause if isinstance(exc.cause, DiffguardError) else exc) from None
+    log.info("inventory %s: %d objects under %s", inventory.manifest, listed, source)
+    return [table for table, _ in refs], listed
 
 
 def fanout_listing(
     source: Location, exclude: list[str], parallelism: int | None = None, fanout_min: int | None = None
 ) -> tuple[pa.Table, int]:
-    """An S3 SOURCE's objects (:data:`LISTING_SCHEMA`, sorted by key) listed by prefix fan-out: an exact partition of
-    the key space (:func:`pipeline.scan.listing.partition`), each group of prefixes listed whole by one Ray task,
-    ``parallelism`` at once (None: two per CPU of the cluster). A SOURCE of at most ``fanout_min`` objects is listed by
-    one paginator here, without starting Ray (None: 1,000 when a Ray cluster is up or $RAY_ADDRESS names one, else
-    100,000: below that, starting a local Ray costs more than the LIST calls it spreads). Returns the listing and the
-    number of listing tasks."""
+    """An S3 SOURCE's objects (:data:`LISTING_SCHEMA`, sorted by key) listed by prefix fan-out (:func:`fanout_pieces`)
+    and brought into this process. Returns the listing and the number of listing tasks."""
+    started = not ray_running()
+    try:
+        pieces, _, tasks = fanout_pieces(source, exclude, parallelism, fanout_min)
+        if tasks:
+            import ray
+
+            pieces = ray.get(pieces)
+    finally:
+        if started and ray_running():
+            import ray
+
+            ray.shutdown()
+    return combine(pieces), tasks
+
+
+def fanout_pieces(
+    source: Location, exclude: list[str], parallelism: int | None = None, fanout_min: int | None = None
+) -> tuple[list[Any], int, int]:
+    """An S3 SOURCE's objects listed by prefix fan-out: an exact partition of the key space
+    (:func:`pipeline.scan.listing.partition`), each group of prefixes listed whole by one Ray task, ``parallelism``
+    at once (None: two per CPU of the cluster); the listed rows stay in the object store. A SOURCE of at most
+    ``fanout_min`` objects is listed by one paginator here, without starting Ray (None: 1,000 when a Ray cluster is
+    up or $RAY_ADDRESS names one, else 100,000: below that, starting a local Ray costs more than the LIST calls it
+    spreads). Returns the pieces (tables, or references to them), the number of objects and of listing tasks (0: no
+    Ray was started)."""
     if fanout_min is None:  # without importing Ray (a second) for a small listing
-        running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-        fanout_min = FANOUT_MIN if running or os.environ.get("RAY_ADDRESS") else LOCAL_FANOUT_MIN
+        fanout_min = FANOUT_MIN if ray_running() or os.environ.get("RAY_ADDRESS") else LOCAL_FANOUT_MIN
     store: S3Store = source.store  # type: ignore[assignment]
     versions = store.versioned()
     small = small_listing(store, source.prefix, fanout_min, versions) if fanout_min else None
     if small is not None:
-        return without(listing_table(small), exclude).sort_by("key"), 0
+        objects = without(listing_table(small), exclude)
+        return [objects], objects.num_rows, 0
     import ray
 
-    started = ensure_ray()
+    ensure_ray()
+    parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1) / LIST_CPUS))
+    target = PREFIXES_PER_TASK * parallelism
+    split_ = partition(store, source.prefix, target, exclude, parallelism, versions)
+    groups = split_.groups(target, exclude)
+    task = ray.remote(num_returns=2, num_cpus=LIST_CPUS)(counted)
+    first = without(listing_table(split_.objects), exclude)
+    pieces, listed, running = [ray.put(first)], first.num_rows, []
     try:
-        parallelism = parallelism or max(1, int(ray.cluster_resources().get("CPU", 1) / LIST_CPUS))
-        target = PREFIXES_PER_TASK * parallelism
-        split = partition(store, source.prefix, target, exclude, parallelism, versions)
-        groups = split.groups(target, exclude)
-        task = ray.remote(num_cpus=LIST_CPUS)(list_prefixes)
-        tables, running = [without(listing_table(split.objects), exclude)], []
-        for group in groups:  # at most `parallelism` tasks in flight; each result is an Arrow table
+        for group in groups:  # at most `parallelism` tasks in flight; their rows stay in the object store
             if len(running) >= parallelism:
                 done, running = ray.wait(running, num_returns=1)
-                tables += ray.get(done)
-            running.append(task.remote(store, group, exclude, versions))
-        tables += ray.get(running)
+                listed += sum(ray.get(done))
+            table, rows = task.remote(list_prefixes, store, group, exclude, versions)
+            pieces.append(table)
+            running.append(rows)
+        listed += sum(ray.get(running))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, DiffguardError):
             raise exc.cause from None  # the store's own message (bucket, key, credentials), as a sequential listing
         raise
-    finally:
-        if started:
-            ray.shutdown()
-    objects = combine(tables)
-    log.info(
-        "listed %d objects under %s: %d prefixes in %d tasks",
-        objects.num_rows,
-        source,
-        len(split.prefixes),
-        len(groups),
-    )
-    return objects, len(groups)
+    log.info("listed %d objects under %s: %d prefixes in %d tasks", listed, source, len(split_.prefixes), len(groups))
+    return pieces, listed, len(groups)
 
 
-def _decisions(dest, current: pa.Table, endpoint_url: str | None) -> dict[str, str]:  # noqa: ANN001
-    """key -> the review decision in force for the object's current etag, looked up only for reviewed keys."""
-    latest = DecisionLog.open(dest, endpoint_url).latest()
-    if not latest:
-        return {}
-    reviewed = pa.array(sorted({key for key, _ in latest}), pa.string())
-    current = current.filter(pc.is_in(current["key"], value_set=reviewed))
-    return {k: d.decision for k, d in current_decisions(dest, current, endpoint_url).items()}
+def counted(fn: Any, *args: Any) -> tuple[pa.Table, int]:
+    """``fn(*args)`` (a table) and its number of rows, as two results (a Ray task's two return values)."""
+    table = fn(*args)
+    return table, table.num_rows
 
 
-def _score(cfg, todo, store, bucket, checker, writer, summary) -> None:  # noqa: ANN001
+def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  # noqa: ANN001
+    """Read, decode, score and commit ``rows`` objects: ``todo`` holds the shards' work items (tables, or
+    references to them in the object store)."""
     import ray
 
-    started = ensure_ray()
+    ensure_ray()
+    max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
+    max_actors = max(1, min(max_actors, math.ceil(rows / cfg.batch_size)))
+    remote = [t for t in todo if not isinstance(t, pa.Table)]
+    ds = ray.data.from_arrow_refs(remote) if remote else ray.data.from_arrow(todo)
+    per_block = math.ceil(rows / min(MAX_BLOCKS, math.ceil(rows / cfg.batch_size)))
+    ds = ds.repartition(target_num_rows_per_block=per_block)  # streaming: a shard's items spread over many tasks
+    ds = ds.map_batches(
+        read_objects,
+        fn_kwargs={"store": store, "max_object_bytes": cfg.checker.max_object_bytes},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=DECODE_CPUS,
+    )
+    ds = ds.map_batches(
+        decode_and_preprocess,
+        fn_kwargs={
+            "preprocess": checker.preprocess,
+            "limits": DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=DECODE_CPUS,
+    )
+    ds = ds.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={
+            "spec": cfg.checker,
+            "concepts": checker.concepts,
+            "fingerprint": checker.fingerprint,
+            "bucket": bucket,
+            "threads": cfg.threads or (None if cfg.num_gpus else _default_threads(max_actors)),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        num_cpus=1,
+        **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
+    )
+    ds = ds.map_batches(  # scored rows never come back to the driver: workers commit them as parts
+        write_part,
+        fn_kwargs={"parts": writer.workers()},
+        batch_size=_part_rows(cfg),
+        batch_format="pyarrow",
+        num_cpus=WRITE_CPUS,
+    )
+    ds.context.raise_original_map_exception = True  # this dataset only: a failed part write names the part
+    committed, logged = 0, time.monotonic()
     try:
-        max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
-        max_actors = max(1, min(max_actors, math.ceil(todo.num_rows / cfg.batch_size)))
-        items = todo.set_column(
-            todo.column_names.index("last_modified"),
-            "last_modified_us",
-            pc.cast(pc.cast(todo["last_modified"], pa.timestamp("us", tz="UTC")), pa.int64()),
-        )
-        items = items.append_column("whole", pa.array([named_image(k) for k in todo["key"].to_pylist()], pa.bool_()))
-        step = math.ceil(items.num_rows / min(MAX_BLOCKS, math.ceil(items.num_rows / cfg.batch_size)))
-        ds = ray.data.from_arrow([items.slice(i, step) for i in range(0, items.num_rows, step)])
-        ds = ds.map_batches(
-            read_objects,
-            fn_kwargs={"store": store, "max_object_bytes": cfg.checker.max_object_bytes},
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_cpus=DECODE_CPUS,
-        )
-        ds = ds.map_batches(
-            decode_and_preprocess,
-            fn_kwargs={
-                "preprocess": checker.preprocess,
-                "limits": DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes),
-            },
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_cpus=DECODE_CPUS,
-        )
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs={
-                "spec": cfg.checker,
-                "concepts": checker.concepts,
-                "fingerprint": checker.fingerprint,
-                "bucket": bucket,
-                "threads": cfg.threads or (None if cfg.num_gpus else _default_threads(max_actors)),
-            },
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
-            num_cpus=1,
-            **({"num_gpus": cfg.num_gpus} if cfg.num_gpus else {}),
-        )
-        ds = ds.map_batches(  # scored rows never come back to the driver: workers commit them as parts
-            write_part,
-            fn_kwargs={"parts": writer.workers()},
-            batch_size=_part_rows(cfg),
-            batch_format="pyarrow",
-            num_cpus=WRITE_CPUS,
-        )
-        ds.context.raise_original_map_exception = True  # this dataset only: a failed part write names the part
-        committed, logged = 0, time.monotonic()
-        try:
-            for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
-                committed += _add_counts(summary, counts)
-                if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == todo.num_rows:
-                    log.info("%d of %d objects scored and committed", committed, todo.num_rows)
-                    logged = time.monotonic()
-        except Exception as exc:
-            if (error := _job_error(exc)) is not exc:
-                raise error from exc
-            raise
-    finally:
-        if started:
-            ray.shutdown()
+        for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
+            committed += _add_counts(summary, counts)
+            if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == rows:
+                log.info("%d of %d objects scored and committed", committed, rows)
+                logged = time.monotonic()
+    except Exception as exc:
+        if (error := _job_error(exc)) is not exc:
+            raise error from exc
+        raise
 
 
 def _job_error(exc: Exception) -> Exception:

@@ -5,7 +5,9 @@ DEST/
   _diffguard_scan.json                  manifest (format 2): the source, the table version, the last run's summary
   results/                              Delta table: one row per object as of the last completed run (run 7)
     _delta_log/00000000000000000006.json  one commit per completed run; its txn action records the run number
-    part-00000-<uuid>-c000.zstd.parquet
+    shard-00000-of-00004-r000007.zstd.parquet
+                                        one file per shard of the keys (pipeline.scan.shards), rewritten by the
+                                        runs in which a row of that shard changed
   parts/run-000008/part-000000.parquet  rows committed by the driver of a later run (in flight, or killed)
   parts/run-000008/part-000001-w3f9a0c1d2e3b4a59.parquet
                                         scored rows of that run, committed by a scoring worker (sorts before 000001)
@@ -23,8 +25,9 @@ sort after the driver's earlier parts and before its part 000001 (among themselv
 per run, and a retried write of the same rows replaces its own file). Parts of the previous version (the driver's
 only) are read the same way.
 
-A completed run compacts: one Delta commit (the objects still present, plus quarantined ones, recording the run: the
-atomic step), then the manifest naming that version, then the parts it folded in are deleted. A crash before the
+A completed run compacts (:mod:`pipeline.scan.commit`): one Delta commit (the objects still present, plus quarantined
+ones, recording the run: the atomic step; only the shards in which a row changed get a new file), then the manifest
+naming that version, then the parts it folded in are deleted. A crash before the
 commit leaves the previous version and the parts; after it, parts of that run or older are ignored.
 
 Format 1 (before Delta): ``snapshots/run-N.parquet`` named by a format-1 manifest instead of the table. It is read as
@@ -40,7 +43,6 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -49,7 +51,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InvalidInput
 from .storage import Location, StorageError, parse_location
-from .table import TABLE, commit, open_table, read_table, table_run, table_uri
+from .table import TABLE, commit, open_table, read_table, table_files, table_run, table_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +126,11 @@ def latest_per_key(tables: list[pa.Table]) -> pa.Table:
     return table.filter(pc.is_in(table["_order"], value_set=last)).drop_columns(["_order"]).sort_by("key")
 
 
-def _read_parquet(dest: Location, rel: str) -> pa.Table:
+def _read_parquet(dest: Location, rel: str, **options: Any) -> pa.Table:
+    """A Parquet file under DEST (``options`` for ``pq.read_table``: columns, filters)."""
     data, _ = dest.store.read(dest.key(rel))
     try:
-        return pq.read_table(io.BytesIO(data))
+        return pq.read_table(io.BytesIO(data), **options)
     except (pa.ArrowInvalid, OSError) as exc:
         raise StorageError(f"{dest.store.url(dest.key(rel))} is not a readable Parquet file: {exc}") from None
 
@@ -160,6 +163,33 @@ def _files(dest: Location) -> list[tuple[str, int, tuple[int, int], str]]:
             elif m := _SNAPSHOT.match(rel):
                 out.append(("snapshot", int(m[1]), (-1, 0), rel))
     return out
+
+
+@dataclass
+class Meta:
+    """What DEST holds, without reading a row: the manifest, the table's files and the staged parts."""
+
+    manifest: dict[str, Any]
+    last_run: int  # the highest run number found; the next run is last_run + 1
+    table_version: int | None  # the Delta version (None: no table yet)
+    table_run: int  # the run that version holds; parts of later runs are staged rows
+    files: list[tuple[str, int]]  # the version's data files: (path relative to the table root, rows)
+    parts: list[str]  # staged parts of later runs, relative to DEST, in commit order
+
+
+def load_meta(dest: Location) -> Meta:
+    """DEST's layout for a scan: a format-1 DEST must be migrated (:func:`migrate`) first."""
+    manifest = read_manifest(dest)
+    if manifest.get("format") == 1:
+        raise InvalidInput(f"{dest} holds format-1 results: migrate() converts them first")
+    dt = open_table(dest)
+    if dt is None and manifest.get("format") == FORMAT:
+        raise StorageError(f"{dest} has a format-{FORMAT} manifest but no Delta table at {table_uri(dest)}")
+    version, run = (dt.version(), table_run(dt)) if dt is not None else (None, 0)
+    files = _files(dest)
+    parts = [rel for _, _, rel in sorted((r, p, rel) for kind, r, p, rel in files if kind == "part" and r > run)]
+    last_run = max([run, *(r for _, r, _, _ in files)])
+    return Meta(manifest, last_run, version, run, table_files(dt) if dt is not None else [], parts)
 
 
 def read_manifest(dest: Location) -> dict[str, Any]:
@@ -246,8 +276,11 @@ class PartWriter:
         return rel
 
     def workers(self) -> WorkerParts:
-        """Where workers commit rows produced from now on: before this writer's next part, after its earlier ones."""
-        return WorkerParts(self.dest, self.run, self.parts)
+        """Where workers commit rows produced from now on: after this writer's earlier parts and before its later
+        ones (the slot is reserved: the driver's next part, and the next workers' slot, sort after these)."""
+        slot = WorkerParts(self.dest, self.run, self.parts)
+        self.parts += 1
+        return slot
 
 
 @dataclass(frozen=True)
@@ -286,36 +319,6 @@ def _delete_folded(dest: Location, run: int) -> None:
         if kind == "snapshot" or file_run <= run:
             dest.store.delete(dest.key(rel))
     dest.store.tidy(dest.prefix)
-
-
-def compact(dest: Location, run: int, source: str, keep: Any, summary: dict[str, Any]) -> State:
-    """Fold everything committed so far into one Delta version of the objects in ``keep`` plus quarantined ones.
-
-    Order makes it crash-safe: the Delta commit (recording ``run``) is the atomic step, then the manifest that names
-    its version, and only then are the parts it folded in deleted; until the commit lands, readers use the previous
-    version and the parts, and after it they ignore parts of ``run`` and older.
-    """
-    current = load_state(dest).current
-    if isinstance(keep, pa.ChunkedArray):  # the listed keys, as a column (or any collection of keys)
-        keep = keep.combine_chunks() if keep.num_chunks else pa.array([], pa.string())
-    elif not isinstance(keep, pa.Array):
-        keep = pa.array(sorted(keep), pa.string())
-    listed = pc.is_in(current["key"], value_set=keep)
-    snapshot = current.filter(pc.or_(listed, pc.is_valid(current["quarantined_to"])))
-    version = commit(dest, snapshot, run)
-    manifest = {
-        "format": FORMAT,
-        "source": source,
-        "table": TABLE,
-        "version": version,
-        "snapshot_run": run,
-        "rows": snapshot.num_rows,
-        "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "last_run": summary,
-    }
-    _write_manifest(dest, manifest)
-    _delete_folded(dest, run)
-    return State(manifest, snapshot, run, version, run)
 
 
 def migrate(dest: Location) -> bool:

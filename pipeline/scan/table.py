@@ -15,6 +15,7 @@ so of two writers racing for one version exactly one succeeds.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -140,5 +141,56 @@ def commit(dest: Location, table: pa.Table, run: int) -> int:
         raise StorageError(f"cannot commit run {run} to the Delta table {uri}: {type(exc).__name__}: {exc}") from None
     dt = open_table(dest)
     if dt is None or table_run(dt) != run:  # another writer committed after ours: one scan per DEST at a time
+        raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
+    return dt.version()
+
+
+def table_files(dt: Any) -> list[tuple[str, int]]:
+    """(path relative to the table root, rows) of every data file in the loaded version (read from the log)."""
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    rows = adds["num_records"].fill_null(-1) if "num_records" in adds.column_names else pa.nulls(adds.num_rows)
+    return list(zip(adds["path"].to_pylist(), rows.to_pylist(), strict=True))
+
+
+def commit_files(
+    dest: Location, adds: list[dict[str, Any]], removes: list[str], run: int, schema: pa.Schema, overwrite: bool
+) -> int:
+    """Commit data files already written under the table root as run ``run``, in one Delta commit; returns the new
+    version. ``adds``: ``{"path", "size", "rows"}`` of each new file; ``removes``: paths of files it replaces.
+    ``overwrite``: the new files are the whole table (every earlier file removed, the schema replaced). With neither
+    adds nor removes the commit records the run alone. Retries and lost answers as :func:`commit`.
+    """
+    import time
+
+    from deltalake import CommitProperties, Schema, Transaction
+    from deltalake.exceptions import DeltaError
+    from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
+
+    now = int(time.time() * 1000)
+    actions = [AddAction(a["path"], a["size"], {}, now, True, json.dumps({"numRecords": a["rows"]})) for a in adds]
+    props = CommitProperties(
+        app_transactions=[Transaction(app_id=APP_ID, version=run)],
+        custom_metadata={"diffguard.run": str(run)},
+        max_commit_retries=0,
+    )
+    uri, options = table_uri(dest), storage_options(dest)
+    try:
+        dt = open_table(dest)
+        if dt is None:
+            create_table_with_add_actions(
+                uri, Schema.from_arrow(schema), actions, mode="error", storage_options=options, commit_properties=props
+            )
+        elif overwrite:
+            dt.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=props)
+        else:
+            removed = [RemoveAction(path, True, now) for path in removes]
+            dt.create_write_transaction([*actions, *removed], mode="append", schema=schema, commit_properties=props)
+    except (DeltaError, OSError) as exc:
+        dt = open_table(dest)
+        if dt is not None and dt.transaction_version(APP_ID) == run:
+            return dt.version()
+        raise StorageError(f"cannot commit run {run} to the Delta table {uri}: {type(exc).__name__}: {exc}") from None
+    dt = open_table(dest)
+    if dt is None or table_run(dt) != run:
         raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
     return dt.version()

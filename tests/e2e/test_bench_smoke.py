@@ -33,6 +33,7 @@ def test_quick_benchmark_runs_every_section(tmp_path):
         "Service /v1/moderate",
         "HTTP fronts for /v1/moderate",
         "Scan",
+        "Scan growth",
         "Generation batching",
         "Targets",
     ):
@@ -80,4 +81,12 @@ def test_quick_benchmark_runs_every_section(tmp_path):
 
     (run,) = results["scan"]["runs"]
     assert run["scanned"] == run["objects"] == 64 and run["errors"] == 0
+    growth = results["growth"]
+    assert [r["objects"] for r in growth["reruns"]] == [1_000, 10_000]
+    assert all(r["seconds"] > 0 and r["driver_peak_rss_mib"] > 0 for r in growth["reruns"])
+    assert [(r["input"], r["objects"]) for r in growth["first_runs"]] == [
+        ("local directory, first run", 200),
+        ("moto bucket, first run", 200),
+    ]
+    assert all(r["images_per_s"] > 0 for r in growth["first_runs"])
     assert results["targets"] and results["machine"]["versions"]["torch"]

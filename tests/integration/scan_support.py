@@ -106,7 +106,7 @@ def results_layout(keys: set[str], dest_prefix: str) -> dict[str, int]:
     return {
         "manifest": sum(k == "_diffguard_scan.json" for k in rel),
         "commits": sum(k.startswith("results/_delta_log/") and k.endswith(".json") for k in rel),
-        "data": sum(k.startswith("results/part-") and k.endswith(".parquet") for k in rel),
+        "data": sum(k.startswith("results/shard-") and k.endswith(".parquet") for k in rel),
         "other": sum(not (k == "_diffguard_scan.json" or k.startswith("results/")) for k in rel),
     }
 

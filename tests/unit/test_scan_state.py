@@ -15,8 +15,9 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.errors import StorageError
-from pipeline.scan import state
-from pipeline.scan.state import MANIFEST, ROW_SCHEMA, PartWriter, compact, load_state, migrate, read_current, rows_table
+from pipeline.scan import commit, state
+from pipeline.scan.commit import compact
+from pipeline.scan.state import MANIFEST, ROW_SCHEMA, PartWriter, load_state, migrate, read_current, rows_table
 from pipeline.scan.storage import parse_location
 from pipeline.scan.table import APP_ID
 
@@ -99,21 +100,18 @@ def test_a_completed_run_is_one_delta_version_with_one_row_per_object(tmp_path):
     assert load_state(location).last_run == 2
 
 
-@pytest.mark.parametrize("step", ["commit", "_write_manifest", "_delete_folded"])
+@pytest.mark.parametrize("step", ["commit_files", "_write_manifest", "_delete_folded"])
 def test_a_crash_at_each_step_of_a_compaction_neither_drops_nor_duplicates(tmp_path, monkeypatch, step):
     dest = tmp_path / "dest"
     completed(dest)
     location = parse_location(str(dest))
     before = view(dest)
-    real = getattr(state, step)
-    if step == "commit":
-        monkeypatch.setattr(state, "commit", crash)  # killed before the Delta log entry is created
-    else:
-        monkeypatch.setattr(state, step, crash)  # killed after the commit landed
+    real = getattr(commit, step)
+    monkeypatch.setattr(commit, step, crash)  # killed before the Delta log entry is created, or after it landed
     with pytest.raises(Crash):
         compact(location, 2, "src", ["a.png", "c.png", "d.png"], {"run": 2})
-    monkeypatch.setattr(state, step, real)
-    if step == "commit":
+    monkeypatch.setattr(commit, step, real)
+    if step == "commit_files":
         assert view(dest) == before and versions(dest) == [1]  # the previous version and the staged part
     else:
         assert view(dest) == {"a.png": "a2", "c.png": "c1", "d.png": "d2"} and versions(dest) == [1, 2]
@@ -132,13 +130,13 @@ def test_a_commit_whose_answer_is_lost_counts_once(tmp_path, monkeypatch):
 
     dest = tmp_path / "dest"
     completed(dest)
-    real = deltalake.write_deltalake
+    real = deltalake.DeltaTable.create_write_transaction
 
-    def landed_then_failed(*args, **kwargs):
-        real(*args, **kwargs)
+    def landed_then_failed(self, *args, **kwargs):
+        real(self, *args, **kwargs)
         raise CommitFailedError("Failed to commit transaction: version already exists")
 
-    monkeypatch.setattr(deltalake, "write_deltalake", landed_then_failed)
+    monkeypatch.setattr(deltalake.DeltaTable, "create_write_transaction", landed_then_failed)
     compact(parse_location(str(dest)), 2, "src", ["a.png", "d.png"], {"run": 2})
     assert versions(dest) == [1, 2] and view(dest) == {"a.png": "a2", "d.png": "d2"}
 
@@ -153,7 +151,7 @@ def test_a_commit_that_did_not_land_fails_closed(tmp_path, monkeypatch):
     def refused(*args, **kwargs):
         raise CommitFailedError("Failed to commit transaction: 0")
 
-    monkeypatch.setattr(deltalake, "write_deltalake", refused)
+    monkeypatch.setattr(deltalake.DeltaTable, "create_write_transaction", refused)
     with pytest.raises(StorageError, match=r"cannot commit run 2 to the Delta table .*results"):
         compact(parse_location(str(dest)), 2, "src", ["a.png"], {"run": 2})
     assert versions(dest) == [1] and view(dest) == {"a.png": "a2", "b.png": "b1", "c.png": "c1", "d.png": "d2"}

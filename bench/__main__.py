@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--out DIR] [--only SECTION,...]``: every benchmark in one run.
 
 Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``,
+``growth`` (the scan driver's time and memory on no-change reruns from 10^4 to 10^7 inventory rows; first-run images/s),
 ``proxy`` (Serve's HTTP fronts: Python proxy, HAProxy, direct ingress; where decoding belongs), ``generate``
 (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "service", "proxy", "scan", "generate")
+SECTIONS = ("core", "preprocess", "service", "proxy", "scan", "growth", "generate")
 
 log = logging.getLogger("bench")
 
@@ -27,7 +28,7 @@ def plans(quick: bool) -> dict[str, Any]:
     from .core import CorePlan
     from .generate import GeneratePlan
     from .proxy import ProxyPlan
-    from .scan import ScanPlan
+    from .scan import GrowthPlan, ScanPlan
     from .service import ServicePlan
 
     if quick:
@@ -37,6 +38,7 @@ def plans(quick: bool) -> dict[str, Any]:
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
             "scan": ScanPlan(images=64, small=0),
+            "growth": GrowthPlan(inventory=(1_000, 10_000), images=(200,)),
             "generate": GeneratePlan(clients=(1, 4, 8, 16), steps=2, rounds=1, window_s=1.5, checker_batches=3),
         }
     return {
@@ -50,6 +52,7 @@ def plans(quick: bool) -> dict[str, Any]:
         ),
         "proxy": ProxyPlan(clients=32, warmup_s=3, measure_s=8, rounds=2),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
+        "growth": GrowthPlan(inventory=(10**4, 10**5, 10**6, 10**7), images=(10**4,)),
         "generate": GeneratePlan(),
     }
 
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from .scan import run_scan_bench
 
         results["scan"] = run_scan_bench(plan["scan"], str(ROOT))
+    if "growth" in only:
+        from .scan import run_growth
+
+        results["growth"] = run_growth(plan["growth"], str(ROOT))
     if "generate" in only:
         from .generate import run_generate_bench
 

@@ -147,10 +147,13 @@ def scan_driver(args: list[str], repo: str, env: dict[str, str] | None = None) -
 
 def scanned_state(dest: str, rows: Any, fingerprint: str) -> None:
     """DEST as a completed scan leaves it: ``rows`` (key, etag, size, last_modified) recorded as scored and unflagged
-    by the checker with ``fingerprint`` (what a first run records; written directly, 10^5+ objects unscored)."""
+    by the checker with ``fingerprint`` (what a first run records; written directly, 10^5+ objects unscored): one
+    file per shard, committed as run 1."""
     import pyarrow as pa
 
-    from pipeline.scan.state import PartWriter, compact
+    from pipeline.scan.commit import Inputs, commit_run
+    from pipeline.scan.shards import shard_count, split, write_shard
+    from pipeline.scan.state import conform, load_meta
     from pipeline.scan.storage import parse_location
     from pipeline.spec import CheckerSpec
 
@@ -161,9 +164,14 @@ def scanned_state(dest: str, rows: Any, fingerprint: str) -> None:
     table = table.append_column("max_object_bytes", pa.array([spec.max_object_bytes] * n, pa.int64()))
     for name in ("flagged", "nsfw", "unscorable", "truncated", "tagged"):
         table = table.append_column(name, pa.array([False] * n, pa.bool_()))
-    location = parse_location(dest)
-    PartWriter(location, 1).commit(table)
-    compact(location, 1, str(rows.schema.metadata[b"source"].decode()), set(rows["key"].to_pylist()), {})
+    location, shards = parse_location(dest), shard_count(n)
+    pieces = split(conform(table.replace_schema_metadata(None)), shards)
+    results = {}
+    for s, piece in enumerate([pieces] if shards == 1 else pieces):
+        add = write_shard(location, s, shards, 1, piece.sort_by("key"))
+        results[s] = {"add": add, "replaced": True, "rows": add["rows"]}
+    source = rows.schema.metadata[b"source"].decode()
+    commit_run(location, 1, source, load_meta(location), Inputs(shards, True, [], []), results, {})
 
 
 def local_growth(n: int, root: str, repo: str) -> dict[str, Any]:
@@ -213,6 +221,7 @@ def inventory_growth(n: int, root: str, repo: str, endpoint: str, files: int = 8
 
     base, dest = Path(root, f"inventory-{n}"), Path(root, f"inventory-dest-{n}")
     manifest = base / "inventory/growth/daily/2026-12-01T00-00Z/manifest.json"
+    files = max(files, -(-n // 1_250_000))  # S3 writes files of a few million rows at most
     if not manifest.exists():
         modified = pa.scalar(datetime(2026, 11, 30, tzinfo=UTC), pa.timestamp("ms", tz="UTC"))
         entries, step = [], -(-n // files)
@@ -282,6 +291,57 @@ def first_run(n: int, root: str, repo: str) -> dict[str, Any]:
         "input": "local directory, first run",
         **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")},
     }
+
+
+def first_run_s3(n: int, endpoint: str, root: str, repo: str) -> dict[str, Any]:
+    """A first run over ``n`` real tiny PNGs (8x8) in ``s3://growth/first-N/`` (moto, put through its backend in
+    this process: HTTP PUTs would take longer than the scan), DEST a fresh local directory."""
+    import io
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from PIL import Image
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+        backend.put_object("growth", f"first-{n}/{i // 1000:04d}/{i:08d}.png", buf.getvalue())
+    dest = Path(root, f"first-s3-dest-{n}")
+    shutil.rmtree(dest, ignore_errors=True)
+    args = [f"s3://growth/first-{n}/", "--output", str(dest), "--endpoint-url", endpoint, "--json"]
+    run = scan_driver(args, repo, {**os.environ, "PYTHONPATH": repo})
+    assert run["summary"]["scanned"] == n and run["summary"]["errors"] == 0, run
+    return {"objects": n, "input": "moto bucket, first run", **{k: run[k] for k in ("seconds", "driver_peak_rss_mib")}}
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    inventory: tuple[int, ...]  # no-change reruns listed by a synthetic S3 Inventory report of these sizes
+    images: tuple[int, ...]  # first runs over this many real tiny images, local and in moto
+
+
+def run_growth(plan: GrowthPlan, repo: str) -> dict[str, Any]:
+    """The driver's wall time and peak RSS as the bucket grows (no-change reruns from an inventory), and the
+    end-to-end images/s of first runs over real tiny images, local and in moto."""
+    import tempfile
+
+    work = os.environ.get("GROWTH_DIR") or tempfile.mkdtemp(prefix="growth-")
+
+    def measure(endpoint: str) -> dict[str, Any]:
+        reruns = [inventory_growth(n, work, repo, endpoint) for n in plan.inventory]
+        firsts = [first_run(n, work, repo) for n in plan.images] + [
+            first_run_s3(n, endpoint, work, repo) for n in plan.images
+        ]
+        for r in firsts:
+            r["images_per_s"] = r["objects"] / r["seconds"]
+        return {"reruns": reruns, "first_runs": firsts}
+
+    return with_moto(measure)
 
 
 def with_moto(fn: Any) -> Any:

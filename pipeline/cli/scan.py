@@ -66,6 +66,13 @@ def register(sub: Any) -> None:
         help="S3 listing tasks at once, over prefixes (default: automatic, 2 per CPU; 1: one sequential paginator)",
     )
     p.add_argument("--part-rows", type=positive_int, default=500, help="rows per committed Parquet part (500)")
+    p.add_argument(
+        "--shard-rows",
+        type=positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="objects per shard, what one plan or finish task holds (1000000; a power-of-two number of shards)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
 
@@ -119,6 +126,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         part_rows=args.part_rows,
         inventory=args.inventory,
         list_parallelism=args.list_parallelism,
+        shard_rows=args.shard_rows,
     )
     with stdout_reserved():
         try:

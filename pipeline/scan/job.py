@@ -346,6 +346,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     writer = PartWriter(dest, summary.run)
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
     owned = not ray_running()  # a Ray this run starts (for listing, planning or scoring) is shut down at its end
+    started = time.monotonic()
     try:
         recovered, pending = _recover(dest, source, meta, writer, cfg)
         if cfg.inventory:
@@ -361,7 +362,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         if recovered:
             meta = load_meta(dest)
         recorded = sum(max(rows, 0) for _, rows in meta.files)
-        shards = shard_count(max(listed, recorded), (sharded_files(meta.files) or (1, {}))[0])
+        shards = shard_count(max(listed, recorded), (sharded_files(meta.files) or (1, {}))[0], cfg.shard_rows)
         if shards > 1 or max(listed, recorded) > LOCAL_ROWS:  # the shards' rows stay in tasks and the object store
             ensure_ray()
             runner: Runner = RayRunner()
@@ -396,12 +397,13 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         summary.listed, summary.skipped_unchanged = listed, total["unchanged"]
         summary.skipped_non_image = total["non_image"]
         log.info(
-            "%d objects listed: %d to read, %d unchanged, %d recorded as not images (%d shards)",
+            "%d objects listed: %d to read, %d unchanged, %d recorded as not images (%d shards, planned in %.1f s)",
             listed,
             total["todo"],
             total["unchanged"],
             total["non_image"],
             shards,
+            time.monotonic() - started,
         )
         if total["todo"]:
             bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
@@ -454,7 +456,17 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         if action and not cfg.apply and summary.actions.eligible:
             log.info("dry run: would %s %d flagged objects (add --apply to act)", action, summary.actions.eligible)
         manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
-        commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary)
+        manifest = commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary)
+        written = sum(r["add"] is not None for r in results.values())
+        log.info(
+            "run %d committed as version %d: %d rows, %d of %d shard files rewritten, %.1f s",
+            summary.run,
+            manifest["version"],
+            manifest["rows"],
+            written,
+            shards,
+            time.monotonic() - started,
+        )
     finally:
         if owned and ray_running():
             import ray
@@ -544,10 +556,10 @@ def fanout_listing(
     started = not ray_running()
     try:
         pieces, _, tasks = fanout_pieces(source, exclude, parallelism, fanout_min)
-        if tasks:
+        if any(not isinstance(p, pa.Table) for p in pieces):
             import ray
 
-            pieces = ray.get(pieces)
+            pieces = [p if isinstance(p, pa.Table) else ray.get(p) for p in pieces]
     finally:
         if started and ray_running():
             import ray

@@ -27,6 +27,9 @@ from .storage import LocalStore, Location, ObjectInfo, S3Store, parse_location
 log = logging.getLogger("diffguard")
 
 
+SHARD_ROWS = 1_000_000  # objects per shard by default
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     source: str  # s3://bucket/prefix or a local directory
@@ -46,8 +49,11 @@ class ScanConfig:
     inventory: str | None = None  # an S3 Inventory manifest.json listing SOURCE's bucket (instead of LIST calls)
     list_parallelism: int | None = None  # S3 listing tasks at once (None: the cluster's CPUs x 2; 1: one paginator)
     list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
+    shard_rows: int = SHARD_ROWS  # objects per shard: what one plan or finish task holds (pipeline.scan.shards)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.shard_rows, int) and self.shard_rows >= 1):
+            raise InvalidInput(f"shard_rows must be an integer >= 1, got {self.shard_rows!r}")
         if self.list_parallelism is not None and not (
             isinstance(self.list_parallelism, int) and self.list_parallelism >= 1
         ):

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from ..images import DecodeLimits
 from .actions import ActionReport, apply_actions
-from .plan import _CURRENT, LISTING_SCHEMA, named_image, plan
+from .plan import _CURRENT, LISTING_SCHEMA, SHARD_ROWS, named_image, plan
 from .state import (
     ROW_SCHEMA,
     WorkerParts,
@@ -45,7 +45,6 @@ from .table import TABLE
 
 log = logging.getLogger("diffguard")
 
-SHARD_ROWS = 1_000_000  # objects per shard: what one plan or finish task holds
 LOCAL_ROWS = 100_000  # a scan of at most this many objects (listed or recorded) plans in the driver, without Ray
 _SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})-r\d{6,}\.zstd\.parquet$")
 PLAN_COLUMNS = [*_CURRENT, "flagged", "quarantined_to", "tagged"]
@@ -55,10 +54,10 @@ _PRIME = np.uint64(1099511628211)  # FNV's 64-bit prime
 _HASH_ROWS = 1 << 16  # keys hashed at a time (bounds the temporaries)
 
 
-def shard_count(rows: int, current: int = 1) -> int:
-    """Shards for ``rows`` objects: a power of two, about :data:`SHARD_ROWS` each; never fewer than ``current``
-    (a table shrinks without being rewritten)."""
-    n = max(1, -(-rows // SHARD_ROWS))
+def shard_count(rows: int, current: int = 1, per_shard: int | None = None) -> int:
+    """Shards for ``rows`` objects: a power of two, about ``per_shard`` (:data:`SHARD_ROWS`) each; never fewer than
+    ``current`` (a table shrinks without being rewritten)."""
+    n = max(1, -(-rows // (per_shard or SHARD_ROWS)))
     return max(1 << (n - 1).bit_length(), current)
 
 

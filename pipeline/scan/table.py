@@ -135,14 +135,8 @@ def commit(dest: Location, table: pa.Table, run: int) -> int:
             ),
         )
     except (DeltaError, OSError) as exc:
-        dt = open_table(dest)
-        if dt is not None and dt.transaction_version(APP_ID) == run:
-            return dt.version()
-        raise StorageError(f"cannot commit run {run} to the Delta table {uri}: {type(exc).__name__}: {exc}") from None
-    dt = open_table(dest)
-    if dt is None or table_run(dt) != run:  # another writer committed after ours: one scan per DEST at a time
-        raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
-    return dt.version()
+        return _committed(dest, run, exc)
+    return _committed(dest, run)
 
 
 def table_files(dt: Any) -> list[tuple[str, int]]:
@@ -186,11 +180,21 @@ def commit_files(
             removed = [RemoveAction(path, True, now) for path in removes]
             dt.create_write_transaction([*actions, *removed], mode="append", schema=schema, commit_properties=props)
     except (DeltaError, OSError) as exc:
-        dt = open_table(dest)
+        return _committed(dest, run, exc)
+    return _committed(dest, run)
+
+
+def _committed(dest: Location, run: int, error: Exception | None = None) -> int:
+    """The version that holds ``run`` after a commit: after a failed one, the log decides (a commit that landed but
+    whose answer was lost counts once); after a successful one, the latest version must hold it (one scan per DEST
+    at a time)."""
+    dt, uri = open_table(dest), table_uri(dest)
+    if error is not None:
         if dt is not None and dt.transaction_version(APP_ID) == run:
             return dt.version()
-        raise StorageError(f"cannot commit run {run} to the Delta table {uri}: {type(exc).__name__}: {exc}") from None
-    dt = open_table(dest)
-    if dt is None or table_run(dt) != run:
+        raise StorageError(
+            f"cannot commit run {run} to the Delta table {uri}: {type(error).__name__}: {error}"
+        ) from None
+    if dt is None or table_run(dt) != run:  # another writer committed after ours
         raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
     return dt.version()

@@ -1,4 +1,4 @@
-"""A scan cut into shards, as a large bucket is (here forced: 8 objects per shard, no in-driver fast path): planned,
+"""A scan cut into shards, as a large bucket is (here by ``--shard-rows 8``: 8 shards of 42 objects): planned,
 acted on and committed by Ray tasks, against the same scan done in the driver as one shard. Same rows, the
 quarantine moved by tasks with its guarantees, and the table one file per shard, rewritten only where a row changed."""
 
@@ -10,7 +10,6 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from pipeline.scan import job, shards
 from pipeline.scan.shards import shard_ids
 from tests.integration.scan_support import checker_at, mixed_adjustment, png, rows_by_key, scan, summary
 
@@ -38,7 +37,7 @@ def log_files(dest) -> list[tuple[list[str], list[str]]]:
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_sharded_scan_equals_the_one_shard_scan(tmp_path, capsys, checker, monkeypatch):
+def test_a_sharded_scan_equals_the_one_shard_scan(tmp_path, capsys, checker):
     src = tmp_path / "src"
     images = {f"d{i % 5}/{i:03d}.png": png(1560 + i) for i in range(40)}
     for rel, data in images.items():
@@ -60,16 +59,14 @@ def test_a_sharded_scan_equals_the_one_shard_scan(tmp_path, capsys, checker, mon
     one = run(twin, tmp_path / "one")  # 42 objects: one shard, planned and committed in the driver
     assert log_files(tmp_path / "one")[-1][0] == ["shard-00000-of-00001-r000001.zstd.parquet"]
 
-    monkeypatch.setattr(shards, "SHARD_ROWS", 8)
-    monkeypatch.setattr(job, "LOCAL_ROWS", 0)
     dest = tmp_path / "dest"
-    out = run(src, dest)
+    out = run(src, dest, "--shard-rows", "8")
     assert out == {**one, "output": str(dest)} == summary(41, 0, 1, len(flagged) + 1, 1, str(dest))
     assert comparable(rows_by_key(str(dest))) == comparable(rows_by_key(str(tmp_path / "one")))
     ((added, removed),) = log_files(dest)
     assert len(added) == 8 and not removed and all("-of-00008-r000001" in a for a in added)  # 42 objects -> 8 shards
 
-    assert run(src, dest) == summary(0, 41, 1, 0, 0, str(dest))
+    assert run(src, dest) == summary(0, 41, 1, 0, 0, str(dest))  # the table's 8 shards are kept
     assert log_files(dest)[-1] == ([], [])  # nothing changed: the run is recorded, no file written or removed
 
     # one object rewritten, one deleted: only their shards get new files

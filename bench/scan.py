@@ -118,11 +118,11 @@ def _scan(
 
 # --- growth: the driver's memory and wall time of a no-change rerun as the bucket grows (issue 20) ----------------
 DRIVER = (
-    "import json, resource, sys, time\n"
+    "import json, sys, time\n"
     "from pipeline.cli import main\n"
     "t0 = time.perf_counter()\n"
     "rc = main(sys.argv[1:])\n"
-    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024\n"
     "print(json.dumps({'rc': rc, 'seconds': time.perf_counter() - t0, 'driver_peak_rss_mib': peak}), file=sys.stderr)\n"
 )
 
@@ -130,7 +130,9 @@ DRIVER = (
 def scan_driver(args: list[str], repo: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """``diffguard scan ARGS`` in a fresh interpreter: its exit code, wall time and the driver's peak RSS (MiB).
 
-    The peak is the scan process's own (``RUSAGE_SELF``): Ray's workers and raylet are other processes."""
+    The peak is the scan process's own high-water mark (``VmHWM``): Ray's workers and raylet are other processes.
+    Not ``ru_maxrss``: Linux carries the forking process's RSS into it across exec, so a benchmark that has just
+    built a 10^7-row DEST would see its own size reported as the driver's."""
     env = {**(env or os.environ), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()

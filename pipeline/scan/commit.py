@@ -27,7 +27,9 @@ class Runner:
 
     remote = False
 
-    def call(self, fn: Any, *args: Any, num_returns: int = 1) -> Any:
+    def call(self, fn: Any, *args: Any, num_returns: int = 1, retry: bool = True) -> Any:
+        """``fn(*args)``; ``num_returns``: how many values it returns; ``retry``: whether a task that died may be run
+        again (only for functions without side effects outside DEST's uncommitted files)."""
         return fn(*args)
 
     def get(self, value: Any) -> Any:

@@ -312,13 +312,19 @@ class RayRunner(Runner):
 
         self._ray, self._remote = ray, {}
 
-    def call(self, fn: Any, *args: Any, num_returns: int = 1) -> Any:
+    def call(self, fn: Any, *args: Any, num_returns: int = 1, retry: bool = True) -> Any:
         if fn not in self._remote:
             self._remote[fn] = self._ray.remote(fn)
-        return self._remote[fn].options(num_returns=num_returns, num_cpus=SHARD_CPUS).remote(*args)
+        options = {"num_returns": num_returns, "num_cpus": SHARD_CPUS, "max_retries": 3 if retry else 0}
+        return self._remote[fn].options(**options).remote(*args)
 
     def get(self, value: Any) -> Any:
-        return self._ray.get(value)
+        try:
+            return self._ray.get(value)
+        except self._ray.exceptions.RayTaskError as exc:  # a shard task failed: the run fails, the rerun resumes
+            if (error := _job_error(exc)) is not exc:
+                raise error from exc
+            raise
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
@@ -349,16 +355,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     started = time.monotonic()
     try:
         recovered, pending = _recover(dest, source, meta, writer, cfg)
-        if cfg.inventory:
-            ensure_ray()
-            pieces, listed = _inventory_pieces(cfg, source, exclude)
-        elif isinstance(source.store, S3Store) and cfg.list_parallelism != 1:
-            pieces, listed, summary.listing_tasks = fanout_pieces(
-                source, exclude, cfg.list_parallelism, cfg.list_fanout_min
-            )
-        else:
-            objects, summary.skipped_symlinks = list_source(source, exclude)
-            pieces, listed = [objects], objects.num_rows
+        pieces, listed = _list(cfg, source, exclude, summary)
         if recovered:
             meta = load_meta(dest)
         recorded = sum(max(rows, 0) for _, rows in meta.files)
@@ -374,25 +371,8 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         per_task = max(1, SPLIT_ROWS // max(1, listed // max(1, len(pieces))))  # listing pieces split by one task
         listing = scatter_listing(runner, pieces, shards, per_task)
         del pieces
-        limits = DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
-        inputs = current_inputs(runner, dest, meta, shards, PLAN_COLUMNS)
-        plan_spec = PlanSpec(checker.fingerprint, limits, cfg.full, action)
-        planned = [
-            runner.call(
-                plan_shard,
-                plan_spec,
-                len(listing[s]),
-                len(inputs.table[s]),
-                *listing[s],
-                *inputs.table[s],
-                *inputs.staged[s],
-                num_returns=2,
-            )
-            for s in range(shards)
-        ]
-        counts = runner.get([c for _, c in planned])
-        todo = [t for (t, _), c in zip(planned, counts, strict=True) if c["todo"]]
-        del planned, inputs
+        spec = PlanSpec(checker.fingerprint, _limits(cfg), cfg.full, action)
+        counts, todo = _plan(runner, spec, current_inputs(runner, dest, meta, shards, PLAN_COLUMNS), listing)
         total = {k: sum(c[k] for c in counts) for k in counts[0]}
         summary.listed, summary.skipped_unchanged = listed, total["unchanged"]
         summary.skipped_non_image = total["non_image"]
@@ -411,44 +391,19 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         del checker, todo
         restored, decisions = _reviews(cfg, dest, source, writer, summary)
         meta = load_meta(dest)  # the staged parts now include this run's
-        rewrite = meta.table_version is None or (sharded_files(meta.files) or (0, {}))[0] != shards
+        inputs = current_inputs(runner, dest, meta, shards, None)
+        if inputs.rewrite and meta.table_version is not None:
+            log.info("the table is cut into %d shards this run: every shard file is rewritten, once", shards)
         released = summary.release is not None and summary.release.done > 0  # rows committed after the plan
-        every = rewrite or released or bool(restored)
+        every = inputs.rewrite or released or bool(restored)
         finish = [
             s
             for s, c in enumerate(counts)
             if every or c["todo"] or c["staged"] or c["gone"] or (action and (c["pending"] or decisions))
         ]
-        inputs = current_inputs(runner, dest, meta, shards, None)
-        spec = runner.put(
-            FinishSpec(
-                dest,
-                summary.run,
-                shards,
-                inputs.rewrite,
-                source,
-                quarantine,
-                action,
-                cfg.apply,
-                writer.workers() if action else None,
-                decisions,
-                restored,
-            )
-        )
-        refs = [
-            runner.call(
-                finish_shard,
-                spec,
-                s,
-                len(listing[s]),
-                len(inputs.table[s]),
-                *listing[s],
-                *inputs.table[s],
-                *inputs.staged[s],
-            )
-            for s in finish
-        ]
-        results = dict(zip(finish, runner.get(refs), strict=True))
+        parts = writer.workers() if action else None
+        finishing = (dest, summary.run, shards, inputs.rewrite, source, quarantine, action, cfg.apply, parts)
+        results = _finish(runner, FinishSpec(*finishing, decisions, restored), inputs, listing, finish)
         summary.actions = ActionReport(action, cfg.apply, recovered=recovered, pending=pending)
         for r in results.values():
             for name in ("eligible", "done", "failed"):
@@ -457,13 +412,12 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
             log.info("dry run: would %s %d flagged objects (add --apply to act)", action, summary.actions.eligible)
         manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
         manifest = commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary)
-        written = sum(r["add"] is not None for r in results.values())
         log.info(
             "run %d committed as version %d: %d rows, %d of %d shard files rewritten, %.1f s",
             summary.run,
             manifest["version"],
             manifest["rows"],
-            written,
+            sum(r["add"] is not None for r in results.values()),
             shards,
             time.monotonic() - started,
         )
@@ -473,6 +427,67 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
 
             ray.shutdown()
     return summary
+
+
+def _limits(cfg: ScanConfig) -> DecodeLimits:
+    return DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes)
+
+
+def _list(cfg: ScanConfig, source: Location, exclude: list[str], summary: ScanSummary) -> tuple[list[Any], int]:
+    """SOURCE's objects as listing pieces (tables here, or references to tables in Ray's object store), and how many:
+    from an S3 Inventory report, by prefix fan-out, or walked by the driver."""
+    if cfg.inventory:
+        ensure_ray()
+        return _inventory_pieces(cfg, source, exclude)
+    if isinstance(source.store, S3Store) and cfg.list_parallelism != 1:
+        pieces, listed, summary.listing_tasks = fanout_pieces(
+            source, exclude, cfg.list_parallelism, cfg.list_fanout_min
+        )
+        return pieces, listed
+    objects, summary.skipped_symlinks = list_source(source, exclude)
+    return [objects], objects.num_rows
+
+
+def _plan(runner: Runner, spec: PlanSpec, inputs: Any, listing: list[list[Any]]) -> tuple[list[dict], list[Any]]:
+    """Each shard's plan (a task per shard): its counts, and the work items of the shards with objects to read."""
+    planned = [
+        runner.call(
+            plan_shard,
+            spec,
+            len(listing[s]),
+            len(inputs.table[s]),
+            *listing[s],
+            *inputs.table[s],
+            *inputs.staged[s],
+            num_returns=2,
+        )
+        for s in range(inputs.shards)
+    ]
+    counts = runner.get([c for _, c in planned])
+    return counts, [t for (t, _), c in zip(planned, counts, strict=True) if c["todo"]]
+
+
+def _finish(
+    runner: Runner, spec: FinishSpec, inputs: Any, listing: list[list[Any]], shards: list[int]
+) -> dict[int, dict[str, Any]]:
+    """Finish the given shards (a task each): their actions and their new table files. Not retried by Ray: a finish
+    that died mid-action is resumed by the next run, from the journal and the parts it committed."""
+    ref = runner.put(spec)
+    refs = [
+        runner.call(
+            finish_shard,
+            ref,
+            s,
+            len(listing[s]),
+            len(inputs.table[s]),
+            *listing[s],
+            *inputs.table[s],
+            *inputs.staged[s],
+            retry=False,
+        )
+        for s in shards
+    ]
+    return dict(zip(shards, runner.get(refs), strict=True))
 
 
 def _recover(dest: Location, source: Location, meta, writer: PartWriter, cfg: ScanConfig) -> tuple[int, int]:  # noqa: ANN001
@@ -627,10 +642,13 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
     ensure_ray()
     max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
     max_actors = max(1, min(max_actors, math.ceil(rows / cfg.batch_size)))
-    remote = [t for t in todo if not isinstance(t, pa.Table)]
-    ds = ray.data.from_arrow_refs(remote) if remote else ray.data.from_arrow(todo)
     per_block = math.ceil(rows / min(MAX_BLOCKS, math.ceil(rows / cfg.batch_size)))
-    ds = ds.repartition(target_num_rows_per_block=per_block)  # streaming: a shard's items spread over many tasks
+    remote = [t for t in todo if not isinstance(t, pa.Table)]
+    if remote:  # the shards' work items, in the object store: re-cut as they stream (no barrier)
+        ds = ray.data.from_arrow_refs(remote).repartition(target_num_rows_per_block=per_block)
+    else:  # a small scan's work items, here: cut into blocks now
+        items = pa.concat_tables(todo)
+        ds = ray.data.from_arrow([items.slice(i, per_block) for i in range(0, items.num_rows, per_block)])
     ds = ds.map_batches(
         read_objects,
         fn_kwargs={"store": store, "max_object_bytes": cfg.checker.max_object_bytes},

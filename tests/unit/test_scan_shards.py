@@ -158,3 +158,23 @@ def test_the_table_is_one_file_per_shard_and_only_changed_shards_are_rewritten(t
     adds, removes = log_actions(path, 3)
     gone = set(shard_ids(changed["key"][90:], 8).tolist())
     assert len(adds) == len(removes) == len(gone) and read_current(dest).num_rows == 90
+
+
+def test_a_table_written_before_shards_is_cut_into_them_once(tmp_path, monkeypatch):
+    """A DEST from the previous version (its Delta table one write_deltalake file per run) reads the same and is
+    rewritten into shard files by the next run, every row kept."""
+    from pipeline.scan.table import commit
+
+    monkeypatch.setattr(shards, "SHARD_ROWS", 16)
+    path = tmp_path / "dest"
+    dest = parse_location(str(path))
+    before = scanned(listing(40))
+    commit(dest, before, 1)  # how the previous version committed a run
+    (path / "_diffguard_scan.json").write_text(json.dumps({"format": 2, "source": "src", "table": "results"}))
+    assert [a for a, _ in load_meta(dest).files][0].startswith("part-")
+    assert read_current(dest).num_rows == 40
+
+    compact(dest, 2, "src", listing(40)["key"], {})
+    adds, removes = log_actions(path, 1)
+    assert len(removes) == 1 and len(adds) == 4 and all(a.startswith("shard-") and "-of-00004-" in a for a in adds)
+    assert read_current(dest).select(["key", "etag"]).to_pylist() == before.select(["key", "etag"]).to_pylist()

@@ -538,29 +538,41 @@ def _reviews(cfg: ScanConfig, dest: Location, source: Location, writer: PartWrit
     return restored, decisions
 
 
-def inventory_piece(
-    inventory: Inventory, key: str, md5: str, source: Location, exclude: list[str]
-) -> tuple[pa.Table, int]:
-    """One inventory data file -> the listing rows it holds for SOURCE, and their number (a Ray task)."""
-    table = inventory_listing(read_file(inventory, key, md5), source, inventory.source_bucket, exclude)
-    return table.cast(LISTING_SCHEMA), table.num_rows
+def read_inventory(batch: pa.Table, inventory: Inventory, source: Location, exclude: list[str]) -> pa.Table:
+    """Inventory data files (``key``, ``md5``) -> the listing rows they hold for SOURCE (a Ray Data stage)."""
+    tables = [
+        inventory_listing(read_file(inventory, key, md5), source, inventory.source_bucket, exclude).cast(LISTING_SCHEMA)
+        for key, md5 in zip(batch["key"].to_pylist(), batch["md5"].to_pylist(), strict=True)
+    ]
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
 
 
 def _inventory_pieces(cfg: ScanConfig, source: Location, exclude: list[str]) -> tuple[list[Any], int]:
-    """SOURCE's objects as an S3 Inventory report lists them: each data file read and filtered by a Ray task; the
-    rows stay in the object store. Returns the pieces and the number of objects."""
+    """SOURCE's objects as an S3 Inventory report lists them: a Ray Dataset, one read task per data file, materialized
+    in the object store. Returns its blocks (references) and the number of objects."""
     import ray
 
     inventory = load_manifest(cfg.inventory, cfg.endpoint_url)  # type: ignore[arg-type]
     check_source(inventory, source)
-    task = ray.remote(num_returns=2, num_cpus=DECODE_CPUS)(inventory_piece)
-    refs = [task.remote(inventory, key, md5, source, exclude) for key, md5 in inventory.files]
+    if not inventory.files:
+        return [], 0
+    files = [{"key": key, "md5": md5} for key, md5 in inventory.files]
+    ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+        read_inventory,
+        fn_kwargs={"inventory": inventory, "source": source, "exclude": exclude},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=DECODE_CPUS,
+    )
+    ds.context.raise_original_map_exception = True  # a file that fails its MD5 check names itself
     try:
-        listed = sum(ray.get([rows for _, rows in refs]))
-    except ray.exceptions.RayTaskError as exc:
-        raise (exc.cause if isinstance(exc.cause, DiffguardError) else exc) from None
-    log.info("inventory %s: %d objects under %s", inventory.manifest, listed, source)
-    return [table for table, _ in refs], listed
+        listed = ds.materialize()
+    except Exception as exc:
+        if (error := _job_error(exc)) is not exc:
+            raise error from exc
+        raise
+    log.info("inventory %s: %d objects under %s", inventory.manifest, listed.count(), source)
+    return listed.to_arrow_refs(), listed.count()
 
 
 def fanout_listing(

@@ -121,7 +121,7 @@ STAGES = [  # (method, key fragment, what the killed scan was doing)
     ("DELETE", "imgs/", "deleting a quarantined original"),
     ("DELETE", "/_quarantine/", "clearing a journal entry"),
     ("PUT", "/_delta_log/", "committing the run's Delta version"),
-    ("PUT", "/results/part-", "writing the Delta table's data file"),
+    ("PUT", "/results/shard-", "writing a shard file of the Delta table"),
     ("PUT", "_diffguard_scan.json", "writing the manifest"),
     ("DELETE", "results/", "deleting compacted files"),
 ]

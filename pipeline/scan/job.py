@@ -672,7 +672,7 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
         decode_and_preprocess,
         fn_kwargs={
             "preprocess": checker.preprocess,
-            "limits": DecodeLimits(max_pixels=cfg.checker.max_pixels, max_bytes=cfg.checker.max_object_bytes),
+            "limits": _limits(cfg),
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -11,6 +11,8 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
+from pipeline.interface import CheckerCore, checker_core
+
 from .settings import CheckerArgs, CheckerRuntime, import_factory
 
 log = logging.getLogger("ray.serve")
@@ -41,10 +43,11 @@ class SafetyCheckerDeployment:
             import torch
 
             torch.set_num_threads(self.args.threads)
-        if self.args.factory:
-            self.checker = import_factory(self.args.factory)(self.args)
-        else:  # the policy (and its fallback setting) comes with user_config: reconfigure() runs next
-            self.checker = self.args.spec().load()
+        # The policy (and its fallback setting) comes with user_config: reconfigure() runs next. A factory (tests'
+        # fault injection) returns any object with the core's interface; it takes the same path as the real one.
+        self.checker: CheckerCore = checker_core(
+            import_factory(self.args.factory)(self.args) if self.args.factory else self.args.spec().load()
+        )
         info = self.checker.info()
         # What a response names besides the fingerprint; fixed for the replica's life, so it rides on each result
         # and the ingress needs no info() round trip per request.
@@ -58,11 +61,10 @@ class SafetyCheckerDeployment:
             "diffguard_images_flagged", description="images flagged, by concept", tag_keys=("concept",)
         )
         self.scored = Counter("diffguard_images_scored", description="images scored by the checker")
-        # Fed: a batch is decoded in a worker thread outside the model lock, so it overlaps the previous batch's
-        # vision pass (max_concurrent_batches=2). Checkers without check_arrays (test fakes) score bytes as before.
-        self.fed = hasattr(self.checker, "check_arrays") and hasattr(self.checker, "limits")
-        self.split = {"images": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since the replica started
-        if self.fed and callable(getattr(self.checker, "preprocess", None)):
+        # A batch is decoded into views in a worker thread outside the model lock, so it overlaps the previous
+        # batch's vision pass (max_concurrent_batches=2).
+        self.split = {"images": 0, "views": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since start
+        if callable(getattr(self.checker, "preprocess", None)):
             self.checker.preprocess = self._timed_preprocess(self.checker.preprocess)
 
     def _timed_preprocess(self, preprocess: Any) -> Any:
@@ -100,23 +102,22 @@ class SafetyCheckerDeployment:
         log.info("checker reconfigured: fingerprint %s, %s", self.checker.fingerprint, runtime.model_dump())
 
     def _decode(self, items: list[Any]) -> list[Any]:
-        """Runs in a worker thread, outside the model lock: bytes -> decoded images or that item's decode error."""
-        from pipeline.images import load_decoded
-
+        """Runs in a worker thread, outside the model lock: objects -> their views or that item's decode error."""
         start = time.perf_counter()
-        decoded = load_decoded(list(items), self.checker.limits)
+        objects = self.checker.views(items)
         self.split["decode_s"] += time.perf_counter() - start
-        return decoded
+        return objects
 
     def _score_sync(self, items: list[Any]) -> list[dict[str, Any]]:
         """Runs in a worker thread. Never raises: a failure becomes every item's ``unavailable`` result."""
         try:
             with self._lock:
                 start, preprocess_s = time.perf_counter(), self.split["preprocess_s"]
-                verdicts = self.checker.check_arrays(items) if self.fed else self.checker.check(items)
+                verdicts = self.checker.score_views(items)
                 elapsed = time.perf_counter() - start
                 self.split["model_s"] += elapsed - (self.split["preprocess_s"] - preprocess_s)
                 self.split["images"] += len(items)
+                self.split["views"] += sum(v.views for v in verdicts)
                 fingerprint = self.checker.fingerprint
         except Exception as exc:  # noqa: BLE001 - the batch must not fail its callers with an exception
             log.exception("checker batch of %d failed", len(items))
@@ -133,13 +134,12 @@ class SafetyCheckerDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _score(self, items: list[Any]) -> list[dict[str, Any]]:
-        if self.fed:
-            try:  # decoding overlaps the other batch's vision pass; the model lock keeps passes one at a time
-                items = await asyncio.to_thread(self._decode, items)
-            except Exception as exc:  # noqa: BLE001 - as in _score_sync: every item's result, never an exception
-                log.exception("decoding a checker batch of %d failed", len(items))
-                return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
-        return await asyncio.to_thread(self._score_sync, items)
+        try:  # decoding overlaps the other batch's vision pass; the model lock keeps passes one at a time
+            objects = await asyncio.to_thread(self._decode, items)
+        except Exception as exc:  # noqa: BLE001 - as in _score_sync: every item's result, never an exception
+            log.exception("decoding a checker batch of %d failed", len(items))
+            return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
+        return await asyncio.to_thread(self._score_sync, objects)
 
     async def check_many(self, images: list[Any]) -> list[dict[str, Any]]:
         """Images (uint8 arrays or encoded bytes) -> results in order; each image joins the shared batch queue."""
@@ -153,13 +153,15 @@ class SafetyCheckerDeployment:
         }
 
     def per_image_ms(self) -> dict[str, Any]:
-        """Mean milliseconds per image since the replica started: decode (overlapped with the vision pass),
-        preprocess and model (under the model lock), and the images they average over."""
+        """Mean milliseconds per object since the replica started: decode into views (overlapped with the vision
+        pass), preprocess and model (under the model lock), and the objects and views they average over."""
         n = self.split["images"]
         mean = {
-            k.removesuffix("_s"): round(1000 * v / n, 3) if n else None for k, v in self.split.items() if k != "images"
+            k.removesuffix("_s"): round(1000 * v / n, 3) if n else None
+            for k, v in self.split.items()
+            if k not in ("images", "views")
         }
-        return {**mean, "images": n, "decode_overlaps_model": self.fed}
+        return {**mean, "images": n, "views": self.split["views"], "decode_overlaps_model": True}
 
     def check_health(self) -> None:
         pass  # a replica whose model loaded is healthy; failures show up as results, and as 503s at the ingress

@@ -295,7 +295,7 @@ class Ingress:
         """Score uploaded images: multipart with one or more `files`, or one raw `image/*` or
         `application/octet-stream` body. An undecodable file gets its own row with `error` (the policy's
         unscorable action); only when every file fails is it a 400."""
-        from pipeline.policy import image_action
+        from pipeline.policy import outcome
 
         rid = _request_id(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -316,12 +316,7 @@ class Ingress:
         results = await self._check(blobs, "moderate")
         rows = [
             # An unscorable upload carries the policy's unscorable_action (block by default), never null.
-            {
-                "filename": name,
-                **r["verdict"].to_dict(),
-                "action": image_action(r["verdict"]),
-                "batch_size": r["batch_size"],
-            }
+            {"filename": name, **outcome(r["verdict"]), "batch_size": r["batch_size"]}
             for name, r in zip(names, results, strict=True)
         ]
         if all(row["error"] for row in rows):

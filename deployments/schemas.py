@@ -102,6 +102,13 @@ class Moderation(BaseModel):
     error: str | None = Field(description="why the image could not be scored (then `unscorable`)")
     truncated: bool = Field(description="scored on what decodes of a truncated file")
     unscorable: bool = Field(description="read but not scorable; `action` is the policy's unscorable_action")
+    views: int = Field(description="views scored: frames, pages, backgrounds under the alpha, tiles past the crop")
+    views_total: int = Field(description="views the object has; more than `views` when `views_sampled`")
+    views_sampled: bool = Field(description="more views than max_views: frames sampled evenly over display time")
+    view: str | None = Field(
+        description="the view that decided, e.g. `frame 12 @ 1.50 s`, `page 2`, `over white`, `tile 3/3`; null when "
+        "the image itself is the only view"
+    )
     batch_size: int = Field(description="images in the checker batch that scored this one (across requests)")
 
 

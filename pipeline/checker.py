@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,20 @@ from .devices import resolve_device, resolve_dtype, weights_digest
 from .errors import ImageDecodeError, InvalidInput
 from .hf import quiet_libraries
 from .images import (
+    DEFAULT_MAX_DECODED_PIXELS,
     DEFAULT_MAX_OBJECT_BYTES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VIEWS,
+    DEFAULT_VIDEO_FPS,
     Decoded,
     DecodeLimits,
-    load_decoded,
     load_images,
 )
-from .policy import Policy, check_policy_fallback, load_policy, strongest
+from .policy import Policy, check_policy_fallback, load_policy
 from .preprocess import Preprocess, processor_class
 from .text import TextTower, policy_or_fallback
-from .verdict import Scores, Verdict, score
+from .verdict import Scores, Verdict, object_verdicts, score, verdicts
+from .views import Viewed, load_views, view_rules
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,9 @@ class SafetyChecker:
         max_batch_size: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+        max_views: int = DEFAULT_MAX_VIEWS,
+        video_fps: float = DEFAULT_VIDEO_FPS,
         concept_text_model: str | None = None,
         policy_fallback: str | None = None,
     ):
@@ -69,7 +77,17 @@ class SafetyChecker:
         self.source, self.demo = source, demo
         self.device, self.dtype = torch.device(device), dtype
         self.preprocess = preprocess
-        self.limits = DecodeLimits(max_pixels=max_pixels, max_bytes=max_object_bytes)
+        if max_views < 1:
+            raise InvalidInput(f"max_views must be >= 1, got {max_views}")
+        if not 0 < video_fps <= 60:
+            raise InvalidInput(f"video_fps must be in (0, 60] frames per second, got {video_fps}")
+        self._limits = DecodeLimits(
+            max_pixels=max_pixels,
+            max_bytes=max_object_bytes,
+            max_decoded_pixels=max_decoded_pixels,
+            max_views=max_views,
+            video_fps=video_fps,
+        )
         self.policy_fallback = check_policy_fallback(policy_fallback, "policy_fallback")
         self.fallback_reason: str | None = None  # set when the policy in force is the stock fallback (loudly)
         self.max_batch_size = max_batch_size
@@ -186,6 +204,7 @@ class SafetyChecker:
         fresh.concepts = [c for c in fresh.concepts if c.kind != "policy"]
         fresh.embeds = fresh.embeds[[i for i, c in enumerate(self.concepts.concepts) if c.kind != "policy"]]
         fresh.categories, fresh.policy_digest, fresh.nsfw_action, fresh.unscorable_action = [], "", "block", "block"
+        fresh.over_view_budget, fresh.max_views = "sample", None
         fallback = self._add_policy(fresh, load_policy(policy)) if policy is not None else None
         self.concepts, self.fallback_reason = fresh, fallback
 
@@ -207,9 +226,24 @@ class SafetyChecker:
         self.concepts.apply_file(path)
 
     @property
+    def limits(self) -> DecodeLimits:
+        """The decode limits in force: the checker's, with the policy's ``max_views`` when it sets a lower one."""
+        policy_views = self.concepts.max_views
+        if policy_views is None or policy_views >= self._limits.max_views:
+            return self._limits
+        return replace(self._limits, max_views=policy_views)
+
+    @property
+    def transform(self) -> dict[str, Any]:
+        """What turns an object into the model's input (it travels with the weights: both are in the fingerprint)."""
+        return {"preprocess": asdict(self.preprocess), "views": view_rules(self.limits, self.concepts.over_view_budget)}
+
+    @property
     def fingerprint(self) -> str:
-        """Short stable hash of weights + concept rows + thresholds + adjustment: any change means a new policy."""
-        h = hashlib.sha256(f"{self._weights}|{self.concepts.digest()}|{self._adjustment!r}".encode())
+        """Short stable hash of weights + preprocessing and view rules + concept rows + thresholds + adjustment: any
+        change means a new policy."""
+        transform = json.dumps(self.transform, sort_keys=True, default=str)
+        h = hashlib.sha256(f"{self._weights}|{transform}|{self.concepts.digest()}|{self._adjustment!r}".encode())
         return h.hexdigest()[:16]
 
     def info(self) -> dict[str, Any]:
@@ -221,10 +255,12 @@ class SafetyChecker:
             "dtype": str(self.dtype).removeprefix("torch."),
             "adjustment": self.adjustment,
             "max_batch_size": self.max_batch_size,
+            "views": self.transform["views"],
             "concepts": [{"name": c.name, "kind": c.kind, "threshold": c.threshold} for c in self.concepts.concepts],
             "policy": {
                 "nsfw_action": self.concepts.nsfw_action,
                 "unscorable_action": self.concepts.unscorable_action,
+                "over_view_budget": self.concepts.over_view_budget,
                 "categories": {name: action for name, action, _ in self.concepts.categories},
             },
             "policy_fallback": {"allowed": self.policy_fallback, "active": self.fallback_reason},
@@ -289,29 +325,70 @@ class SafetyChecker:
         policy's ``unscorable_action`` (``block`` unless the policy says otherwise; ``block`` without a policy)."""
         return Verdict.failed(error, self.concepts.unscorable_action)
 
-    def check_arrays(self, arrays: Sequence[np.ndarray | Decoded | ImageDecodeError]) -> list[Verdict]:
-        """Decoded images (arrays or :class:`Decoded`) or decode errors -> verdicts, in order.
+    def views(self, items: Sequence[Any]) -> list[Viewed | ImageDecodeError]:
+        """Objects (encoded bytes of any format read here, paths, PIL images, uint8 arrays) -> their views, or each
+        one's decode error (see :mod:`pipeline.views`). No model work: adapters run it outside the model lock."""
+        return load_views(list(items), self.limits, self.preprocess)
 
-        A decode error becomes :meth:`unscorable`'s verdict, so every verdict has an action.
-        """
-        items = [Decoded(a) if isinstance(a, np.ndarray) else a for a in arrays]
-        good = [i for i, a in enumerate(items) if isinstance(a, Decoded)]
-        results: list[Verdict] = [self.unscorable(str(a)) if not isinstance(a, Decoded) else Verdict() for a in items]
-        for start in range(0, len(good), self.max_batch_size):
-            idx = good[start : start + self.max_batch_size]
-            pixels = self.preprocess([items[i].array for i in idx])  # type: ignore[union-attr]
-            for i, verdict in zip(idx, self.check_pixels(pixels), strict=True):
-                verdict.truncated = items[i].truncated  # type: ignore[union-attr]
-                results[i] = verdict
-        return results
+    def score_views(self, objects: Sequence[Viewed | ImageDecodeError]) -> list[Verdict]:
+        """Objects' views -> one verdict per object, in order: the views of every object go through shared vision
+        passes of ``max_batch_size`` (never one forward per object); an object's scores are the maximum over its
+        views, ``view`` names the one that decided. A decode error becomes :meth:`unscorable`'s verdict, and so does
+        a sampled object when the policy says ``over_view_budget: unscorable``."""
+        verdicts: list[Verdict | None] = [None] * len(objects)
+        scored: list[Viewed] = []
+        where: list[int] = []
+        for i, obj in enumerate(objects):
+            if isinstance(obj, ImageDecodeError):
+                verdicts[i] = self.unscorable(str(obj))
+            elif (refused := self.over_view_budget(obj.sampled, obj.total)) is not None:
+                verdicts[i] = refused
+            else:
+                scored.append(obj)
+                where.append(i)
+        arrays = [v.array for obj in scored for v in obj.views]
+        embeds = [
+            self.embed_pixels(self.preprocess(arrays[start : start + self.max_batch_size]))
+            for start in range(0, len(arrays), self.max_batch_size)
+        ]  # preprocessed a batch at a time: the float pixels of every view never exist at once
+        if scored:
+            labels = [[v.label for v in obj.views] for obj in scored]
+            per_view = self.score_embeddings(torch.cat(embeds))
+            for i, obj, verdict in zip(where, scored, object_verdicts(per_view, self.concepts, labels), strict=True):
+                verdict.views_total, verdict.views_sampled, verdict.truncated = obj.total, obj.sampled, obj.truncated
+                verdicts[i] = verdict
+        return verdicts  # type: ignore[return-value] - every slot is filled above
+
+    def score_pixels(self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]]) -> list[Verdict]:
+        """Preprocessed views (V, 3, H, W), ``len(labels[k])`` consecutive rows for object k -> one verdict per object
+        (for adapters that preprocess elsewhere: the scan's CPU stage). The caller sets ``views_total`` and
+        ``views_sampled``; ``views`` and ``view`` are set here."""
+        return object_verdicts(self.score_embeddings(self.embed_pixels(pixels)), self.concepts, labels)
+
+    def over_view_budget(self, sampled: bool, total: int) -> Verdict | None:
+        """The unscorable verdict of an object whose views were sampled when the policy withholds such objects
+        (``over_view_budget: unscorable``); None when it is scored."""
+        if not sampled or self.concepts.over_view_budget != "unscorable":
+            return None
+        return Verdict.failed(
+            f"{total} views, over max_views={self.limits.max_views}, and the policy withholds what it cannot see "
+            "whole (over_view_budget: unscorable)",
+            self.concepts.unscorable_action,
+            total,
+        )
+
+    def check_arrays(self, arrays: Sequence[np.ndarray | Decoded | ImageDecodeError]) -> list[Verdict]:
+        """Generated images (uint8 arrays: one view each, as diffusers scores them) or decode errors -> verdicts."""
+        objects = [Viewed.single(a.array, a.truncated) if isinstance(a, Decoded) else a for a in arrays]
+        return self.score_views(self.views(objects))
 
     def check(self, images: Sequence[Any]) -> list[Verdict]:
-        """PIL images, uint8 HWC arrays, encoded bytes or paths -> one :class:`Verdict` each, in order.
+        """Objects of any kind :meth:`views` takes -> one :class:`Verdict` each, in order.
 
         Undecodable inputs get :meth:`unscorable`'s verdict (``error`` set, the policy's ``unscorable_action``); they
         never affect the others. Truncated files are scored on what decodes (``truncated``). Inputs are not mutated.
         """
-        return self.check_arrays(load_decoded(list(images), self.limits))
+        return self.score_views(self.views(images))
 
     def embed(self, images: Sequence[Any]) -> torch.Tensor:
         """Images -> (N, D) float32 embeddings; raises on the first undecodable image."""
@@ -323,30 +400,4 @@ class SafetyChecker:
 
     def verdicts(self, scores: Scores) -> list[Verdict]:
         """Tensors -> per-image Python objects (the only per-image loop, after all the arithmetic)."""
-        names = self.concepts.names
-        cats = [(name, action) for name, action, _ in self.concepts.categories]
-        concept = np.round(scores.concept.double().numpy(), 3)
-        special = np.round(scores.special.double().numpy(), 3)
-        category = np.round(scores.categories.double().numpy(), 3)
-        hits, flagged = concept > 0, category > 0
-        special_hit = (special > 0).any(axis=1)
-        policy = bool(cats) or self.concepts.policy_digest != ""
-        out = []
-        for i in range(concept.shape[0]):
-            bad = np.flatnonzero(hits[i]).tolist()
-            flags = [cats[k][0] for k in np.flatnonzero(flagged[i])]
-            actions = [cats[k][1] for k in np.flatnonzero(flagged[i])] + ([self.concepts.nsfw_action] if bad else [])
-            out.append(
-                Verdict(
-                    nsfw=bool(bad),
-                    concept_scores=concept[i].tolist(),
-                    special_scores=special[i].tolist(),
-                    bad_concepts=bad,
-                    bad_concept_names=[names[j] for j in bad],
-                    special_care=bool(special_hit[i]),
-                    categories={name: float(category[i, k]) for k, (name, _) in enumerate(cats)},
-                    flagged_categories=flags,
-                    action=strongest(actions) if policy else None,
-                )
-            )
-        return out
+        return verdicts(scores, self.concepts)

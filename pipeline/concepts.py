@@ -47,6 +47,8 @@ class ConceptSet:
     nsfw_action: str = "block"  # the action the stock decision leads to
     unscorable_action: str = "block"  # the action for an image that was read but could not be scored
     policy_digest: str = ""  # the policy these categories came from
+    over_view_budget: str = "sample"  # an object with more than max_views views: "sample" them | "unscorable"
+    max_views: int | None = None  # the policy's own view budget (None: the checker's)
 
     @classmethod
     def from_checker(cls, model: torch.nn.Module) -> ConceptSet:
@@ -175,6 +177,8 @@ class ConceptSet:
         h.update(self.embeds.contiguous().numpy().tobytes())
         h.update(json.dumps([c.__dict__ for c in self.concepts], sort_keys=True).encode())
         h.update(json.dumps([self.categories, self.nsfw_action, self.unscorable_action, self.policy_digest]).encode())
+        if (self.over_view_budget, self.max_views) != ("sample", None):  # unchanged digest for the defaults
+            h.update(json.dumps([self.over_view_budget, self.max_views]).encode())
         return h.hexdigest()
 
 
@@ -235,4 +239,5 @@ def add_policy_rows(
         concepts.categories.append((category.name, category.action, rows))
     concepts.nsfw_action = policy.nsfw_action
     concepts.unscorable_action = policy.unscorable_action
+    concepts.over_view_budget, concepts.max_views = policy.over_view_budget, policy.max_views
     concepts.policy_digest = policy.digest()

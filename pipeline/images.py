@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import types
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .color import to_srgb
 from .errors import ImageDecodeError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # the global stays off: truncation is tolerated per call (see decode)
@@ -26,15 +29,29 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_OBJECT_BYTES = 256 * 1024 * 1024
 SNIFF_BYTES = 64 * 1024  # leading bytes a ranged read fetches to identify an object
 MIN_TRUNCATED_FRACTION = 0.01  # a truncated image is scored only if this share of its rows holds decoded data
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm", ".ico"}
+IMAGE_SUFFIXES = frozenset(  # named like something a browser or phone shows (content decides; names only hint)
+    {".png", ".apng", ".jpg", ".jpeg", ".jfif", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".ico"}
+    | {".mpo", ".avif", ".heic", ".heif", ".jxl", ".svg", ".svgz"}
+    | {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".3gp", ".ogv"}
 )
+
+
+DEFAULT_MAX_DECODED_PIXELS = 2_000_000_000  # every frame of one object: ~a minute of 720p video at 30 fps
+DEFAULT_MAX_DECODE_S = 60.0
+DEFAULT_MAX_VIEWS = 64
+DEFAULT_VIDEO_FPS = 2.0
 
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    max_pixels: int = DEFAULT_MAX_PIXELS  # width × height above which an image is refused (decompression bombs)
-    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # encoded size above which an image is refused unread
+    """What one object may cost to decode, and how many of its views are scored (see :mod:`pipeline.views`)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width × height of one frame, page or canvas above which it is refused
+    max_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # encoded size above which an object is refused unread
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS  # every frame decoded for one object, summed (from headers)
+    max_decode_s: float = DEFAULT_MAX_DECODE_S  # wall-clock decode budget of one object (video, SVG)
+    max_views: int = DEFAULT_MAX_VIEWS  # views scored per object; beyond it frames are sampled over display time
+    video_fps: float = DEFAULT_VIDEO_FPS  # video frames sampled per second of display time (+ the first and last)
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,7 @@ def identify(data: bytes) -> ImageHeader | None:
     """
     if not data:
         return None
-    Image.init()
+    register_plugins()
     head = bytes(data[:16])
     for fmt in Image.ID:  # the order Image.open tries them in
         factory, accept = Image.OPEN[fmt]
@@ -118,7 +135,7 @@ def _describe(data: bytes) -> str:
     return f"first bytes {head[:8].hex()}"
 
 
-def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
+def check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
@@ -129,20 +146,12 @@ def _check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> RGB uint8. 16/32-bit integers are scaled, not clipped; alpha is dropped as diffusers does."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.int64)
-        scale = 256 if arr.max(initial=0) <= 65535 else 16_777_216
-        gray = np.clip(arr // scale, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "F":
-        gray = np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8)
+    """Any PIL mode -> sRGB uint8 (H, W, 3): its colour profile applied, any alpha composited over white."""
+    arr = np.asarray(to_srgb(im), dtype=np.uint8)
+    if arr.shape[2] == 3:
+        return arr
+    rgb, alpha = arr[..., :3].astype(np.uint16), arr[..., 3:].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 # Pillow's own ImageFile.load with LOAD_TRUNCATED_IMAGES true in its globals only: stop reading at the end of the
@@ -157,9 +166,26 @@ _load_truncated = types.FunctionType(
 _JPEG_EOI = b"\xff\xd9"
 
 
+def register_plugins() -> None:
+    """HEIC/HEIF (pillow-heif) and JPEG XL (pillow-jxl-plugin) as Pillow formats; AVIF is Pillow's own. Idempotent."""
+    global _PLUGINS
+    if _PLUGINS:
+        return
+    import pillow_heif
+    import pillow_jxl  # noqa: F401 - registers the JXL format on import
+
+    pillow_heif.register_heif_opener()
+    Image.init()
+    _PLUGINS = True
+
+
+_PLUGINS = False
+
+
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
+    register_plugins()
     im = Image.open(io.BytesIO(data))
-    _check_pixels(*im.size, limits)
+    check_pixels(*im.size, limits)
     im.seek(0)
     return im
 
@@ -203,28 +229,13 @@ def _decode_truncated(data: bytes, limits: DecodeLimits) -> Image.Image:
     return im
 
 
-def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
-    """Encoded bytes -> :class:`Decoded`: first frame of animations, EXIF orientation applied.
-
-    A truncated file is decoded as far as it goes (what a browser would show; the rest is filled as Pillow's decoder
-    leaves it: grey for JPEG, black or the background elsewhere) and reported with ``truncated=True``, per call.
-    """
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise _oversize(len(data), limits)
-    truncated = False
+@contextmanager
+def _decoding(data: bytes) -> Iterator[None]:
+    """Pillow's exceptions while opening or decoding ``data`` -> one :class:`ImageDecodeError` saying what is wrong."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = _open(data, limits)
-            try:
-                im.load()
-            except OSError as exc:
-                if "truncated" not in str(exc).lower():
-                    raise
-                im, truncated = _decode_truncated(data, limits), True
-            im = ImageOps.exif_transpose(im)
+            yield
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -235,6 +246,49 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
         raise ImageDecodeError(f"not a recognised image format ({_describe(data)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+def _check_bytes(data: bytes, limits: DecodeLimits) -> None:
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise _oversize(len(data), limits)
+
+
+def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+    """Encoded bytes -> a Pillow image opened lazily (headers parsed, frame size checked, no pixels decoded)."""
+    _check_bytes(data, limits)
+    with _decoding(data):
+        return _open(data, limits)
+
+
+def decode_pil(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Image.Image, bool]:
+    """Encoded bytes -> (the first frame as Pillow decodes it, EXIF orientation applied; truncated).
+
+    A truncated file is decoded as far as it goes (what a browser would show; the rest is filled as Pillow's decoder
+    leaves it: grey for JPEG, black or the background elsewhere) and reported as truncated, per call.
+    """
+    _check_bytes(data, limits)
+    truncated = False
+    with _decoding(data):
+        im = _open(data, limits)
+        try:
+            im.load()
+        except OSError as exc:
+            if "truncated" not in str(exc).lower():
+                raise
+            im, truncated = _decode_truncated(data, limits), True
+        im = ImageOps.exif_transpose(im)
+    return im, truncated
+
+
+def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
+    """Encoded bytes -> :class:`Decoded`: the first frame as RGB, colour-managed, alpha over white (its first view).
+
+    Scoring goes through :func:`pipeline.views.load_views`, which sees every frame, both backgrounds and the whole
+    length; this is the one-array form for callers that need a single picture (thumbnails, concept examples).
+    """
+    im, truncated = decode_pil(data, limits)
     return Decoded(_to_rgb(im), truncated)
 
 
@@ -243,18 +297,19 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     return decode(data, limits).array
 
 
-def from_array(arr: np.ndarray, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
-    """A uint8 array, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> RGB uint8 (H, W, 3), without copying RGB input."""
+def from_array(arr: np.ndarray, limits: DecodeLimits = DecodeLimits(), keep_alpha: bool = False) -> np.ndarray:
+    """A uint8 array, (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> RGB uint8 (H, W, 3) (RGBA kept with
+    ``keep_alpha``), without copying RGB input."""
     if arr.dtype != np.uint8:
         raise ImageDecodeError(f"array images must be uint8 HWC, got dtype {arr.dtype}")
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
         raise ImageDecodeError(f"array images must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}")
-    _check_pixels(arr.shape[1], arr.shape[0], limits)
+    check_pixels(arr.shape[1], arr.shape[0], limits)
     if arr.shape[2] == 1:
         return np.repeat(arr, 3, axis=2)
-    return arr[..., :3]
+    return arr if keep_alpha else arr[..., :3]
 
 
 def _oversize(size: int, limits: DecodeLimits) -> ImageDecodeError:
@@ -263,22 +318,26 @@ def _oversize(size: int, limits: DecodeLimits) -> ImageDecodeError:
     )
 
 
+def read_path(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """A file's bytes, refused unread when over ``limits.max_bytes``."""
+    try:
+        if (size := Path(path).stat().st_size) > limits.max_bytes:
+            raise _oversize(size, limits)
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _load(item: Any, limits: DecodeLimits) -> Decoded:
     if isinstance(item, bytes | bytearray | memoryview):
         return decode(bytes(item), limits)
     if isinstance(item, np.ndarray):
         return Decoded(from_array(item, limits))
     if isinstance(item, Image.Image):
-        _check_pixels(*item.size, limits)
+        check_pixels(*item.size, limits)
         return Decoded(_to_rgb(ImageOps.exif_transpose(item)))
     if isinstance(item, str | Path):
-        try:
-            if (size := Path(item).stat().st_size) > limits.max_bytes:
-                raise _oversize(size, limits)
-            data = Path(item).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(f"cannot read {item}: {exc.strerror or exc}") from None
-        return decode(data, limits)
+        return decode(read_path(item, limits), limits)
     raise ImageDecodeError(f"unsupported image input of type {type(item).__name__}; use bytes, PIL or uint8 array")
 
 

@@ -35,6 +35,7 @@ KEYWORDS: tuple[str, ...] = ("default", "stock", *IMAGE_POLICIES)
 BLUR_KEEP_PIXELS = 16  # a blurred image keeps at most this many pixels of information on its short side
 DEFAULT_POLICY_FILE = Path(__file__).parent / "policies" / "default.yaml"
 POLICY_VERSION = 1
+OVER_VIEW_BUDGET: tuple[str, ...] = ("sample", "unscorable")  # what an object with more than max_views views gets
 POLICY_FALLBACKS: tuple[str, ...] = ("stock",)  # what `policy_fallback` may name (unset: no fallback, an error)
 
 
@@ -67,6 +68,8 @@ class Policy:
     categories: tuple[Category, ...]
     nsfw_action: Action = "block"
     unscorable_action: Action = "block"  # images read but not scorable (corrupt, too large, unsupported)
+    over_view_budget: str = "sample"  # more views than max_views: "sample" them evenly | "unscorable" (withheld)
+    max_views: int | None = None  # views scored per object (None: the checker's max_views, 64 by default)
     policy_fallback: str | None = None  # "stock": use the stock policy, loudly, if the text tower cannot load
     version: int = POLICY_VERSION
     calibrated: bool = False
@@ -80,6 +83,8 @@ class Policy:
             "unscorable_action": self.unscorable_action,
             "policy_fallback": self.policy_fallback,
             "version": self.version,
+            **({"over_view_budget": self.over_view_budget} if self.over_view_budget != "sample" else {}),
+            **({"max_views": self.max_views} if self.max_views is not None else {}),
             "categories": [asdict(c) for c in self.categories],
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -91,6 +96,8 @@ class Policy:
             "calibrated": self.calibrated,
             "nsfw_action": self.nsfw_action,
             "unscorable_action": self.unscorable_action,
+            **({"over_view_budget": self.over_view_budget} if self.over_view_budget != "sample" else {}),
+            **({"max_views": self.max_views} if self.max_views is not None else {}),
             **({"policy_fallback": self.policy_fallback} if self.policy_fallback else {}),
             **self.extra,
             "categories": {},
@@ -149,11 +156,22 @@ def parse_policy(data: Any, base_dir: Path = Path("."), source: str = "policy") 
             specs.append(ConceptSpec(**raw))
         categories.append(Category(str(name), _check_action(body.get("action"), where), tuple(specs)))
     known = {"version", "name", "calibrated", "nsfw_action", "unscorable_action", "policy_fallback", "categories"}
+    known |= {"over_view_budget", "max_views"}
+    over_view_budget = data.get("over_view_budget", "sample")
+    if over_view_budget not in OVER_VIEW_BUDGET:
+        raise InvalidInput(
+            f"{source}: over_view_budget must be one of {', '.join(OVER_VIEW_BUDGET)}, got {over_view_budget!r}"
+        )
+    max_views = data.get("max_views")
+    if max_views is not None and (isinstance(max_views, bool) or not isinstance(max_views, int) or max_views < 1):
+        raise InvalidInput(f"{source}: max_views must be a whole number >= 1 (views per object), got {max_views!r}")
     return Policy(
         name=str(data.get("name", "unnamed")),
         categories=tuple(categories),
         nsfw_action=_check_action(data.get("nsfw_action", "block"), f"{source}: nsfw_action"),
         unscorable_action=_check_action(data.get("unscorable_action", "block"), f"{source}: unscorable_action"),
+        over_view_budget=over_view_budget,
+        max_views=max_views,
         policy_fallback=check_policy_fallback(data.get("policy_fallback"), source),
         calibrated=bool(data.get("calibrated", False)),
         base_dir=base_dir,
@@ -219,6 +237,12 @@ def withheld(verdict: Verdict) -> bool:
     """An image the policy does not release as it is (blur, black or block), scored or unscorable: what a bucket
     scan's quarantine or tag acts on."""
     return image_action(verdict) in WITHHELD
+
+
+def outcome(verdict: Verdict) -> dict[str, Any]:
+    """A verdict as the fields every result reports (check rows, ``/v1/moderate``, the scan's rows): its scores and
+    views, the action the policy takes and whether that withholds the object."""
+    return {**verdict.to_dict(), "action": image_action(verdict), "flagged": withheld(verdict)}
 
 
 def apply_action(image: np.ndarray, verdict: Verdict) -> tuple[str, np.ndarray | None]:

@@ -65,6 +65,17 @@ class Preprocess:
             return int(s * height / width), s
         return s, int(s * width / height)
 
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """RGB uint8 (H, W, 3) -> the same at the checker's scale (shortest side ``shortest_edge``), with exactly the
+        kernel :meth:`__call__` uses: scoring the result equals scoring ``image`` (its resize is then a no-op)."""
+        nh, nw = self.output_size(*image.shape[:2])
+        if (nh, nw) == image.shape[:2]:
+            return image
+        batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        out = F.interpolate(batch, size=(nh, nw), mode=self.resample, antialias=True)  # (1, 3, nh, nw) uint8
+        return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
     def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 arrays (H, W, 3) of any sizes -> normalised float32 pixels (B, 3, crop_h, crop_w)."""
         ch, cw = self.crop

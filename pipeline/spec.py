@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .images import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_PIXELS
+from .images import (
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VIEWS,
+    DEFAULT_VIDEO_FPS,
+)
 
 if TYPE_CHECKING:
     from .checker import SafetyChecker
@@ -37,6 +43,9 @@ class CheckerSpec:
     concept_text_model: str | None = None  # text tower for the policy's text concepts (driver only)
     max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES  # encoded images larger than this are unscorable
     policy_fallback: str | None = None  # "stock": score with the stock policy when the text tower cannot load
+    max_views: int = DEFAULT_MAX_VIEWS  # views scored per object (frames, pages, backgrounds, tiles); then sampled
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS  # every frame decoded for one object (animations, video)
+    video_fps: float = DEFAULT_VIDEO_FPS  # video frames sampled per second of display time
 
     def load(
         self, device: str | None = None, dtype: str | None = None, concepts: ConceptSet | None = None
@@ -54,6 +63,9 @@ class CheckerSpec:
             max_batch_size=self.max_batch_size,
             max_pixels=self.max_pixels,
             max_object_bytes=self.max_object_bytes,
+            max_views=self.max_views,
+            max_decoded_pixels=self.max_decoded_pixels,
+            video_fps=self.video_fps,
             concept_text_model=self.concept_text_model,
             policy_fallback=self.policy_fallback,
         )

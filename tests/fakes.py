@@ -12,10 +12,16 @@ import numpy as np
 
 
 class _FakeChecker:
+    """The core's interface (:class:`pipeline.interface.CheckerCore`): views are the items themselves, scoring is
+    what the subclass injects. The replica runs its one path, decode then score, exactly as with the real checker."""
+
     fingerprint = "fault-injection"
 
     def __init__(self, args: Any):
         self.args = args
+
+    def views(self, items: list[Any]) -> list[Any]:
+        return list(items)
 
     def configure(self, **settings: Any) -> None:
         self.settings = settings
@@ -27,18 +33,18 @@ class _FakeChecker:
 class RaisingChecker(_FakeChecker):
     """A checker whose every call fails."""
 
-    def check(self, items: list[Any]) -> list[Any]:
+    def score_views(self, objects: list[Any]) -> list[Any]:
         raise RuntimeError("injected checker failure")
 
 
 class SlowChecker(_FakeChecker):
     """A checker slower than any sane timeout; it would flag nothing, so a leak would be visible."""
 
-    def check(self, items: list[Any]) -> list[Any]:
+    def score_views(self, objects: list[Any]) -> list[Any]:
         from pipeline import Verdict
 
         time.sleep(3)
-        return [Verdict(nsfw=False, concept_scores=[-1.0]) for _ in items]
+        return [Verdict(nsfw=False, concept_scores=[-1.0]) for _ in objects]
 
 
 class FakeGenerator:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..images import IMAGE_SUFFIXES, SNIFF_BYTES, identify
+from ..images import IMAGE_SUFFIXES, SNIFF_BYTES
+from ..views import media_format
 from .options import EXIT_FLAGGED, EXIT_OK, EXIT_UNREADABLE, add_checker_options, load_checker
 
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders
@@ -33,13 +34,13 @@ def register(sub: Any) -> None:
 
 
 def _is_image(path: Path) -> bool:
-    """Named like an image (then an undecodable one is reported and withheld), or an image by its first bytes whatever
-    its name: what Pillow's format detection says of the first ``SNIFF_BYTES`` (one small read)."""
+    """Named like an image or video (then an undecodable one is reported and withheld), or one by its first bytes
+    whatever its name: what :func:`pipeline.views.media_format` says of the first ``SNIFF_BYTES`` (one small read)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
     try:
         with path.open("rb") as f:
-            return identify(f.read(SNIFF_BYTES)) is not None
+            return media_format(f.read(SNIFF_BYTES)) is not None
     except OSError:
         return True  # unreadable: keep it, so that it is reported (and withheld) rather than silently skipped
 

@@ -33,21 +33,17 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..concepts import ConceptSet
-from ..errors import DiffguardError, ImageDecodeError, InvalidInput
-from ..images import SNIFF_BYTES, DecodeLimits, decode, identify
-from ..policy import image_action, withheld
+from ..errors import DiffguardError, InvalidInput
+from ..images import SNIFF_BYTES, DecodeLimits
 from ..review.decisions import DecisionLog, current_decisions
-from ..spec import CheckerSpec
 from ..tiny import TINY_BANNER
-from ..verdict import Verdict
+from ..views import media_format
 from .actions import JOURNAL as QUARANTINE_JOURNAL
 from .actions import ActionReport, recover
 from .commit import Runner, commit_run, current_inputs, scatter_listing
@@ -66,6 +62,7 @@ from .listing import (
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table
 from .release import JOURNAL as RELEASE_JOURNAL
 from .release import ReleaseReport, recover_releases, release
+from .score import Scorer, decode_stage
 from .shards import (
     LOCAL_ROWS,
     PLAN_COLUMNS,
@@ -79,7 +76,7 @@ from .shards import (
     shard_count,
     sharded_files,
 )
-from .state import NOT_IMAGE, PartWriter, WorkerParts, load_meta, migrate, read_manifest, rows_table
+from .state import NOT_IMAGE, PartWriter, WorkerParts, load_meta, migrate, read_manifest
 from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 from .table import TABLE
 
@@ -137,7 +134,7 @@ def read_objects(batch: pa.Table, store: Store, max_object_bytes: int) -> pa.Tab
                     return oversize(obj, obj["size"])
                 return got(obj, *store.read(obj["key"]))  # botocore retries throttling and network errors first
             head, info = store.read_prefix(obj["key"], SNIFF_BYTES)
-            if identify(head) is None:
+            if media_format(head) is None:
                 version = {"etag": info.etag, "size": info.size, "last_modified_us": _us(info.last_modified)}
                 version["version_id"] = info.version_id  # the version sniffed, which the plan compares next run
                 return obj | version | {"data": None, "sha256": None, "error": None, "error_kind": NOT_IMAGE}
@@ -155,100 +152,6 @@ def read_objects(batch: pa.Table, store: Store, max_object_bytes: int) -> pa.Tab
     with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores reward concurrent GETs
         rows = list(pool.map(read, listed))
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-
-
-def decode_and_preprocess(batch: pa.Table, preprocess: Any, limits: DecodeLimits) -> pa.Table:
-    """Bytes -> the checker's input pixels (B, 3, H, W) float32 with the core's decoder and preprocessing.
-
-    Truncated files are decoded as far as they go (``truncated``); what cannot be decoded is that row's error."""
-    from ray.data.extensions import ArrowTensorArray
-
-    errors, kinds = batch["error"].to_pylist(), batch["error_kind"].to_pylist()
-    arrays: dict[int, np.ndarray] = {}
-    truncated = [False] * batch.num_rows
-    for i, body in enumerate(batch["data"].to_pylist()):
-        if errors[i] is not None or kinds[i] is not None:
-            continue
-        try:
-            decoded = decode(body, limits)
-        except ImageDecodeError as exc:
-            errors[i], kinds[i] = str(exc), "decode"
-            continue
-        arrays[i], truncated[i] = decoded.array, decoded.truncated
-    ch, cw = preprocess.crop
-    pixels = np.zeros((batch.num_rows, 3, ch, cw), np.float32)  # rows without an image stay zero and are not scored
-    if arrays:
-        try:
-            pixels[list(arrays)] = preprocess(list(arrays.values())).numpy()
-        except Exception:  # noqa: BLE001 - find the bad image instead of failing the batch
-            for i, arr in arrays.items():
-                try:
-                    pixels[i] = preprocess([arr]).numpy()[0]
-                except Exception as exc:  # noqa: BLE001
-                    errors[i], kinds[i] = f"cannot preprocess image: {exc}", "decode"
-    table = batch.drop_columns(["data", "error", "error_kind", "whole"])
-    table = table.append_column("error", pa.array(errors, pa.string()))
-    table = table.append_column("error_kind", pa.array(kinds, pa.string()))
-    table = table.append_column("truncated", pa.array(truncated, pa.bool_()))
-    return table.append_column("pixels", ArrowTensorArray.from_numpy(pixels))
-
-
-class ScoreActor:
-    """A Ray Data callable class holding the core checker: pixels in, result rows out."""
-
-    def __init__(self, spec: CheckerSpec, concepts: ConceptSet, fingerprint: str, bucket: str, threads: int | None):
-        if threads:  # Ray gives a 1-CPU actor OMP_NUM_THREADS=1: a third of a 2-core machine's matmul throughput
-            import torch
-
-            torch.set_num_threads(threads)
-        self.checker = spec.load(concepts=concepts)
-        if self.checker.fingerprint != fingerprint:
-            raise InvalidInput(
-                f"the checker loaded on this worker has fingerprint {self.checker.fingerprint}, the driver's is "
-                f"{fingerprint}: model {spec.model!r} differs between nodes"
-            )
-        self.bucket, self.max_pixels, self.max_object_bytes = bucket, spec.max_pixels, spec.max_object_bytes
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
-
-        meta = batch.drop_columns(["pixels"]).to_pylist()
-        pixels = np.concatenate([chunk.to_numpy() for chunk in batch["pixels"].chunks])  # (B, 3, H, W) float32
-        ok = np.array([m["error"] is None and m["error_kind"] is None for m in meta], bool)
-        verdicts = iter(self.checker.check_pixels(torch.from_numpy(pixels[ok])) if ok.any() else [])
-        now = datetime.now(UTC)
-        rows = []
-        for m, scored in zip(meta, ok, strict=True):
-            kind = m["error_kind"]
-            if scored:  # scored: the policy decides
-                verdict = next(verdicts)
-                verdict.truncated = bool(m["truncated"])
-                action, flagged = image_action(verdict), withheld(verdict)
-            elif kind == "decode":  # read, but not scorable: the policy's unscorable_action (block by default)
-                verdict = self.checker.unscorable(m["error"])
-                action, flagged = verdict.action, withheld(verdict)
-            elif kind == NOT_IMAGE:  # recorded so that it is not read again while unchanged
-                verdict, action, flagged = Verdict(), None, False
-            else:  # a read error is not content: retried next run, never acted on
-                verdict, action, flagged = Verdict.failed(m["error"]), None, False
-            rows.append(
-                {
-                    "bucket": self.bucket,
-                    **{k: m[k] for k in ("key", "etag", "size", "sha256", "version_id")},
-                    "last_modified": datetime.fromtimestamp(m["last_modified_us"] / 1e6, UTC),
-                    **verdict.to_dict(),
-                    "action": action,
-                    "flagged": flagged,
-                    "error_kind": kind,
-                    "model_fingerprint": self.checker.fingerprint,
-                    "max_pixels": self.max_pixels,
-                    "max_object_bytes": self.max_object_bytes,
-                    "scanned_at": now,
-                    "quarantined_to": None,
-                    "tagged": False,
-                }
-            )
-        return rows_table(rows)
 
 
 COUNTS = pa.schema(
@@ -669,17 +572,14 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
         num_cpus=DECODE_CPUS,
     )
     ds = ds.map_batches(
-        decode_and_preprocess,
-        fn_kwargs={
-            "preprocess": checker.preprocess,
-            "limits": _limits(cfg),
-        },
+        decode_stage,
+        fn_kwargs={"preprocess": checker.preprocess, "limits": checker.limits},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=DECODE_CPUS,
     )
     ds = ds.map_batches(
-        ScoreActor,
+        Scorer,
         fn_constructor_kwargs={
             "spec": cfg.checker,
             "concepts": checker.concepts,

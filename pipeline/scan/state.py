@@ -91,6 +91,10 @@ ROW_SCHEMA = pa.schema(
         ("unscorable", pa.bool_()),  # read but not scorable: error set, the policy's unscorable_action as action
         ("version_id", pa.string()),  # S3 VersionId of the version read (versioned buckets), else null
         ("max_object_bytes", pa.int64()),  # --max-object-bytes in force (a changed limit retries "too large" errors)
+        ("views", pa.int32()),  # views scored: frames, pages, backgrounds under the alpha, tiles (pipeline.views)
+        ("views_total", pa.int32()),  # views the object has (more than `views` when sampled)
+        ("views_sampled", pa.bool_()),  # over --max-views: frames sampled evenly over display time
+        ("view", pa.string()),  # the view that decided: "frame 12 @ 1.50 s", "page 2", "over white", "tile 3/3"
     ]
 )
 

@@ -79,7 +79,9 @@ def test_reference_rounding_reproduced_exactly(setup):
 
 
 def test_decisions_unchanged_by_tensor_preprocessing(setup):
-    """check() on PIL images (our batched preprocessing) decides as the reference does on CLIPImageProcessor output."""
+    """check() (our batched preprocessing) decides as the reference does on CLIPImageProcessor output: on arrays (one
+    view each, as generated images are scored) for every image, and on PIL images for those whose aspect ratio needs
+    no tiles (one view: the tiles of a long image are extra views the reference never sees)."""
     ref, _, images, pixels = setup
     checker = SafetyChecker.load("tiny", device="cpu", dtype="float32")
     special, concept = _cosines(ref, pixels)
@@ -87,9 +89,13 @@ def test_decisions_unchanged_by_tensor_preprocessing(setup):
     concept_thr = np.array([widest_gap(concept[:, j], 0.92, 1.0) for j in range(concept.shape[1])], np.float32)
     set_thresholds(ref, checker, special_thr, concept_thr)
     _, ref_nsfw = ref(pixels.clone(), [np.ones((2, 2, 3)) for _ in range(N)])
-    ours = checker.check(images)
+    ours = checker.check([np.asarray(im) for im in images])
     assert [v.nsfw for v in ours] == ref_nsfw
     assert 0 < sum(ref_nsfw) < N
+    viewed = checker.check(images)
+    single = [i for i, v in enumerate(viewed) if v.views == 1]
+    assert len(single) >= N // 4 and [viewed[i].nsfw for i in single] == [ref_nsfw[i] for i in single]
+    assert all(v.nsfw or not ours[i].nsfw for i, v in enumerate(viewed))  # more views: never less strict
 
 
 def test_input_is_never_mutated(checker):

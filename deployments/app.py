@@ -22,4 +22,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     generator = None
     if settings.generator is not None:
         generator = GeneratorDeployment.bind(settings.generator.model_dump(), settings.ingress.limits)
-    return Ingress.bind(checker, generator, settings.ingress.model_dump(), settings.checker.max_pixels)
+    return Ingress.bind(checker, generator, settings.ingress.model_dump(), settings.checker.spec().limits())

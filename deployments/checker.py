@@ -64,18 +64,6 @@ class SafetyCheckerDeployment:
         # A batch is decoded into views in a worker thread outside the model lock, so it overlaps the previous
         # batch's vision pass (max_concurrent_batches=2).
         self.split = {"images": 0, "views": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since start
-        if callable(getattr(self.checker, "preprocess", None)):
-            self.checker.preprocess = self._timed_preprocess(self.checker.preprocess)
-
-    def _timed_preprocess(self, preprocess: Any) -> Any:
-        def timed(arrays: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return preprocess(arrays)
-            finally:
-                self.split["preprocess_s"] += time.perf_counter() - start
-
-        return timed
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         runtime = CheckerRuntime(**(user_config or {}))
@@ -101,6 +89,10 @@ class SafetyCheckerDeployment:
         self._score.set_batch_wait_timeout_s(runtime.batch_wait_timeout_s)
         log.info("checker reconfigured: fingerprint %s, %s", self.checker.fingerprint, runtime.model_dump())
 
+    def _preprocess_s(self) -> float:
+        """Seconds the core has spent preprocessing views (0 for a stand-in that does not count them)."""
+        return getattr(self.checker, "preprocess_s", 0.0)
+
     def _decode(self, items: list[Any]) -> list[Any]:
         """Runs in a worker thread, outside the model lock: objects -> their views or that item's decode error."""
         start = time.perf_counter()
@@ -112,10 +104,11 @@ class SafetyCheckerDeployment:
         """Runs in a worker thread. Never raises: a failure becomes every item's ``unavailable`` result."""
         try:
             with self._lock:
-                start, preprocess_s = time.perf_counter(), self.split["preprocess_s"]
+                start, preprocess_s = time.perf_counter(), self._preprocess_s()
                 verdicts = self.checker.score_views(items)
-                elapsed = time.perf_counter() - start
-                self.split["model_s"] += elapsed - (self.split["preprocess_s"] - preprocess_s)
+                elapsed, preprocessing = time.perf_counter() - start, self._preprocess_s() - preprocess_s
+                self.split["preprocess_s"] += preprocessing
+                self.split["model_s"] += elapsed - preprocessing
                 self.split["images"] += len(items)
                 self.split["views"] += sum(v.views for v in verdicts)
                 fingerprint = self.checker.fingerprint

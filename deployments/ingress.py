@@ -38,6 +38,7 @@ from pipeline.errors import (
     Unauthorized,
     Unavailable,
 )
+from pipeline.images import DecodeLimits
 
 from .auth import api_key, auth_info, authorized, require_key_or_loopback
 from .edge import PAGE_HEADERS, UNAUTHORIZED, Edge, EdgeSettings, json_only, upload_kinds
@@ -169,14 +170,14 @@ class Ingress:
         checker: DeploymentHandle,
         generator: DeploymentHandle | None,
         args: dict[str, Any] | None = None,
-        image_max_pixels: int = 40_000_000,
+        image_limits: DecodeLimits | None = None,
     ):
         from pipeline.requests import GenerationLimits
 
         self.args = IngressArgs(**(args or {}))
         self.checker, self.generator = checker, generator
         self.limits = GenerationLimits(**self.args.limits)
-        self.image_max_pixels = image_max_pixels  # the checker's per-image limit: larger images are never decoded
+        self.image_limits = image_limits or DecodeLimits()  # the checker's: the edge prices uploads in its views
         key = api_key(os.environ)  # stripped; empty or whitespace refuses to start
         self.host = http_host()
         require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
@@ -312,7 +313,7 @@ class Ingress:
         else:  # image/*, application/octet-stream or none (_upload_kinds refused the rest)
             names, blobs = [x_filename], [await request.body()]
         # Priced from the headers before anything reaches the checker (a 5 KB 1-bit PNG can decode to 40 MP).
-        await asyncio.to_thread(check_request_pixels, blobs, self.image_max_pixels, self.args.max_request_pixels)
+        await asyncio.to_thread(check_request_pixels, blobs, self.image_limits, self.args.max_request_pixels)
         results = await self._check(blobs, "moderate")
         rows = [
             # An unscorable upload carries the policy's unscorable_action (block by default), never null.
@@ -369,7 +370,7 @@ class Ingress:
                 "max_body_bytes": self.args.max_body_bytes,
                 "max_files_per_request": self.args.max_files_per_request,
                 "max_request_pixels": self.args.max_request_pixels,
-                "max_image_pixels": self.image_max_pixels,
+                "max_image_pixels": self.image_limits.max_pixels,
             },
             "auth": self.auth,
             "deployments": await self.state.settings(),

@@ -42,6 +42,9 @@ class CheckerArgs(BaseModel):
     dtype: str = SPEC.dtype  # auto | float32 | bfloat16 | float16
     max_pixels: int = Field(SPEC.max_pixels, ge=1)  # decompression-bomb limit for uploads
     max_object_bytes: int = Field(SPEC.max_object_bytes, ge=1)  # encoded size above which an image is unscorable
+    max_views: int = Field(SPEC.max_views, ge=1, le=4096)  # views scored per object (frames, pages, tiles)
+    max_decoded_pixels: int = Field(SPEC.max_decoded_pixels, ge=1)  # every frame decoded for one object, summed
+    video_fps: float = Field(SPEC.video_fps, gt=0, le=60)  # video frames sampled per second of display time
     concept_text_model: str | None = SPEC.concept_text_model  # CLIP text tower for text concepts
     threads: int | None = Field(None, ge=1, le=256)  # torch CPU threads (None: Ray's, = the replica's num_cpus)
     factory: str | None = None  # "module:callable" returning a checker (tests inject faults through this)

@@ -1,6 +1,6 @@
 """``/v1/moderate`` uploads at the edge: count their file parts and price them in pixels before any image reaches the
 checker (FastAPI parses the multipart body itself, once). Headers only (the core's ``identify``): nothing here
-decodes pixels.
+decodes pixels (torch-free: the ingress never loads it).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from pipeline.errors import PayloadTooLarge
+from pipeline.images import DecodeLimits
 
 MAX_LISTED = 10  # an error body lists at most this many problems
 
@@ -37,22 +38,16 @@ def _file_parts(body: bytes, content_type: str) -> int:
     return count
 
 
-def request_pixels(blobs: list[bytes], image_max_pixels: int) -> int:
-    """Pixels the checker would decode for these uploads, from their headers: images over the per-image limit
-    (refused from their header, never decoded) and files that are not images cost nothing here."""
-    from pipeline.images import identify
+def request_pixels(blobs: list[bytes], limits: DecodeLimits) -> int:
+    """Pixels the checker would decode into views for these uploads, from their headers (:func:`pipeline.media.price`:
+    every frame and page, a video's sampled frames); what is refused from its header, or is not media, costs 0."""
+    from pipeline.media import price
 
-    total = 0
-    for blob in blobs:
-        header = identify(blob)
-        pixels = header.pixels if header is not None else None
-        if pixels is not None and pixels <= image_max_pixels:
-            total += pixels
-    return total
+    return sum(price(blob, limits) for blob in blobs)
 
 
-def check_request_pixels(blobs: list[bytes], image_max_pixels: int, max_request_pixels: int) -> None:
-    total = request_pixels(blobs, image_max_pixels)
+def check_request_pixels(blobs: list[bytes], limits: DecodeLimits, max_request_pixels: int) -> None:
+    total = request_pixels(blobs, limits)
     if total > max_request_pixels:
         raise PayloadTooLarge(
             f"the request's images hold {total} pixels in all (from their headers); the limit is "

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -77,6 +78,7 @@ class SafetyChecker:
         self.source, self.demo = source, demo
         self.device, self.dtype = torch.device(device), dtype
         self.preprocess = preprocess
+        self.preprocess_s = 0.0  # seconds spent preprocessing views since loading (the Serve replica reports it)
         if max_views < 1:
             raise InvalidInput(f"max_views must be >= 1, got {max_views}")
         if not 0 < video_fps <= 60:
@@ -316,10 +318,6 @@ class SafetyChecker:
         with torch.inference_mode():
             return score(embeds, self.concepts, self.adjustment)
 
-    def check_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
-        """Preprocessed pixels (B, 3, H, W) -> verdicts (for adapters that preprocess elsewhere)."""
-        return self.verdicts(self.score_embeddings(self.embed_pixels(pixels)))
-
     def unscorable(self, error: str) -> Verdict:
         """The verdict of an image that was read but cannot be scored: ``error`` set, ``unscorable`` true, and the
         policy's ``unscorable_action`` (``block`` unless the policy says otherwise; ``block`` without a policy)."""
@@ -331,13 +329,11 @@ class SafetyChecker:
         return load_views(list(items), self.limits, self.preprocess)
 
     def score_views(self, objects: Sequence[Viewed | ImageDecodeError]) -> list[Verdict]:
-        """Objects' views -> one verdict per object, in order: the views of every object go through shared vision
-        passes of ``max_batch_size`` (never one forward per object); an object's scores are the maximum over its
-        views, ``view`` names the one that decided. A decode error becomes :meth:`unscorable`'s verdict, and so does
-        a sampled object when the policy says ``over_view_budget: unscorable``."""
+        """Objects' views -> one verdict per object, in order: every object's views share vision passes (never one
+        forward per object); an object scores the maximum over its views, ``view`` names the one that decided. A
+        decode error is :meth:`unscorable`, as is a sampled object under ``over_view_budget: unscorable``."""
         verdicts: list[Verdict | None] = [None] * len(objects)
-        scored: list[Viewed] = []
-        where: list[int] = []
+        scored, where = [], []
         for i, obj in enumerate(objects):
             if isinstance(obj, ImageDecodeError):
                 verdicts[i] = self.unscorable(str(obj))
@@ -347,10 +343,12 @@ class SafetyChecker:
                 scored.append(obj)
                 where.append(i)
         arrays = [v.array for obj in scored for v in obj.views]
-        embeds = [
-            self.embed_pixels(self.preprocess(arrays[start : start + self.max_batch_size]))
-            for start in range(0, len(arrays), self.max_batch_size)
-        ]  # preprocessed a batch at a time: the float pixels of every view never exist at once
+        embeds = []
+        for start in range(0, len(arrays), self.max_batch_size):  # the float pixels of every view never exist at once
+            began = time.perf_counter()
+            pixels = self.preprocess(arrays[start : start + self.max_batch_size])
+            self.preprocess_s += time.perf_counter() - began
+            embeds.append(self.embed_pixels(pixels))
         if scored:
             labels = [[v.label for v in obj.views] for obj in scored]
             per_view = self.score_embeddings(torch.cat(embeds))
@@ -360,9 +358,8 @@ class SafetyChecker:
         return verdicts  # type: ignore[return-value] - every slot is filled above
 
     def score_pixels(self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]]) -> list[Verdict]:
-        """Preprocessed views (V, 3, H, W), ``len(labels[k])`` consecutive rows for object k -> one verdict per object
-        (for adapters that preprocess elsewhere: the scan's CPU stage). The caller sets ``views_total`` and
-        ``views_sampled``; ``views`` and ``view`` are set here."""
+        """Preprocessed views (V, 3, H, W), ``len(labels[k])`` rows for object k -> one verdict per object, for adapters
+        that preprocess elsewhere (the scan's CPU stage: it sets ``views_total`` and ``views_sampled``)."""
         return object_verdicts(self.score_embeddings(self.embed_pixels(pixels)), self.concepts, labels)
 
     def over_view_budget(self, sampled: bool, total: int) -> Verdict | None:

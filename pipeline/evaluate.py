@@ -1,8 +1,9 @@
 """Evaluate a policy on labelled images, and calibrate its thresholds to a target false-positive rate.
 
 A labelled folder holds one sub-folder per label: ``safe/`` (negatives) and one per category (``violence/``,
-``sexual/``, ...; ``self_harm`` matches ``self-harm``). Every image is embedded once; thresholds are then explored on
-the cached embeddings with the checker's own scoring function, so the numbers are those the service would produce.
+``sexual/``, ...; ``self_harm`` matches ``self-harm``). Every view of every object (frames, pages, backgrounds, tiles:
+:mod:`pipeline.views`) is embedded once; thresholds are then explored on the cached embeddings with the checker's own
+scoring function, an object scoring the maximum over its views, so the numbers are those the service would produce.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from .checker import SafetyChecker
 from .concepts import reference_picks
 from .errors import InvalidInput
-from .images import IMAGE_SUFFIXES, load_images
+from .images import IMAGE_SUFFIXES
 from .policy import ConceptSpec, Policy
+from .verdict import Scores
+from .views import Viewed
 
 log = logging.getLogger(__name__)
 SAFE = "safe"
@@ -35,9 +38,22 @@ def canonical(label: str) -> str:
 @dataclass
 class LabelledSet:
     paths: list[Path]
-    labels: list[str]  # canonical label per image
-    embeds: torch.Tensor  # (N, D) float32
+    labels: list[str]  # canonical label per object
+    embeds: torch.Tensor  # (V, D) float32: every view of every object
     skipped: list[dict[str, str]]  # undecodable files, with the reason
+    owners: torch.Tensor | None = None  # (V,) the object of each view; None: one view per object
+
+    def per_object(self, per_view: torch.Tensor) -> torch.Tensor:
+        """(V, k) per view -> (N, k) per object: the maximum over its views (what decides an object)."""
+        if self.owners is None:
+            return per_view
+        out = torch.full((len(self.labels), per_view.shape[1]), float("-inf"), dtype=per_view.dtype)
+        return out.scatter_reduce(0, self.owners[:, None].expand(-1, per_view.shape[1]), per_view, "amax")
+
+    def scores(self, checker: SafetyChecker) -> Scores:
+        """The checker's scores of every object, each the maximum over its views."""
+        per_view = checker.score_embeddings(self.embeds)
+        return Scores(*(self.per_object(t) for t in (per_view.concept, per_view.special, per_view.categories)))
 
     def mask(self, label: str) -> np.ndarray:
         return np.array([lab == label for lab in self.labels])
@@ -53,22 +69,29 @@ def load_labelled(root: str | Path, checker: SafetyChecker) -> LabelledSet:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not any(canonical(f.name) == SAFE for f in folders):
         raise InvalidInput(f"labelled folder {root} needs a `safe/` sub-folder; found {[f.name for f in folders]}")
-    paths, labels, skipped, arrays = [], [], [], []
+    paths, labels, skipped, objects = [], [], [], []
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        for path, arr in zip(files, load_images(files, checker.limits), strict=True):
-            if isinstance(arr, Exception):
-                skipped.append({"path": str(path), "error": str(arr)})
+        for path, viewed in zip(files, checker.views(files), strict=True):
+            if isinstance(viewed, Exception):
+                skipped.append({"path": str(path), "error": str(viewed)})
                 continue
             paths.append(path)
             labels.append(canonical(folder.name))
-            arrays.append(arr)
-    if not arrays:
+            objects.append(viewed)
+    if not objects:
         raise InvalidInput(f"no readable images under {root}")
-    embeds = torch.cat(
-        [checker.embed_pixels(checker.preprocess(arrays[i : i + 64])) for i in range(0, len(arrays), 64)]
-    )
-    return LabelledSet(paths, labels, embeds, skipped)
+    embeds, owners = embed_views(checker, objects)
+    return LabelledSet(paths, labels, embeds, skipped, owners)
+
+
+def embed_views(checker: SafetyChecker, objects: list[Viewed]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Objects' views -> ((V, D) embeddings, (V,) the object of each), embedded a batch at a time."""
+    arrays = [v.array for obj in objects for v in obj.views]
+    owners = torch.repeat_interleave(torch.arange(len(objects)), torch.tensor([len(o.views) for o in objects]))
+    step = checker.max_batch_size
+    embeds = [checker.embed_pixels(checker.preprocess(arrays[i : i + step])) for i in range(0, len(arrays), step)]
+    return torch.cat(embeds), owners
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -77,7 +100,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 def metrics(checker: SafetyChecker, data: LabelledSet) -> dict[str, Any]:
     """Per-category precision, recall, F1 and false-positive rate on safe images; a confusion table."""
-    scores = checker.score_embeddings(data.embeds)
+    scores = data.scores(checker)
     verdicts = checker.verdicts(scores)
     categories = [name for name, _, _ in checker.concepts.categories]
     safe = data.mask(SAFE)
@@ -138,7 +161,7 @@ def plot(checker: SafetyChecker, data: LabelledSet, directory: str | Path) -> li
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    scores = checker.score_embeddings(data.embeds).categories.numpy()
+    scores = data.scores(checker).categories.numpy()
     written = []
     for k, (cat, action, _) in enumerate(checker.concepts.categories):
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -174,7 +197,7 @@ def calibrate(checker: SafetyChecker, data: LabelledSet, policy: Policy, target_
     safe = data.mask(SAFE)
     budget = int(np.floor(target_fpr * safe.sum()))
     concepts = checker.concepts
-    cos = (torch.nn.functional.normalize(data.embeds) @ concepts.embeds.T).numpy()  # (N, rows)
+    cos = data.per_object(torch.nn.functional.normalize(data.embeds) @ concepts.embeds.T).numpy()  # (N, rows)
     row = {c.name: i for i, c in enumerate(concepts.concepts)}
     thresholds: dict[str, float] = {}
     for name, _, rows in concepts.categories:

@@ -13,6 +13,7 @@ from .images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_VIEWS,
     DEFAULT_VIDEO_FPS,
+    DecodeLimits,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +47,17 @@ class CheckerSpec:
     max_views: int = DEFAULT_MAX_VIEWS  # views scored per object (frames, pages, backgrounds, tiles); then sampled
     max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS  # every frame decoded for one object (animations, video)
     video_fps: float = DEFAULT_VIDEO_FPS  # video frames sampled per second of display time
+
+    def limits(self) -> DecodeLimits:
+        """What one object may cost to decode, as the checker this spec loads applies it (before a policy's own
+        ``max_views``): the HTTP edge prices uploads with it."""
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            max_bytes=self.max_object_bytes,
+            max_decoded_pixels=self.max_decoded_pixels,
+            max_views=self.max_views,
+            video_fps=self.video_fps,
+        )
 
     def load(
         self, device: str | None = None, dtype: str | None = None, concepts: ConceptSet | None = None

@@ -58,6 +58,8 @@ class VideoFrames:
     duration_s: float  # the header's duration, or the last frame's time when the header has none
     width: int  # px, as displayed (after rotation), before `resize`
     height: int
+    rate_samples: int = 0  # frames the sampling rate gives (first, one per 1/video_fps s, last) before any thinning
+    thinned: bool = False  # over max_views: the rate was halved until the samples fit
 
 
 def _ftyp_is_video(data: bytes) -> bool:
@@ -159,18 +161,21 @@ def video_frames(data: bytes, limits: Any, resize: Callable[[np.ndarray], np.nda
         _check_header(head, stream.frames or 0, limits)
         stream.thread_type = "AUTO"
         try:
-            kept, last_t, size = _sample(container, stream, head, limits, resize)
+            kept, last_t, size, step = _sample(container, stream, head, limits, resize)
         except av.FFmpegError as e:
             raise ImageDecodeError(f"corrupt or unsupported video: {e}") from None
     if not kept:
         raise ImageDecodeError("video has no decodable frames")
-    return VideoFrames([(rgb, t) for rgb, t, _ in kept], head.duration_s or last_t, *size)
+    rate_samples = 2 + int(last_t * getattr(limits, "video_fps", 2.0) - 1e-9)  # first, one per sample time, last
+    frames = [(rgb, t) for rgb, t, _ in kept]
+    return VideoFrames(frames, head.duration_s or last_t, *size, rate_samples, step > 1.0 / limits.video_fps + 1e-12)
 
 
 def _sample(
     container: Any, stream: Any, head: VideoHeader, limits: Any, resize: Callable[[np.ndarray], np.ndarray] | None
-) -> tuple[list[tuple[np.ndarray, float, int]], float, tuple[int, int]]:
-    """Decode every frame, keeping (RGB, time, sample index) for the first, each sample time and the last."""
+) -> tuple[list[tuple[np.ndarray, float, int]], float, tuple[int, int], float]:
+    """Decode every frame, keeping (RGB, time, sample index) for the first, each sample time and the last; with the
+    last frame's time, the displayed size and the final step between samples (doubled each time they were thinned)."""
     budget = getattr(limits, "max_decoded_pixels", 2_000_000_000)
     deadline = getattr(limits, "max_decode_s", 60.0)  # s of wall-clock time
     max_views = getattr(limits, "max_views", 64)
@@ -217,4 +222,4 @@ def _sample(
         previous = (frame, t)
     if previous is not None:
         keep(*previous, next_k)
-    return kept, kept[-1][1] if kept else 0.0, size
+    return kept, kept[-1][1] if kept else 0.0, size, step

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from .color import to_srgb
 from .errors import ImageDecodeError
-from .images import DecodeLimits, check_pixels, decode_pil, from_array, identify, open_image, read_path
+from .images import DecodeLimits, check_pixels, decode_pil, from_array, open_image, read_path
 from .preprocess import Preprocess
 
 TILE_BEYOND = 4 / 3  # tiles when the long side at the checker's scale exceeds this many crops (the crop sees < 3/4)
@@ -251,19 +251,6 @@ def view_rules(limits: DecodeLimits, over_view_budget: str) -> dict[str, Any]:
 
 
 # --- objects ---------------------------------------------------------------------------------------------------------
-def media_format(data: bytes) -> str | None:
-    """What the bytes (or a prefix of them) are, by content: Pillow's format name (any image format read here,
-    HEIC and JPEG XL included), ``"SVG"``, ``"VIDEO"``, or None when a person would not see a picture in them."""
-    from .svg import is_svg
-    from .video import is_video
-
-    if header := identify(data):
-        return header.format
-    if is_svg(data):
-        return "SVG"
-    return "VIDEO" if is_video(data) else None
-
-
 def _video_views(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> Viewed:
     from .video import video_frames
 
@@ -271,7 +258,10 @@ def _video_views(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> Vie
     frames = [_Frame(arr, f"frame @ {t:.2f} s", t) for arr, t in got.frames]
     for f, nxt in zip(frames, [*frames[1:], None], strict=True):
         f.duration = (nxt.start if nxt is not None else max(got.duration_s, f.start + 1e-3)) - f.start
-    return frames_to_views(frames, geometry, limits, False)
+    viewed = frames_to_views(frames, geometry, limits, False)
+    if got.thinned:  # more samples at the rate than max_views: PyAV's sampler halved the rate until they fit
+        viewed.sampled, viewed.total = True, max(viewed.total, got.rate_samples)
+    return viewed
 
 
 def decode_views(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> Viewed:

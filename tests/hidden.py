@@ -51,10 +51,10 @@ def gradient(size: tuple[int, int] = (224, 224)) -> np.ndarray:
     return np.stack(channels, -1).astype(np.uint8)
 
 
-def alpha_camouflage(background: int = 255) -> Case:
+def alpha_camouflage(background: int = 255, seed: int = 7) -> Case:
     """The picture's pixels opaque where a mask says, the rest transparent over a hidden gradient: over a page of
     ``background`` a person sees the picture's pixels and the page; a decoder dropping alpha sees the gradient."""
-    pic = np.asarray(target())
+    pic = np.asarray(target(seed))
     mask = (np.indices(pic.shape[:2]).sum(axis=0) // 8) % 2 == 0  # a coarse checkerboard of picture pixels
     rgba = np.dstack([np.where(mask[..., None], pic, gradient()), np.where(mask, 255, 0).astype(np.uint8)])
     seen = np.where(mask[..., None], pic, np.uint8(background)).astype(np.uint8)
@@ -62,9 +62,9 @@ def alpha_camouflage(background: int = 255) -> Case:
     return Case(_png(Image.fromarray(rgba, "RGBA")), seen, label, rgba[..., :3])
 
 
-def animated(fmt: str) -> Case:
+def animated(fmt: str, seed: int = 7) -> Case:
     """Frame 1 a harmless gradient, frame 2 (half a second later) the picture."""
-    frames = [Image.fromarray(gradient()), target()]
+    frames = [Image.fromarray(gradient()), target(seed)]
     buf = io.BytesIO()
     kw = {"lossless": True} if fmt == "WEBP" else {}
     frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=500, loop=0, **kw)
@@ -74,70 +74,70 @@ def animated(fmt: str) -> Case:
     return Case(data, np.asarray(shown.convert("RGB")), "frame 2 @ 0.50 s", np.asarray(frames[0]))
 
 
-def multipage_tiff() -> Case:
+def multipage_tiff(seed: int = 7) -> Case:
     buf = io.BytesIO()
-    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target()])
-    return Case(buf.getvalue(), np.asarray(target()), "page 2", gradient())
+    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target(seed)])
+    return Case(buf.getvalue(), np.asarray(target(seed)), "page 2", gradient())
 
 
-def long_image(wide: bool = True) -> Case:
+def long_image(wide: bool = True, seed: int = 7) -> Case:
     """224x672 (or 672x224) with the picture in its first third: the centre crop never sees it."""
-    pic = np.asarray(target())
+    pic = np.asarray(target(seed))
     rest = np.concatenate([gradient(), gradient()[::-1]], axis=1 if wide else 0)
     full = np.concatenate([pic, rest], axis=1 if wide else 0)
     return Case(_png(Image.fromarray(full)), pic, "tile 1/3", full[:, 224:448] if wide else full[224:448])
 
 
-def svg_embedding() -> Case:
+def svg_embedding(seed: int = 7) -> Case:
     import base64
 
-    png = base64.b64encode(_png(target())).decode()
+    png = base64.b64encode(_png(target(seed))).decode()
     svg = (
         '<svg xmlns="http://www.w3.org/2000/svg" width="224" height="224" viewBox="0 0 224 224">'
         f'<image width="224" height="224" href="data:image/png;base64,{png}"/></svg>'
     )
-    return Case(svg.encode(), np.asarray(target()), None)
+    return Case(svg.encode(), np.asarray(target(seed)), None)
 
 
-def heic() -> Case:
+def heic(seed: int = 7) -> Case:
     import pillow_heif
 
     buf = io.BytesIO()
-    pillow_heif.from_pillow(target()).save(buf, quality=-1)  # lossless
+    pillow_heif.from_pillow(target(seed)).save(buf, quality=-1)  # lossless
     data = buf.getvalue()
     pillow_heif.register_heif_opener()
     return Case(data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), None)
 
 
-def icc_inverted() -> Case:
+def icc_inverted(seed: int = 7) -> Case:
     """The picture stored inverted, with an ICC profile whose tone curves invert it back (what Chromium shows)."""
     from tests.color_profiles import inverted_srgb_profile
 
-    pic = np.asarray(target())
+    pic = np.asarray(target(seed))
     im = Image.fromarray(255 - pic)
     return Case(_png(im, icc_profile=inverted_srgb_profile()), pic, None, 255 - pic)
 
 
-def ico() -> Case:
+def ico(seed: int = 7) -> Case:
     """An icon whose 256x256 entry is harmless and whose 48x48 entry is the picture."""
-    big, small = Image.fromarray(gradient((256, 256))), target(size=(48, 48))
+    big, small = Image.fromarray(gradient((256, 256))), target(seed, size=(48, 48))
     buf = io.BytesIO()
     big.save(buf, "ICO", sizes=[(256, 256), (48, 48)], append_images=[small])
     data = buf.getvalue()
     return Case(data, np.asarray(small), "size 48x48", np.asarray(big))
 
 
-def mpo() -> Case:
+def mpo(seed: int = 7) -> Case:
     """A two-image MPO (a stereo pair): the second image is the picture."""
     buf = io.BytesIO()
-    Image.fromarray(gradient()).save(buf, "MPO", save_all=True, append_images=[target()], quality=95)
+    Image.fromarray(gradient()).save(buf, "MPO", save_all=True, append_images=[target(seed)], quality=95)
     data = buf.getvalue()
     shown = Image.open(io.BytesIO(data))
     shown.seek(1)
     return Case(data, np.asarray(shown.convert("RGB")), "image 2", gradient())
 
 
-def video(container: str = "mp4") -> Case:
+def video(container: str = "mp4", seed: int = 7) -> Case:
     """Two seconds of a gradient, then the picture from 1.0 s to 1.5 s: sampled at 2 per second, it is found."""
     import av
 
@@ -149,7 +149,7 @@ def video(container: str = "mp4") -> Case:
         if codec == "libx264":
             stream.options = {"qp": "0"}
         for i in range(20):
-            arr = np.asarray(target()) if 10 <= i < 15 else gradient()
+            arr = np.asarray(target(seed)) if 10 <= i < 15 else gradient()
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
@@ -160,22 +160,22 @@ def video(container: str = "mp4") -> Case:
     return Case(data, frames[11], "frame @ 1.", frames[0])
 
 
-CASES: dict[str, Callable[[], Case]] = {
-    "alpha-over-white": alpha_camouflage,
-    "alpha-over-black": lambda: alpha_camouflage(0),
-    "animated-gif": lambda: animated("GIF"),
-    "apng": lambda: animated("PNG"),
-    "animated-webp": lambda: animated("WEBP"),
-    "multipage-tiff": multipage_tiff,
-    "wide-224x672": long_image,
-    "tall-672x224": lambda: long_image(False),
-    "svg": svg_embedding,
-    "heic": heic,
-    "icc-inverted": icc_inverted,
-    "ico": ico,
-    "mpo": mpo,
-    "mp4": video,
-    "webm": lambda: video("webm"),
+CASES: dict[str, Callable[[], Case]] = {  # each hides its own picture (seed), so one policy can hold them all
+    "alpha-over-white": lambda: alpha_camouflage(255, seed=10),
+    "alpha-over-black": lambda: alpha_camouflage(0, seed=11),
+    "animated-gif": lambda: animated("GIF", seed=12),
+    "apng": lambda: animated("PNG", seed=13),
+    "animated-webp": lambda: animated("WEBP", seed=14),
+    "multipage-tiff": lambda: multipage_tiff(seed=15),
+    "wide-224x672": lambda: long_image(True, seed=16),
+    "tall-672x224": lambda: long_image(False, seed=17),
+    "svg": lambda: svg_embedding(seed=18),
+    "heic": lambda: heic(seed=19),
+    "icc-inverted": lambda: icc_inverted(seed=20),
+    "ico": lambda: ico(seed=21),
+    "mpo": lambda: mpo(seed=22),
+    "mp4": lambda: video("mp4", seed=23),
+    "webm": lambda: video("webm", seed=24),
 }
 
 

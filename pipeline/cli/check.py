@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..images import IMAGE_SUFFIXES, SNIFF_BYTES
-from ..views import media_format
+from ..media import media_format
 from .options import EXIT_FLAGGED, EXIT_OK, EXIT_UNREADABLE, add_checker_options, load_checker
 
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders

@@ -8,7 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..images import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_PIXELS
+from ..images import (
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VIEWS,
+    DEFAULT_VIDEO_FPS,
+)
 from ..tiny import TINY, TINY_BANNER
 
 if TYPE_CHECKING:
@@ -65,7 +71,26 @@ def add_checker_options(p: argparse.ArgumentParser, model_flag: str = "--model")
         default=DEFAULT_MAX_OBJECT_BYTES,
         help="larger files are unscorable, withheld unread (default 256 MiB)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
+    p.add_argument(
+        "--max-views",
+        type=positive_int,
+        default=DEFAULT_MAX_VIEWS,
+        help="views scored per file: frames, pages, both backgrounds under the alpha, tiles of a long image; past it "
+        f"frames are sampled over display time (default {DEFAULT_MAX_VIEWS})",
+    )
+    p.add_argument(
+        "--max-decoded-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_DECODED_PIXELS,
+        help="refuse animations and videos whose frames add up to more pixels, from their headers (default 2 G)",
+    )
+    p.add_argument(
+        "--video-fps",
+        type=float_in(0.01, 60),
+        default=DEFAULT_VIDEO_FPS,
+        help=f"video frames sampled per second of display time, + the first and last (default {DEFAULT_VIDEO_FPS:g})",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=32, help="views per model call (default 32)")
     if model_flag == "--model":  # generate adds its own --policy (the same option, with image-policy keywords)
         p.add_argument("--policy", default="default", help="policy file (YAML) or keyword: default | stock")
     p.add_argument(
@@ -90,6 +115,9 @@ def checker_spec(args: argparse.Namespace, model: str | None = None) -> CheckerS
         max_batch_size=args.batch_size,
         max_pixels=args.max_pixels,
         max_object_bytes=args.max_object_bytes,
+        max_views=args.max_views,
+        max_decoded_pixels=args.max_decoded_pixels,
+        video_fps=args.video_fps,
         concept_text_model=args.concept_text_model,
         policy_fallback=args.policy_fallback,
     )

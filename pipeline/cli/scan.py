@@ -159,6 +159,7 @@ def summary_table(s: Any) -> str:
         f"  {'  errors':<24}{s.errors:>10,}",
         f"  {'    unscorable':<24}{s.unscorable:>10,}  (withheld: counted in flagged too)",
         f"  {'  truncated':<24}{s.truncated:>10,}  (scored on what decodes)",
+        f"  {'  views sampled':<24}{s.sampled:>10,}  (more views than --max-views: frames sampled over display time)",
         f"  {'skipped: unchanged':<24}{s.skipped_unchanged:>10,}",
         f"  {'skipped: not images':<24}{s.skipped_non_image:>10,}",
         f"  {'skipped: symlinks':<24}{s.skipped_symlinks:>10,}  (and other non-regular files: never followed)",

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffguardError, InvalidInput
-from ..evaluate import SAFE, LabelledSet, canonical
-from ..images import load_images
+from ..evaluate import SAFE, LabelledSet, canonical, embed_views
 from ..scan.state import read_current
 from ..scan.storage import parse_location
 from .decisions import current_decisions
@@ -72,31 +71,34 @@ def load_decision_labels(dest: str, checker: Any, endpoint_url: str | None = Non
 
     with ThreadPoolExecutor(READERS) as pool:
         blobs = list(pool.map(read, entries))
-    paths, labels, arrays, skipped = [], [], [], []
+    paths, labels, objects, skipped = [], [], [], []
     items = [b if isinstance(b, bytes) else b"" for b in blobs]
-    for entry, blob, arr in zip(entries, blobs, load_images(items, checker.limits), strict=True):
-        problem = blob if isinstance(blob, DiffguardError) else arr if isinstance(arr, Exception) else None
+    for entry, blob, viewed in zip(entries, blobs, checker.views(items), strict=True):
+        problem = blob if isinstance(blob, DiffguardError) else viewed if isinstance(viewed, Exception) else None
         if problem is not None:
             skipped.append({"path": entry["url"], "error": str(problem)})
             continue
         paths.append(entry["url"])
         labels.append(entry["label"])
-        arrays.append(arr)
-    if not arrays:
+        objects.append(viewed)
+    if not objects:
         raise InvalidInput(f"--labels {dest}: none of the {len(entries)} decided objects could be read: {skipped[:3]}")
-    embeds = torch.cat(
-        [checker.embed_pixels(checker.preprocess(arrays[i : i + 64])) for i in range(0, len(arrays), 64)]
-    )
-    return LabelledSet(paths, labels, embeds, skipped)
+    embeds, owners = embed_views(checker, objects)
+    return LabelledSet(paths, labels, embeds, skipped, owners)
 
 
 def merge(*sets: LabelledSet) -> LabelledSet:
     """One labelled set from several (a folder and review decisions)."""
+    owners, offset = [], 0
+    for s in sets:
+        owners.append((s.owners if s.owners is not None else torch.arange(len(s.labels))) + offset)
+        offset += len(s.labels)
     return LabelledSet(
         [p for s in sets for p in s.paths],
         [lab for s in sets for lab in s.labels],
         torch.cat([s.embeds for s in sets]),
         [x for s in sets for x in s.skipped],
+        torch.cat(owners),
     )
 
 

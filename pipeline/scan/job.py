@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 
 from ..errors import DiffguardError, InvalidInput
 from ..images import SNIFF_BYTES, DecodeLimits
+from ..media import media_format
 from ..review.decisions import DecisionLog, current_decisions
 from ..tiny import TINY_BANNER
-from ..views import media_format
 from .actions import JOURNAL as QUARANTINE_JOURNAL
 from .actions import ActionReport, recover
 from .commit import Runner, commit_run, current_inputs, scatter_listing
@@ -162,6 +162,7 @@ COUNTS = pa.schema(
         ("errors", pa.int64()),  # error set: read errors and unscorable content
         ("unscorable", pa.int64()),  # error_kind decode
         ("truncated", pa.int64()),
+        ("sampled", pa.int64()),  # objects with more views than --max-views: frames sampled over display time
         ("flagged", pa.int64()),  # withheld by the policy (or unscorable)
         ("reported", pa.int64()),  # released with the policy's `flag` action
     ]
@@ -182,6 +183,7 @@ def write_part(batch: pa.Table, parts: WorkerParts) -> pa.Table:
         "errors": batch.num_rows - batch["error"].null_count,
         "unscorable": pc.sum(pc.equal(kinds, "decode")).as_py() or 0,
         "truncated": pc.sum(pc.fill_null(batch["truncated"], False)).as_py() or 0,
+        "sampled": pc.sum(pc.fill_null(batch["views_sampled"], False)).as_py() or 0,
         "flagged": pc.sum(pc.fill_null(batch["flagged"], False)).as_py() or 0,
         "reported": pc.sum(pc.equal(batch["action"], "flag")).as_py() or 0,
     }
@@ -635,7 +637,7 @@ def _add_counts(summary: ScanSummary, counts: pa.Table) -> int:
     total = {name: pc.sum(counts[name]).as_py() or 0 for name in COUNTS.names if name != "part"}
     summary.skipped_non_image += total["not_image"]
     summary.scanned += total["rows"] - total["not_image"]
-    for name in ("errors", "unscorable", "truncated", "flagged", "reported"):
+    for name in ("errors", "unscorable", "truncated", "sampled", "flagged", "reported"):
         setattr(summary, name, getattr(summary, name) + total[name])
     return total["rows"]
 

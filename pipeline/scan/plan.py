@@ -85,6 +85,7 @@ class ScanSummary:
     errors: int = 0  # of those scanned: unscorable content (also counted in flagged) and read errors
     unscorable: int = 0  # of the errors: read but not scorable (withheld by the policy's unscorable_action)
     truncated: int = 0  # of those scanned: truncated files scored on what decodes
+    sampled: int = 0  # of those scanned: more views than --max-views, frames sampled evenly over display time
     actions: ActionReport = field(default_factory=lambda: ActionReport(None, False))
     release: Any = None  # a release.ReleaseReport when --release was given
     overturned: int = 0  # flagged objects left alone because a reviewer overturned them

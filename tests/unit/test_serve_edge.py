@@ -7,6 +7,7 @@ import pytest
 
 from deployments.auth import AuthConfigError, api_key, is_loopback, require_key_or_loopback
 from deployments.uploads import _file_parts, listing, request_pixels
+from pipeline.images import DecodeLimits
 from tests.adversarial import huge_bilevel_png, image_bytes
 from tests.corpus import png_header_only
 
@@ -27,10 +28,10 @@ def test_file_parts_counts_parts_with_a_filename():
 
 def test_request_pixels_from_headers():
     small = image_bytes(0, size=(64, 48))
-    assert request_pixels([small, small], 40_000_000) == 2 * 64 * 48
-    assert request_pixels([huge_bilevel_png(side=2000)], 40_000_000) == 4_000_000  # never decoded to count
+    assert request_pixels([small, small], DecodeLimits()) == 2 * 64 * 48
+    assert request_pixels([huge_bilevel_png(side=2000)], DecodeLimits()) == 4_000_000  # never decoded to count
     # Over the per-image limit: refused from its header by the checker, so it costs nothing here; not an image: 0.
-    assert request_pixels([png_header_only(100_000, 100_000), b"just text", b""], 40_000_000) == 0
+    assert request_pixels([png_header_only(100_000, 100_000), b"just text", b""], DecodeLimits()) == 0
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"])
@@ -57,3 +58,15 @@ def test_keys_are_stripped(raw, key):
 def test_blank_keys_are_refused(raw):
     with pytest.raises(AuthConfigError, match="empty or whitespace"):
         api_key({"DIFFGUARD_API_KEY": raw})
+
+
+def test_request_pixels_count_every_view_a_file_decodes_into():
+    """Every frame of an animation, every page, a video's sampled frames (not its whole length), an SVG's canvas."""
+    from tests.hidden import CASES
+
+    limits = DecodeLimits()
+    assert request_pixels([CASES["animated-gif"]().data], limits) == 2 * 224 * 224
+    assert request_pixels([CASES["multipage-tiff"]().data], limits) == 2 * 224 * 224
+    video = CASES["mp4"]().data  # 2 s at 10 fps: the first frame, 2 per second, the last: 6 samples priced
+    assert request_pixels([video], limits) == 6 * 224 * 224
+    assert request_pixels([CASES["svg"]().data], limits) == 1024 * 1024

@@ -133,3 +133,20 @@ def test_the_fingerprint_names_the_view_rules(tiny):
     finally:
         tiny._limits = replace(tiny._limits, max_views=64)
     assert tiny.fingerprint == before
+
+
+def test_evaluate_scores_an_object_by_its_views(tiny, tmp_path):
+    """evaluate/calibrate see what check sees: a picture in frame 2 counts as found for its labelled category."""
+    from pipeline.evaluate import load_labelled, metrics
+
+    case = CASES["animated-gif"]()
+    tiny.configure(policy=write_policy(tmp_path / "policy", case.example))
+    (tmp_path / "set" / "target").mkdir(parents=True)
+    (tmp_path / "set" / "safe").mkdir()
+    (tmp_path / "set" / "target" / "hidden.gif").write_bytes(case.data)
+    Image.fromarray(gradient()).save(tmp_path / "set" / "safe" / "plain.png")
+    data = load_labelled(tmp_path / "set", tiny)
+    assert len(data.embeds) == 3 and data.owners.tolist() == [0, 1, 1]  # safe/ first: one image, then two frames
+    assert (
+        metrics(tiny, data)["categories"]["target"] | {"tp": 1, "fp": 0} == metrics(tiny, data)["categories"]["target"]
+    )

@@ -307,6 +307,20 @@ def object_views(item: Any, limits: DecodeLimits, geometry: Preprocess) -> Viewe
     raise ImageDecodeError(f"unsupported image input of type {type(item).__name__}; use bytes, PIL or uint8 array")
 
 
+# CLIP's own transform (every checker shipped or built here: ViT-L/14 and the tiny one): the review app, which holds no
+# checker, finds the view a scan named with it.
+CLIP_GEOMETRY = Preprocess(224, (224, 224), (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def find_view(data: bytes, limits: DecodeLimits, label: str | None, geometry: Preprocess = CLIP_GEOMETRY) -> View:
+    """The view of ``data`` named ``label`` (as a verdict's ``view`` names it); the first view when the label is None
+    or no longer found (another checker's transform, other limits). :class:`ImageDecodeError` if nothing decodes."""
+    from dataclasses import replace
+
+    viewed = decode_views(data, replace(limits, max_views=max(limits.max_views, 4096)), geometry)
+    return next((v for v in viewed.views if v.label == label), viewed.views[0])
+
+
 def load_views(items: list[Any], limits: DecodeLimits, geometry: Preprocess) -> list[Viewed | ImageDecodeError]:
     """Decode a batch into views; each failure becomes that item's :class:`ImageDecodeError`, never the batch's."""
     out: list[Viewed | ImageDecodeError] = []

@@ -127,7 +127,8 @@ def image_cases() -> tuple[ImageCase, ...]:
     return (
         ImageCase("zero-bytes", ".png", b"", EMPTY, "image/png"),
         ImageCase("plain-text", ".png", b"hello, I am not an image at all\n", NOT_IMAGE, "image/png"),
-        ImageCase("svg-as-png", ".png", b'<svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>', NOT_IMAGE),
+        # An SVG is what a browser shows: rendered (no scripts, network or files) and scored, whatever its name.
+        ImageCase("svg-as-png", ".png", b'<svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>', SCORED),
         ImageCase("html-as-jpg", ".jpg", b"<!DOCTYPE html><html><body>hi</body></html>", NOT_IMAGE, "image/jpeg"),
         ImageCase("random-binary", ".png", bytes(np.random.default_rng(1).integers(0, 256, 512, np.uint8)), NOT_IMAGE),
         ImageCase("zip-as-png", ".png", b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + b"\x00" * 40, NOT_IMAGE),

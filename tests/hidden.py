@@ -76,7 +76,7 @@ def animated(fmt: str, seed: int = 7) -> Case:
 
 def multipage_tiff(seed: int = 7) -> Case:
     buf = io.BytesIO()
-    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target(seed)])
+    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target(seed)], compression="tiff_lzw")
     return Case(buf.getvalue(), np.asarray(target(seed)), "page 2", gradient())
 
 
@@ -176,6 +176,25 @@ CASES: dict[str, Callable[[], Case]] = {  # each hides its own picture (seed), s
     "mpo": lambda: mpo(seed=22),
     "mp4": lambda: video("mp4", seed=23),
     "webm": lambda: video("webm", seed=24),
+}
+
+
+FILENAMES = {  # realistic names, and a few without a suffix (every path selects by content)
+    "alpha-over-white": "alpha-white.png",
+    "alpha-over-black": "alpha-black.png",
+    "animated-gif": "anim.gif",
+    "apng": "anim.png",
+    "animated-webp": "anim.webp",
+    "multipage-tiff": "scan.tiff",
+    "wide-224x672": "banner.png",
+    "tall-672x224": "strip.png",
+    "svg": "drawing",  # an SVG without a suffix: found by its content
+    "heic": "IMG_0001",  # an iPhone photo without a suffix
+    "icc-inverted": "profile.png",
+    "ico": "favicon.ico",
+    "mpo": "stereo.mpo",
+    "mp4": "clip.mp4",
+    "webm": "clip.webm",
 }
 
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 
 from ..auth import authorized
 from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorized
-from ..images import DecodeLimits, decode
+from ..images import DecodeLimits
 from ..policy import blur
 from ..scan.state import MANIFEST, read_current
 from ..scan.storage import Location, parse_location
@@ -81,6 +81,10 @@ class ItemOut(BaseModel):
     error: str | None
     unscorable: bool | None
     truncated: bool | None
+    views: int | None = None  # views scored (frames, pages, backgrounds, tiles); null in tables written before views
+    views_total: int | None = None  # views the object has
+    views_sampled: bool | None = None  # more than max_views: sampled over display time
+    view: str | None = None  # the view that decided: what the thumbnail shows (null: the image itself)
     quarantined_to: str | None
     tagged: bool | None
     last_modified: str | None
@@ -181,8 +185,9 @@ class ReviewApp:
     def queue_size(self) -> int:
         return len(self.queue.keys)
 
-    def pixels(self, key: str) -> np.ndarray:
-        """The object's pixels, read from where it is now (its quarantine copy once moved). RGB uint8 (H, W, 3)."""
+    def pixels(self, key: str, whole: bool = False) -> np.ndarray:
+        """The view of the object that decided its verdict (its whole frame with ``whole``: a tile's frame, say), read
+        from where the object is now (its quarantine copy once moved). RGB uint8 (H, W, 3)."""
         row = self.queue.table.slice(self.queue.position[key], 1).to_pylist()[0]
         store, object_key = locate(row, self.endpoint_url)
         info = store.head(object_key)
@@ -190,8 +195,13 @@ class ReviewApp:
             raise HTTPException(404, f"{store.url(object_key)} is gone (moved or deleted since the scan)")
         if info.size > self.limits.max_bytes:
             raise ImageDecodeError(f"{store.url(object_key)} is over the limit of {self.limits.max_bytes} bytes")
+        from ..views import find_view  # torch (the view rules' resize): loaded on the first image, not at start
+
         data, _ = store.read(object_key)
-        return decode(data, self.limits).array
+        label = row.get("view")
+        if whole and label:
+            label = ", ".join(p for p in label.split(", ") if not p.startswith("tile ")) or None
+        return find_view(data, self.limits, label).array
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -301,7 +311,8 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
             return JSONResponse(one(request, key).model_dump())
         state.item(key)
         log.info("revealed the full image %r to the reviewer", key)
-        return Response(_png(state.pixels(key)), media_type="image/png", headers={"Cache-Control": "no-store"})
+        whole = _png(state.pixels(key, whole=True))
+        return Response(whole, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @api.post("/api/items/{key:path}/decision", dependencies=guarded, responses=ERRORS)
     def decide(request: Request, key: str, body: DecisionIn) -> DecisionOut:

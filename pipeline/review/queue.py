@@ -29,6 +29,7 @@ PAGE_MAX = 200
 DETAIL = ("key", "etag", "size", "last_modified", "action", "flagged", "nsfw", "categories", "flagged_categories")
 DETAIL += ("bad_concept_names", "error", "error_kind", "unscorable", "truncated", "quarantined_to", "tagged")
 DETAIL += ("model_fingerprint", "scanned_at", "bucket", "version_id", "sha256")
+DETAIL += ("views", "views_total", "views_sampled", "view")
 
 
 def _entries(column: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.hidden import CASES as HIDDEN
 from tests.integration.conftest import free_port
 from tests.reliability.adversarial import ODD_KEYS, PATHS, adversarial_scenario
 
@@ -37,6 +38,7 @@ ISSUE_CASES = {
     "JSON nested 2,000 deep": ("/v1/generate",),
     "`prompt` nested 2,000 deep": ("/v1/generate",),
     "a valid prompt, 2 images, strict checker": ("/v1/generate",),
+    **{f"hidden: {name}": PATHS for name in HIDDEN},  # issue 24: frames, pages, alpha, profiles, SVG, HEIC, video
 }
 
 

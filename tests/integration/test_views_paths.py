@@ -18,29 +18,13 @@ import yaml
 from PIL import Image
 
 from tests.hidden import CASES, THRESHOLD, gradient
+from tests.hidden import FILENAMES as NAMES
 from tests.integration.conftest import free_port
+from tests.integration.review_support import ReviewServer
 from tests.integration.scan_support import new_bucket, put_many, rows_by_key, scan
 from tests.reliability.apps import TINY, app, apply, serve_config
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`
-
-NAMES = {  # file names: realistic suffixes, and a few without (selection is by content)
-    "alpha-over-white": "alpha-white.png",
-    "alpha-over-black": "alpha-black.png",
-    "animated-gif": "anim.gif",
-    "apng": "anim.png",
-    "animated-webp": "anim.webp",
-    "multipage-tiff": "scan.tiff",
-    "wide-224x672": "banner.png",
-    "tall-672x224": "strip.png",
-    "svg": "drawing",  # an SVG without a suffix: found by its content
-    "heic": "IMG_0001",  # an iPhone photo without a suffix
-    "icc-inverted": "profile.png",
-    "ico": "favicon.ico",
-    "mpo": "stereo.mpo",
-    "mp4": "clip.mp4",
-    "webm": "clip.webm",
-}
 
 
 def _controls() -> dict[str, bytes]:
@@ -146,12 +130,22 @@ def test_moderate(corpus):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_scan_local(corpus, tmp_path, capsys):
+def test_scan_local_and_review(corpus, tmp_path, capsys):
     files, policy, owners, controls = corpus
     rc, out = scan(capsys, str(files), "--output", str(tmp_path / "dest"), "--policy", str(policy))
     assert rc == 0 and out["scanned"] == len(owners) + len(controls) and out["skipped_non_image"] == 0
     assert out["flagged"] == len(owners)
     assert_rows(rows_by_key(str(tmp_path / "dest")), owners, controls)
+    # The review app shows the view that decided (blurred like every thumbnail; revealed on request) and names it.
+    with ReviewServer(tmp_path / "dest") as app:
+        item = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}", timeout=60).json()
+        assert item["view"] == "frame 2 @ 0.50 s" and (item["views"], item["views_total"]) == (2, 2)
+        shown = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail?reveal=1", timeout=60)
+        frame = np.asarray(Image.open(io.BytesIO(shown.content)).convert("RGB"), dtype=np.int16)
+        example = np.asarray(Image.open(files.parent / "policy" / "animated-gif" / "example.png"), dtype=np.int16)
+        assert frame.shape == example.shape and np.abs(frame - example).mean() < 2  # frame 2, not the gradient
+        blurred = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail", timeout=60)
+        assert np.abs(np.asarray(Image.open(io.BytesIO(blurred.content)).convert("RGB")) - frame).mean() > 2
 
 
 @pytest.mark.usefixtures("ray_cluster")

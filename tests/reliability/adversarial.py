@@ -35,6 +35,8 @@ from PIL import Image
 
 from tests import adversarial as adv
 from tests.conftest import ROOT
+from tests.hidden import CASES as HIDDEN
+from tests.hidden import FILENAMES
 
 ADJUSTMENT = "1"  # every readable image is flagged: any "allow" below would be a bypass
 MAX_OBJECT_BYTES = 200_000
@@ -123,6 +125,8 @@ def corpus(bombs: int) -> list[Case]:
         Case("random bytes named .bin", "data.bin", bytes(range(256)) * 20, "non-image"),
         Case("text without a suffix", "readme", b"# hello\n" * 100, "non-image"),
     ]
+    # Issue 24: a picture hidden where a person sees it (a frame, a page, the alpha, a profile, SVG, HEIC, video).
+    cases += [Case(f"hidden: {n}", f"hidden/{FILENAMES[n]}", make().data, "scored") for n, make in HIDDEN.items()]
     bomb = adv.huge_bilevel_png(seed=0)  # one seed: the same 5 kB, n names (seeds would cost seconds each)
     group = f"{bombs} × 1-bit {adv.HUGE_SIDE}² PNG ({len(bomb):,} bytes each)"
     cases += [Case(group, f"bombs/{i:03d}.png", bomb, "scored") for i in range(bombs)]

@@ -2,6 +2,7 @@
 
     python -m tests.reliability.report [--soak-s 300] [--quick]
     python -m tests.reliability.report --only adversarial   # one scenario, spliced into the existing report
+    python -m tests.reliability.report --only bad-inputs adversarial   # both corpora
 
 
 Everything runs on this machine, loopback only: a simulated three-node cluster (its own process), then one local
@@ -315,8 +316,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
         "--only",
-        choices=["adversarial"],
-        help="run only this scenario and splice its section and summary row into the existing report",
+        nargs="+",
+        choices=["bad-inputs", "adversarial"],
+        help="run only these scenarios and splice their sections and summary rows into the existing report",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -342,9 +344,10 @@ def main() -> int:
         host, port = moto.get_host_and_port()
         s3 = f"http://{host}:{port}"
         size = "ci" if args.quick else "report"
-        if not args.only:
+        if not args.only or "bad-inputs" in args.only:
             scenarios += attempt("Bad-input corpus", corpus_scenario, free_port(), checker)
-        scenarios += attempt("Adversarial corpus", adversarial_scenario, free_port(), s3, size)
+        if not args.only or "adversarial" in args.only:
+            scenarios += attempt("Adversarial corpus", adversarial_scenario, free_port(), s3, size)
         if not args.only:
             scenarios += attempt("Endpoint faults", endpoint_faults, free_port(), checker, args.quick)
             scenarios += attempt("Load soak", soak_run, free_port(), checker, 30 if args.quick else args.soak_s)
@@ -354,13 +357,15 @@ def main() -> int:
         moto.stop()
     meta = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": ("make reliability-adversarial" if args.only else "make reliability")
+        "command": (
+            f"python -m tests.reliability.report --only {' '.join(args.only)}" if args.only else "make reliability"
+        )
         + (" (--quick)" if args.quick else ""),
         "machine": f"{os.cpu_count()} CPUs, {_memory_gib()} GiB, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, Ray {ray.__version__}",
         "seconds": round(time.monotonic() - started),
     }
-    raw = RAW.with_name(f"{args.only}.json") if args.only else RAW
+    raw = RAW.with_name(f"{'-'.join(args.only)}.json") if args.only else RAW
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"meta": meta, "scenarios": scenarios}, indent=2, default=str))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,13 @@ function render(item, index) {
   meta.appendChild(badge);
   meta.append(" " + (item.size == null ? "?" : item.size) + " bytes · score " +
     (item.score == null ? "—" : item.score.toFixed(3)) + (item.error ? " · " + item.error : ""));
+  if (item.view) {  // the view that decided (a frame, a page, a background, a tile): what the thumbnail shows
+    const view = document.createElement("span");
+    view.className = "view";
+    view.textContent = " · shown: " + item.view + " (" + item.views + " of " + item.views_total + " views" +
+      (item.views_sampled ? ", sampled" : "") + ")";
+    meta.appendChild(view);
+  }
   const link = document.createElement("a");
   link.href = "#";
   link.textContent = "full image";

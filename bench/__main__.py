@@ -3,7 +3,8 @@
 Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), ``preprocess``, ``service``, ``scan``,
 ``growth`` (the scan driver's time and memory on no-change reruns from 10^4 to 10^7 inventory rows; first-run images/s),
 ``proxy`` (Serve's HTTP fronts: Python proxy, HAProxy, direct ingress; where decoding belongs), ``generate``
-(cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split).
+(cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split), ``views`` (objects
+with many views: animations, videos, long and translucent images, beside single images; objects/s and views/s).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "service", "proxy", "scan", "growth", "generate")
+SECTIONS = ("core", "preprocess", "views", "service", "proxy", "scan", "growth", "generate")
 
 log = logging.getLogger("bench")
 
@@ -30,11 +31,13 @@ def plans(quick: bool) -> dict[str, Any]:
     from .proxy import ProxyPlan
     from .scan import GrowthPlan, ScanPlan
     from .service import ServicePlan
+    from .views import ViewsPlan
 
     if quick:
         return {
             "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=48, small_images=8)},
             "preprocess": (16, 2),
+            "views": ViewsPlan(objects=8, batch=8, calls=2),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
             "scan": ScanPlan(images=64, small=0),
@@ -47,6 +50,7 @@ def plans(quick: bool) -> dict[str, Any]:
             "vit-l-14": CorePlan(batches=(1, 8, 32), agree_images=64, small_images=12),
         },
         "preprocess": (32, 5),
+        "views": ViewsPlan(),
         "service": ServicePlan(
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from .core import run_preprocess
 
         results["preprocess"] = run_preprocess(*plan["preprocess"])
+    if "views" in only:
+        from .views import run_views
+
+        results["views"] = run_views(plan["views"])
     if "service" in only:
         results["service"] = _service(plan["service"])
     if "proxy" in only:  # after the service section's cluster is gone: each variant starts its own

@@ -1,8 +1,9 @@
 """The checker core against diffusers' checker as the diffusers pipeline runs it, and against the matmul limit.
 
 Reference (``run_safety_checker``): ``CLIPImageProcessor`` on PIL images, then ``StableDiffusionSafetyChecker.forward``
-under ``no_grad`` (its per-image Python loop included). Core: ``SafetyChecker.check`` on the same PIL images. Both
-hold the same randomly initialised weights (see ``bench.models``).
+under ``no_grad`` (its per-image Python loop included). Core: ``SafetyChecker.check`` on the same pictures as uint8
+arrays (one view each, as generated images are scored: the reference's work, nothing more; the extra views of long or
+translucent files are measured in ``bench.views``). Both hold the same randomly initialised weights (``bench.models``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Core:
         self.checker = SafetyChecker.load(str(directory), "cpu", dtype, policy="stock", max_batch_size=max_batch)
 
     def __call__(self, pictures: list[Any]) -> list[bool]:
-        return [v.nsfw for v in self.checker.check(pictures)]
+        return [v.nsfw for v in self.checker.check([np.asarray(p) for p in pictures])]
 
     def capture(self, store: list[torch.Tensor]) -> Any:
         return self.checker.projection.register_forward_hook(lambda m, i, out: store.append(out.detach().float()))

@@ -79,6 +79,26 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
         ]
         headers = ["images", "batch", "CLIPImageProcessor/s", "diffguard/s", "x ref"]
         out.append(("Preprocessing (images/s)", table(headers, rows)))
+    if "views" in results:
+        v = results["views"]
+        rows = [
+            [
+                r["corpus"],
+                r["views_per_object"],
+                r["objects_per_s"],
+                r["views_per_s"],
+                r["ms_per_object"],
+                r["x_single_objects"],
+            ]
+            for r in v["rows"]
+        ]
+        headers = ["objects", "views/object", "objects/s", "views/s", "ms/object", "x single"]
+        out.append(
+            (
+                f"Views: objects with many views vs single images ({v['model']}, {v['batch']} objects a call)",
+                table(headers, rows),
+            )
+        )
     if "service" in results:
         s = results["service"]
         rows = [

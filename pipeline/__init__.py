@@ -23,6 +23,10 @@ _EXPORTS = {
     "DecodeLimits": "images",
     "decode_image": "images",
     "load_image": "images",
+    "View": "views",
+    "Viewed": "views",
+    "load_views": "views",
+    "media_format": "media",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -71,7 +71,8 @@ class Preprocess:
         nh, nw = self.output_size(*image.shape[:2])
         if (nh, nw) == image.shape[:2]:
             return image
-        batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)  # torch wants it writable
+        batch = torch.from_numpy(image).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
         batch = batch.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(batch, size=(nh, nw), mode=self.resample, antialias=True)  # (1, 3, nh, nw) uint8
         return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())

@@ -24,10 +24,13 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.parsers import expat
 
 from .errors import ImageDecodeError
+
+if TYPE_CHECKING:
+    from .images import DecodeLimits
 
 SNIFF_BYTES = 64 * 1024  # leading bytes (decompressed, for svgz) that must reach the <svg> root element
 MAX_SIDE = 1024  # px: the canvas's long side is scaled down to this
@@ -212,7 +215,7 @@ def fit_canvas(root: ET.Element, max_pixels: int) -> tuple[int, int]:
     return canvas
 
 
-def render_svg(data: bytes, limits: Any) -> bytes:
+def render_svg(data: bytes, limits: DecodeLimits) -> bytes:
     """SVG or SVGZ bytes -> RGBA PNG bytes (transparency kept), or :class:`ImageDecodeError` saying why not."""
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"SVG is {len(data)} bytes, over the limit of {limits.max_bytes} bytes (max_bytes)")
@@ -223,7 +226,7 @@ def render_svg(data: bytes, limits: Any) -> bytes:
     root = sanitise(data, limits.max_bytes)
     fit_canvas(root, limits.max_pixels)
     svg = _serialise(root)
-    timeout = min(float(getattr(limits, "max_decode_s", MAX_RENDER_S)), MAX_RENDER_S)  # s
+    timeout = min(float(limits.max_decode_s), MAX_RENDER_S)  # s
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory(prefix="svg-") as empty:  # the child's cwd: relative paths find nothing

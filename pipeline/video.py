@@ -21,12 +21,15 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import av
 import numpy as np
 
 from .errors import ImageDecodeError
+
+if TYPE_CHECKING:
+    from .images import DecodeLimits
 
 _VIDEO_BRANDS = frozenset(
     {b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6", b"iso7", b"iso8", b"iso9", b"mp41", b"mp42", b"mp71"}
@@ -126,7 +129,7 @@ def _count(pixels: float) -> str:
     return f"{pixels / 1e9:.1f} G" if pixels >= 1e8 else f"{pixels / 1e6:.1f} M" if pixels >= 1e5 else f"{pixels:.0f}"
 
 
-def _check_header(head: VideoHeader, frames: int, limits: Any) -> None:
+def _check_header(head: VideoHeader, frames: int, limits: DecodeLimits) -> None:
     """Refuse from the header alone: frame size over max_pixels, estimated decoded pixels over max_decoded_pixels."""
     pixels = head.width * head.height
     if pixels > limits.max_pixels:
@@ -134,7 +137,7 @@ def _check_header(head: VideoHeader, frames: int, limits: Any) -> None:
             f"video frames are {head.width}x{head.height} = {_count(pixels)} pixels, "
             f"over the limit of {_count(limits.max_pixels)} (max_pixels)"
         )
-    budget = getattr(limits, "max_decoded_pixels", 2_000_000_000)
+    budget = limits.max_decoded_pixels
     if head.duration_s and head.fps and head.duration_s * head.fps * pixels > budget:
         raise ImageDecodeError(
             f"video is {head.width}x{head.height} at {head.fps:.1f} fps for {head.duration_s:.1f} s = "
@@ -148,7 +151,9 @@ def _check_header(head: VideoHeader, frames: int, limits: Any) -> None:
         )
 
 
-def video_frames(data: bytes, limits: Any, resize: Callable[[np.ndarray], np.ndarray] | None = None) -> VideoFrames:
+def video_frames(
+    data: bytes, limits: DecodeLimits, resize: Callable[[np.ndarray], np.ndarray] | None = None
+) -> VideoFrames:
     """Decode a video within ``limits`` and return its sampled frames (see the module docstring)."""
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"video is {len(data)} bytes, over the limit of {limits.max_bytes} bytes (max_bytes)")
@@ -166,20 +171,24 @@ def video_frames(data: bytes, limits: Any, resize: Callable[[np.ndarray], np.nda
             raise ImageDecodeError(f"corrupt or unsupported video: {e}") from None
     if not kept:
         raise ImageDecodeError("video has no decodable frames")
-    rate_samples = 2 + int(last_t * getattr(limits, "video_fps", 2.0) - 1e-9)  # first, one per sample time, last
+    rate_samples = 2 + int(last_t * limits.video_fps - 1e-9)  # first, one per sample time, last
     frames = [(rgb, t) for rgb, t, _ in kept]
     return VideoFrames(frames, head.duration_s or last_t, *size, rate_samples, step > 1.0 / limits.video_fps + 1e-12)
 
 
 def _sample(
-    container: Any, stream: Any, head: VideoHeader, limits: Any, resize: Callable[[np.ndarray], np.ndarray] | None
+    container: Any,
+    stream: Any,
+    head: VideoHeader,
+    limits: DecodeLimits,
+    resize: Callable[[np.ndarray], np.ndarray] | None,
 ) -> tuple[list[tuple[np.ndarray, float, int]], float, tuple[int, int], float]:
     """Decode every frame, keeping (RGB, time, sample index) for the first, each sample time and the last; with the
     last frame's time, the displayed size and the final step between samples (doubled each time they were thinned)."""
-    budget = getattr(limits, "max_decoded_pixels", 2_000_000_000)
-    deadline = getattr(limits, "max_decode_s", 60.0)  # s of wall-clock time
-    max_views = getattr(limits, "max_views", 64)
-    step = 1.0 / getattr(limits, "video_fps", 2.0)  # s between sample times
+    budget = limits.max_decoded_pixels
+    deadline = limits.max_decode_s  # s of wall-clock time
+    max_views = limits.max_views
+    step = 1.0 / limits.video_fps  # s between sample times
     kept: list[tuple[np.ndarray, float, int]] = []  # (RGB, seconds, index k of the sample time k * step)
     size = (head.width, head.height)
     start, decoded, next_k, t0 = time.monotonic(), 0, 1, None

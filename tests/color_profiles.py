@@ -132,3 +132,20 @@ def structured_picture(height: int = 64, width: int = 128) -> np.ndarray:
     right = np.stack([x, y, 255 - x], axis=2).round().astype(np.uint8)
     left = np.broadcast_to(np.array([200, 30, 30], np.uint8), (height, width // 2, 3))
     return np.concatenate([left, right], axis=1)
+
+
+def png_with_chunks(arr: np.ndarray, gamma: int | None = None, chrm=None, cicp=None, **kw) -> bytes:
+    """``arr`` as a PNG with colour chunks: gAMA (x100000), cHRM (8 chromaticities, white first), cICP (4 codes);
+    ``kw`` goes to Pillow's PNG writer (e.g. ``icc_profile``)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if gamma is not None:
+        info.add(b"gAMA", struct.pack(">I", gamma))
+    if chrm is not None:
+        info.add(b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in chrm)))
+    if cicp is not None:
+        info.add(b"cICP", bytes(cicp))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", pnginfo=info, **kw)
+    return buf.getvalue()

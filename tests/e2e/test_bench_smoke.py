@@ -30,6 +30,7 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     for title in (
         "Core vs diffusers",
         "Preprocessing",
+        "Views: objects with many views",
         "Service /v1/moderate",
         "HTTP fronts for /v1/moderate",
         "Scan",
@@ -51,6 +52,9 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     for setting in ("calibrated", "parity"):
         assert 0 < core["agreement"]["flagged_by_reference"][setting] < core["agreement"]["images"]
     assert {r["images"] for r in results["preprocess"]} == {"512x512", "varied"}
+    views = {r["kind"]: r["views_per_object"] for r in results["views"]["rows"]}
+    assert views == {"single": 1, "alpha": 2, "long": 4, "animation": 8, "video": 7}  # video: 0, 0.5 .. 2.5 s, last
+    assert all(r["objects_per_s"] > 0 for r in results["views"]["rows"])
 
     service = results["service"]["rows"]
     assert {(r["variant"], r["clients"]) for r in service} == {

@@ -9,14 +9,19 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import struct
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from pipeline.color import to_srgb
-from tests.color_profiles import cmyk_profile, grey_profile, inverted_srgb_profile, structured_picture
+from tests.color_profiles import (
+    cmyk_profile,
+    grey_profile,
+    inverted_srgb_profile,
+    png_with_chunks,
+    structured_picture,
+)
 from tests.conftest import encode
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`
@@ -30,14 +35,7 @@ TOLERANCE = {"cmyk-jpeg-profile": (2.0, 6)}
 
 
 def _png(arr: np.ndarray, gamma: int | None = None, chrm=None, cicp=None, **kw) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    if gamma is not None:
-        info.add(b"gAMA", struct.pack(">I", gamma))
-    if chrm is not None:
-        info.add(b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in chrm)))
-    if cicp is not None:
-        info.add(b"cICP", bytes(cicp))
-    return encode(Image.fromarray(arr), "PNG", pnginfo=info, **kw)
+    return png_with_chunks(arr, gamma, chrm, cicp, **kw)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from tests.color_profiles import (
     cmyk_profile,
     grey_profile,
     inverted_srgb_profile,
+    png_with_chunks,
     srgb_decode,
     structured_picture,
 )
@@ -40,14 +41,7 @@ def _reopen(data: bytes) -> Image.Image:
 
 
 def _png(arr: np.ndarray, gamma: int | None = None, chrm=None, cicp=None, **kw) -> Image.Image:
-    info = PngImagePlugin.PngInfo()
-    if gamma is not None:
-        info.add(b"gAMA", struct.pack(">I", gamma))
-    if chrm is not None:
-        info.add(b"cHRM", struct.pack(">8I", *(round(v * 100000) for v in chrm)))
-    if cicp is not None:
-        info.add(b"cICP", bytes(cicp))
-    return _reopen(encode(Image.fromarray(arr), "PNG", pnginfo=info, **kw))
+    return _reopen(png_with_chunks(arr, gamma, chrm, cicp, **kw))
 
 
 def _ramp() -> np.ndarray:

@@ -7,7 +7,7 @@ import gzip
 import http.server
 import io
 import threading
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,17 +15,11 @@ import resvg_py
 from PIL import Image
 
 from pipeline.errors import ImageDecodeError
+from pipeline.images import DecodeLimits
 from pipeline.svg import MAX_SIDE, MIN_SIDE, is_svg, render_svg
 from tests.conftest import encode
 
-LIMITS = SimpleNamespace(
-    max_pixels=40_000_000,
-    max_bytes=1 << 20,
-    max_decoded_pixels=2_000_000_000,
-    max_decode_s=60.0,
-    max_views=64,
-    video_fps=2.0,
-)
+LIMITS = DecodeLimits(max_bytes=1 << 20)
 NS = 'xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink"'
 ICON = f'<svg {NS} viewBox="0 0 24 24"><circle cx="12" cy="12" r="10" fill="#ff0000"/></svg>'.encode()
 
@@ -167,7 +161,7 @@ def test_canvas_is_bounded(attrs, size):
 
 
 def test_canvas_respects_max_pixels():
-    px = _pixels(render_svg(ICON, SimpleNamespace(**{**vars(LIMITS), "max_pixels": 10_000})))
+    px = _pixels(render_svg(ICON, replace(LIMITS, max_pixels=10_000)))
     assert px.shape[0] * px.shape[1] <= 10_000 and px.shape[0] == px.shape[1] == 100
 
 
@@ -226,6 +220,6 @@ def test_renderer_failure_is_reported_and_the_caller_survives(n, message):
 
 
 def test_timeout_is_reported():
-    limits = SimpleNamespace(**{**vars(LIMITS), "max_decode_s": 0.001})  # no child process starts in 1 ms
+    limits = replace(LIMITS, max_decode_s=0.001)  # no child process starts in 1 ms
     with pytest.raises(ImageDecodeError, match=r"SVG rendering took over 0.001 s"):
         render_svg(ICON, limits)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
-from types import SimpleNamespace
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -13,23 +13,17 @@ from PIL import Image
 
 from pipeline import video
 from pipeline.errors import ImageDecodeError
+from pipeline.images import DecodeLimits
 from pipeline.video import VideoHeader, is_video, probe, video_frames
 from tests.conftest import encode
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]  # one solid colour per second
-LIMITS = SimpleNamespace(
-    max_pixels=40_000_000,
-    max_bytes=1 << 20,
-    max_decoded_pixels=2_000_000_000,
-    max_decode_s=60.0,
-    max_views=64,
-    video_fps=2.0,
-)
+LIMITS = DecodeLimits(max_bytes=1 << 20)
 TOLERANCE = 16  # lossy codecs (yuv420p) shift a solid colour by a few levels
 
 
-def _limits(**changes) -> SimpleNamespace:
-    return SimpleNamespace(**{**vars(LIMITS), **changes})
+def _limits(**changes) -> DecodeLimits:
+    return replace(LIMITS, **changes)
 
 
 def _codec(*wanted: str) -> str:

@@ -150,3 +150,31 @@ def test_evaluate_scores_an_object_by_its_views(tiny, tmp_path):
     assert (
         metrics(tiny, data)["categories"]["target"] | {"tp": 1, "fp": 0} == metrics(tiny, data)["categories"]["target"]
     )
+
+
+@pytest.mark.parametrize("fmt", ["AVIF", "JXL", "HEIF", "WEBP"])
+def test_every_still_format_a_phone_or_browser_shows_is_one_scored_view(tiny, fmt):
+    from pipeline.images import register_plugins
+    from pipeline.media import media_format
+
+    register_plugins()
+    buf = io.BytesIO()
+    target().save(buf, fmt, quality=90)
+    data = buf.getvalue()
+    assert media_format(data[:65536]) is not None  # found by content, whatever the name
+    [verdict] = tiny.check([data])
+    assert verdict.error is None and verdict.views == 1 and len(verdict.concept_scores) == 17
+
+
+def test_what_looks_like_media_but_cannot_be_rendered_is_unscorable_never_skipped(tiny):
+    from pipeline.media import media_format
+
+    broken = {
+        "svg": b'<svg xmlns="http://www.w3.org/2000/svg"><rect width="10" height="10"',  # cut off
+        "mp4": b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 64,  # a header, no movie
+        "webm": b"\x1a\x45\xdf\xa3" + b"\x00" * 64,
+    }
+    for name, data in broken.items():
+        assert media_format(data) is not None, name
+        [verdict] = tiny.check([data])
+        assert verdict.unscorable and verdict.action == "block" and verdict.error, (name, verdict)

@@ -75,9 +75,13 @@ def animated(fmt: str, seed: int = 7) -> Case:
 
 
 def multipage_tiff(seed: int = 7) -> Case:
+    """Page 1 a harmless gradient, page 2 the picture (JPEG-compressed pages: a scanner's output, and small)."""
     buf = io.BytesIO()
-    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target(seed)], compression="tiff_lzw")
-    return Case(buf.getvalue(), np.asarray(target(seed)), "page 2", gradient())
+    Image.fromarray(gradient()).save(buf, "TIFF", save_all=True, append_images=[target(seed)], compression="jpeg")
+    data = buf.getvalue()
+    shown = Image.open(io.BytesIO(data))
+    shown.seek(1)
+    return Case(data, np.asarray(shown.convert("RGB")), "page 2", gradient())
 
 
 def long_image(wide: bool = True, seed: int = 7) -> Case:

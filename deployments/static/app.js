@@ -125,6 +125,10 @@ function card({ title, action, verdict, pixels, error }) {
     if (!flagged.length && !error) chips.append(el("span", { class: "muted", text: "no category flagged" }));
     node.append(chips);
     if (verdict.truncated) node.append(el("p", { class: "muted", text: "truncated file: scored on what decodes" }));
+    if (verdict.views > 1 || verdict.views_sampled) {  // frames, pages, backgrounds, tiles: say which one decided
+      const sampled = verdict.views_sampled ? ` (sampled from ${verdict.views_total})` : "";
+      node.append(el("p", { class: "muted view", text: `${verdict.views} views scored${sampled}; deciding view: ${verdict.view}` }));
+    }
     const categories = Object.entries(verdict.categories || {});
     if (categories.length) node.append(scoreRows("category scores", categories));
     const concepts = (verdict.concept_scores || []).map((v, i) => [conceptNames.concept[i] || `concept ${i}`, v]);

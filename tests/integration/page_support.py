@@ -81,14 +81,20 @@ class ScriptedChecker:
     def info(self) -> dict[str, Any]:
         return self.real.info()
 
-    def check(self, items: list[Any]) -> list[Any]:
+    def views(self, items: list[Any]) -> list[Any]:
+        """Generated arrays stay arrays (scripted below); uploads get the real checker's views."""
+        uploads = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
+        real = dict(zip(uploads, self.real.views([items[i] for i in uploads]), strict=True))
+        return [real.get(i, item) for i, item in enumerate(items)]
+
+    def score_views(self, objects: list[Any]) -> list[Any]:
         info = self.real.info()
         categories = sorted(info["policy"]["categories"])
         n_special = sum(c["kind"] == "special" for c in info["concepts"])
         n_concepts = len(info["concepts"]) - n_special
-        uploads = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
-        real = dict(zip(uploads, self.real.check([items[i] for i in uploads]), strict=True))
+        uploads = [i for i, obj in enumerate(objects) if not isinstance(obj, np.ndarray)]
+        real = dict(zip(uploads, self.real.score_views([objects[i] for i in uploads]), strict=True))
         return [
-            real[i] if i in real else scripted_verdict(int(item[0, 0, 0]), categories, n_concepts, n_special)
-            for i, item in enumerate(items)
+            real[i] if i in real else scripted_verdict(int(obj[0, 0, 0]), categories, n_concepts, n_special)
+            for i, obj in enumerate(objects)
         ]

@@ -294,6 +294,19 @@ def test_upload_of_a_good_and_a_corrupt_file_shows_both_cards(page, service, tmp
     assert _errors_but_the_first_401(page) == []
 
 
+def test_an_animation_says_how_many_views_were_scored_and_which_decided(page, service, tmp_path):
+    from tests.hidden import CASES
+
+    gif = tmp_path / "anim.gif"
+    gif.write_bytes(CASES["animated-gif"]().data)
+    page.goto(f"{service}/")
+    _enter_key(page, KEY)
+    page.click("#tab-moderate")
+    page.set_input_files("#files", [str(gif)])
+    text = page.wait_for_selector("#moderate-results .card .view").inner_text()
+    assert text.startswith("2 views scored; deciding view: frame "), text
+
+
 def test_phone_width_has_no_horizontal_scroll(browser, service):
     context, page = new_page(browser, viewport={"width": 375, "height": 740}, is_mobile=True)
     page.goto(f"{service}/")

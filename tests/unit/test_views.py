@@ -178,3 +178,14 @@ def test_what_looks_like_media_but_cannot_be_rendered_is_unscorable_never_skippe
         assert media_format(data) is not None, name
         [verdict] = tiny.check([data])
         assert verdict.unscorable and verdict.action == "block" and verdict.error, (name, verdict)
+
+
+def test_policy_view_keys_are_validated_and_named(tmp_path):
+    from pipeline.errors import InvalidInput
+    from pipeline.policy import load_policy
+
+    for key, value, allowed in (("over_view_budget", "skip", "sample, unscorable"), ("max_views", 0, ">= 1")):
+        path = write_policy(tmp_path / key, gradient(), **{key: value})
+        with pytest.raises(InvalidInput, match=rf"{key} must .*{allowed}.*got {value!r}"):
+            load_policy(path)
+    assert load_policy(write_policy(tmp_path / "ok", gradient(), max_views=8)).max_views == 8

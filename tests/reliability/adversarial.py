@@ -565,7 +565,11 @@ def adversarial_scenario(port: int, endpoint: str, size: str = "report") -> dict
         "title": "Adversarial corpus (issue 14: no bypass)",
         "injected": f"{len(cases)} adversarial objects ({sizes['bombs']} of them 1-bit {adv.HUGE_SIDE}² PNGs) plus "
         f"{sum(map(len, ODD_KEYS.values()))} odd S3 keys, a symlink pair, a same-size rewrite and request-limit and "
-        "deep-JSON requests (tests/reliability/adversarial.py), through `diffguard check`, `/v1/moderate`, "
+        "deep-JSON requests (tests/reliability/adversarial.py), and issue 24's pictures hidden where a person sees "
+        f"them ({len(HIDDEN)} `hidden:` rows: a frame, a page, the alpha, a colour profile, a tile, SVG, HEIC, ICO, "
+        "MPO, video; here every one must be read and scored, never skipped; that each is flagged at the view that "
+        "hides it, with a policy firing on that picture alone, is tests/integration/test_views_paths.py), "
+        "through `diffguard check`, `/v1/moderate`, "
         "`/v1/generate` and `diffguard scan --apply` (local → quarantine dir, S3 → local quarantine dir, S3 --tag), "
         f"all at `--adjustment {ADJUSTMENT}` and `--max-object-bytes {MAX_OBJECT_BYTES}`",
         "figures": figures,

@@ -18,8 +18,10 @@ What a viewer shows is more than the first 224×224 of the first frame Pillow de
 - **formats**: whatever Pillow opens (PNG, JPEG, GIF, WebP, TIFF, BMP, ICO, MPO, AVIF, and HEIC/HEIF and JPEG XL
   through their plugins), SVG rasterised in a sandboxed renderer (:mod:`pipeline.svg`), video through PyAV.
 
-The views of a multi-frame object are kept at the checker's scale (:meth:`Preprocess.resize`, the checker's own
-kernel, so scoring them equals scoring the full frames) to bound memory; a single frame stays whole. Every view has a
+The frames of a multi-frame object are kept at the checker's scale as they decode (:meth:`Preprocess.resize`, the
+checker's own kernel, so scoring them equals scoring the full frames), at most ``KEPT_FRAMES`` × ``max_views`` of them
+(past that, neighbouring frames merge into the one shown longer), so memory is bounded whatever the frame count; a
+single frame stays whole. Every view has a
 label naming where it is (``frame 12 @ 1.50 s``, ``page 2``, ``over white``, ``tile 3/3``, joined by ", "); an object
 whose only view is the image itself has the label None. Ray-free: the CLI, the Serve replicas and the scan's stages
 all call :func:`load_views`.
@@ -43,6 +45,7 @@ from .images import DecodeLimits, check_pixels, decode_pil, from_array, open_ima
 from .preprocess import Preprocess
 
 TILE_BEYOND = 4 / 3  # tiles when the long side at the checker's scale exceeds this many crops (the crop sees < 3/4)
+KEPT_FRAMES = 4  # a multi-frame object holds at most this many × max_views distinct frames while it decodes
 MIN_FRAME_MS = 100  # browsers show GIF frames of <= 10 ms (and 0) for 100 ms; every animation here is timed so
 _PAGED = {"TIFF": "page", "MPO": "image"}  # multi-frame formats whose frames are pages, not moments
 
@@ -69,11 +72,48 @@ class Viewed:
 
 @dataclass
 class _Frame:
-    rgba: np.ndarray  # (H, W, 3) or (H, W, 4) uint8, sRGB
+    layers: list[tuple[np.ndarray, str | None]]  # RGB uint8 (H, W, 3) as shown: itself, or over white and over black
     label: str | None
     start: float  # display time in seconds
-    duration: float = 0.0
+    duration: float = 0.0  # display time it stands for (its own, plus that of frames merged into it)
     views: list[View] = field(default_factory=list)
+    shown: float = 0.0  # its own display time: which of two frames a merge keeps
+
+    def same(self, other: _Frame) -> bool:
+        return len(self.layers) == len(other.layers) and all(
+            a.shape == b.shape and np.array_equal(a, b)
+            for (a, _), (b, _) in zip(self.layers, other.layers, strict=True)
+        )
+
+
+def _frame(arr: np.ndarray, label: str | None, start: float, duration: float, shrink: Preprocess | None) -> _Frame:
+    """A decoded frame (RGB, or RGBA with translucent pixels) as the layers a person sees; with ``shrink`` (a frame of
+    many) each layer is kept at the checker's scale when it is larger (scores unchanged: the checker's own kernel)."""
+    layers = _backgrounds(arr)
+    if shrink is not None and min(arr.shape[:2]) > shrink.shortest_edge:
+        layers = [(shrink.resize(a), background) for a, background in layers]
+    return _Frame(layers, label, start, duration, shown=duration)
+
+
+def _keep(frames: list[_Frame], frame: _Frame, cap: int) -> None:
+    """Append ``frame`` to a multi-frame object's frames as it is decoded, holding at most ``cap`` in memory: an
+    identical consecutive frame only lengthens the previous one; past ``cap``, neighbouring pairs are merged into the
+    one shown longer (their times summed), so what a viewer sees longest survives and memory stays bounded."""
+    if frames and frames[-1].same(frame):
+        frames[-1].duration += frame.duration
+        frames[-1].shown += frame.shown
+        return
+    frames.append(frame)
+    if len(frames) > cap:
+        merged = []
+        for a, b in zip(frames[0::2], frames[1::2], strict=False):
+            kept = a if a.shown >= b.shown else b
+            kept.duration = a.duration + b.duration
+            kept.start = a.start
+            merged.append(kept)
+        if len(frames) % 2:
+            merged.append(frames[-1])
+        frames[:] = merged
 
 
 # --- frames ----------------------------------------------------------------------------------------------------------
@@ -118,12 +158,14 @@ def _budget(frames: int, width: int, height: int, limits: DecodeLimits, what: st
         )
 
 
-def _image_frames(data: bytes, limits: DecodeLimits) -> tuple[list[_Frame], bool]:
+def _image_frames(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> tuple[list[_Frame], bool]:
     """Encoded image bytes -> its frames (sRGB) and whether the file was truncated."""
-    return _frames_of(open_image(data, limits), data, limits)
+    return _frames_of(open_image(data, limits), data, limits, geometry)
 
 
-def _frames_of(im: Image.Image, data: bytes | None, limits: DecodeLimits) -> tuple[list[_Frame], bool]:
+def _frames_of(
+    im: Image.Image, data: bytes | None, limits: DecodeLimits, geometry: Preprocess
+) -> tuple[list[_Frame], bool]:
     """An opened Pillow image (from ``data``, or given by a caller: None) -> its frames and truncation."""
     started = time.monotonic()
     frames = getattr(im, "n_frames", 1)
@@ -131,13 +173,13 @@ def _frames_of(im: Image.Image, data: bytes | None, limits: DecodeLimits) -> tup
         sizes = im.ico.sizes()  # type: ignore[attr-defined]
         _budget(len(sizes), *max(sizes, key=lambda s: s[0] * s[1]), limits, "the icon")
         if len(sizes) > 1:
-            return [_Frame(_array(f), label, 0.0) for f, label, _ in _ico_frames(im, limits)], False
+            return [_frame(_array(f), label, 0.0, 0.0, geometry) for f, label, _ in _ico_frames(im, limits)], False
     if frames <= 1:
         if data is None:
             check_pixels(*im.size, limits)
-            return [_Frame(_array(ImageOps.exif_transpose(im)), None, 0.0)], False
+            return [_frame(_array(ImageOps.exif_transpose(im)), None, 0.0, 0.0, None)], False
         frame, truncated = decode_pil(data, limits)
-        return [_Frame(_array(frame), None, 0.0)], truncated
+        return [_frame(_array(frame), None, 0.0, 0.0, None)], truncated
     _budget(frames, *im.size, limits, f"the {im.format} image")
     out: list[_Frame] = []
     t, truncated = 0.0, False
@@ -145,14 +187,14 @@ def _frames_of(im: Image.Image, data: bytes | None, limits: DecodeLimits) -> tup
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             for frame, label, duration in _pil_frames(im, limits, started):
-                out.append(_Frame(_array(frame), label, t, duration))
+                _keep(out, _frame(_array(frame), label, t, duration, geometry), KEPT_FRAMES * limits.max_views)
                 t += duration
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         if not out and data is not None:  # the first frame itself is broken: the single-frame decoder's rules
             frame, truncated = decode_pil(data, limits)
-            return [_Frame(_array(frame), None, 0.0)], truncated
+            return [_frame(_array(frame), None, 0.0, 0.0, None)], truncated
         if "truncated" not in str(exc).lower() and not isinstance(exc, EOFError):
             raise ImageDecodeError(f"corrupt {im.format} image at frame {len(out) + 1}: {exc}") from None
         truncated = True  # a browser shows the frames that decode
@@ -191,11 +233,10 @@ def _join(*parts: str | None) -> str | None:
     return text or None
 
 
-def _frame_views(frame: _Frame, geometry: Preprocess, shrink: bool) -> list[View]:
+def _frame_views(frame: _Frame, geometry: Preprocess) -> list[View]:
     views = []
-    for arr, background in _backgrounds(frame.rgba):
-        whole = geometry.resize(arr) if shrink else arr  # many frames: kept at the checker's scale
-        views.append(View(whole, _join(frame.label, background)))
+    for arr, background in frame.layers:
+        views.append(View(arr, _join(frame.label, background)))
         views += [View(t, _join(frame.label, background, name)) for t, name in _tiles(arr, geometry)]
     return views
 
@@ -204,7 +245,7 @@ def _distinct(frames: list[_Frame]) -> list[_Frame]:
     """Consecutive identical frames are one: the first, shown for their summed duration."""
     out: list[_Frame] = []
     for f in frames:
-        if out and out[-1].rgba.shape == f.rgba.shape and np.array_equal(out[-1].rgba, f.rgba):
+        if out and out[-1].same(f):
             out[-1].duration += f.duration
             continue
         out.append(f)
@@ -225,9 +266,8 @@ def frames_to_views(frames: list[_Frame], geometry: Preprocess, limits: DecodeLi
     frames = _distinct(frames)
     if len(frames) == 1 and frames[0].label is not None and not frames[0].label.startswith("size"):
         frames[0].label = None  # an animation of one distinct frame is that image
-    shrink = len(frames) > 1
     for f in frames:
-        f.views = _frame_views(f, geometry, shrink)
+        f.views = _frame_views(f, geometry)
     total = sum(len(f.views) for f in frames)
     if total <= limits.max_views:
         return Viewed([v for f in frames for v in f.views], total, False, truncated)
@@ -255,7 +295,7 @@ def _video_views(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> Vie
     from .video import video_frames
 
     got = video_frames(data, limits, resize=geometry.resize)
-    frames = [_Frame(arr, f"frame @ {t:.2f} s", t) for arr, t in got.frames]
+    frames = [_Frame([(arr, None)], f"frame @ {t:.2f} s", t) for arr, t in got.frames]
     for f, nxt in zip(frames, [*frames[1:], None], strict=True):
         f.duration = (nxt.start if nxt is not None else max(got.duration_s, f.start + 1e-3)) - f.start
     viewed = frames_to_views(frames, geometry, limits, False)
@@ -281,7 +321,7 @@ def decode_views(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> Vie
         data = render_svg(data, limits)
     elif is_video(data):
         return _video_views(data, limits, geometry)
-    frames, truncated = _image_frames(data, limits)
+    frames, truncated = _image_frames(data, limits, geometry)
     return frames_to_views(frames, geometry, limits, truncated)
 
 
@@ -302,7 +342,7 @@ def object_views(item: Any, limits: DecodeLimits, geometry: Preprocess) -> Viewe
         views = [View(a, label) for a, label in _backgrounds(arr)]
         return Viewed(views, len(views))
     if isinstance(item, Image.Image):
-        frames, _ = _frames_of(item, None, limits)
+        frames, _ = _frames_of(item, None, limits, geometry)
         return frames_to_views(frames, geometry, limits, False)
     raise ImageDecodeError(f"unsupported image input of type {type(item).__name__}; use bytes, PIL or uint8 array")
 

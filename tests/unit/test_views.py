@@ -189,3 +189,22 @@ def test_policy_view_keys_are_validated_and_named(tmp_path):
         with pytest.raises(InvalidInput, match=rf"{key} must .*{allowed}.*got {value!r}"):
             load_policy(path)
     assert load_policy(write_policy(tmp_path / "ok", gradient(), max_views=8)).max_views == 8
+
+
+def test_a_long_animation_holds_a_bounded_number_of_frames_and_keeps_the_longest_shown(tiny, tmp_path):
+    """1,000 distinct frames: at most KEPT_FRAMES x max_views are held while decoding (memory is bounded), pairs merge
+    into the frame shown longer, so the one frame shown for 20 s among 999 shown for 20 ms is still scored."""
+    from dataclasses import replace
+
+    from pipeline.views import KEPT_FRAMES, _image_frames
+
+    frames = [Image.fromarray(np.full((32, 32, 3), (i % 250, i // 250, 9), np.uint8)) for i in range(999)]
+    frames.insert(500, target(size=(32, 32)))
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=[20] * 500 + [20_000] + [20] * 499)
+    limits = replace(tiny.limits, max_views=8)
+    held, _ = _image_frames(buf.getvalue(), limits, tiny.preprocess)
+    assert len(held) <= KEPT_FRAMES * 8 and any(f.label.startswith("frame 501 @") for f in held)
+    assert abs(sum(f.duration for f in held) - (999 * 0.02 + 20)) < 1e-6  # every frame's time is still counted
+    [viewed] = load_views([buf.getvalue()], limits, tiny.preprocess)
+    assert viewed.sampled and any(v.label.startswith("frame 501 @") for v in viewed.views)

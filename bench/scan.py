@@ -156,8 +156,8 @@ def scanned_state(dest: str, rows: Any, fingerprint: str) -> None:
     from pipeline.scan.commit import Inputs, commit_run
     from pipeline.scan.shards import shard_count, split, write_shard
     from pipeline.scan.state import conform, load_meta
-    from pipeline.scan.storage import parse_location
     from pipeline.spec import CheckerSpec
+    from pipeline.storage import parse_location
 
     spec = CheckerSpec()
     n = rows.num_rows
@@ -182,8 +182,8 @@ def local_growth(n: int, root: str, repo: str) -> dict[str, Any]:
 
     import pyarrow as pa
 
-    from pipeline.scan.storage import LocalStore
     from pipeline.spec import CheckerSpec
+    from pipeline.storage import LocalStore
 
     src, dest = Path(root, f"src-{n}"), Path(root, f"dest-{n}")
     if not src.exists():
@@ -380,7 +380,7 @@ def listing_bench(n: int, endpoint: str, prefixes: int = 256) -> dict[str, Any]:
 
     from pipeline.scan.job import fanout_listing
     from pipeline.scan.plan import list_source
-    from pipeline.scan.storage import Location, S3Store
+    from pipeline.storage import Location, S3Store
 
     bucket = f"listing-{n}"
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
@@ -426,7 +426,7 @@ def local_walk(n: int, root: str) -> dict[str, Any]:
     import ray
 
     from pipeline.scan.plan import list_source
-    from pipeline.scan.storage import parse_location
+    from pipeline.storage import parse_location
 
     src = Path(root, f"src-{n}")
     if not src.exists():

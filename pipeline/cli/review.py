@@ -39,9 +39,9 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    from ..review.decisions import DecisionLog
+    from ..decisions import DecisionLog
     from ..scan.state import read_current
-    from ..scan.storage import parse_location
+    from ..storage import parse_location
     from .scan import endpoint
 
     dest = parse_location(args.dest, endpoint(args), "DEST")

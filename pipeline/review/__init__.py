@@ -1,10 +1,10 @@
 """Human review of a bucket scan: a queue over its current view, blurred thumbnails, and decisions the scan honours.
 
-- :mod:`.decisions`: the append-only decisions table under DEST (latest per key + etag wins; stale when it changed);
+- :mod:`pipeline.decisions` (below the scan and this package): the append-only decisions table under DEST;
 - :mod:`.queue`: the queue, sorted once and paged by cursor;
 - :mod:`.app`: the FastAPI app and its page (``diffguard review DEST``). No Ray.
 """
 
-from .decisions import DECISIONS, Decision, DecisionLog, current_decisions
+from ..decisions import DECISIONS, Decision, DecisionLog, current_decisions
 
 __all__ = ["DECISIONS", "Decision", "DecisionLog", "current_decisions"]

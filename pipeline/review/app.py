@@ -34,13 +34,12 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..auth import authorized
+from ..decisions import NOTE_MAX, Decision, DecisionLog, now, validate
 from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorized
 from ..images import DecodeLimits
 from ..policy import blur
 from ..scan.state import MANIFEST, read_current
-from ..scan.storage import Location, parse_location
-from .decisions import NOTE_MAX, Decision, DecisionLog, now, validate
-from .objects import locate
+from ..storage import Location, locate, parse_location
 from .queue import PAGE_MAX, STATES, ReviewQueue
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
+from ..decisions import current_decisions
 from ..errors import DiffguardError, InvalidInput
 from ..evaluate import SAFE, LabelledSet, canonical, embed_views
 from ..scan.state import read_current
-from ..scan.storage import parse_location
-from .decisions import current_decisions
-from .objects import locate
+from ..storage import locate, parse_location
 
 log = logging.getLogger(__name__)
 READERS = 8  # concurrent object reads

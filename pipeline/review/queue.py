@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..decisions import DECISIONS, Decision, DecisionLog
 from ..errors import InvalidInput
-from .decisions import DECISIONS, Decision, DecisionLog
 
 STATES = ("all", "undecided", "stale", *DECISIONS)  # a decision for the current etag, none, or only older ones
 PAGE_MAX = 200

@@ -1,6 +1,6 @@
 """The bucket scan: score every image under s3://bucket/prefix (or a directory), results as Parquet under DEST.
 
-``plan`` (what to read, no Ray), ``storage`` (S3 and local stores), ``state`` (DEST's layout and current view),
+``plan`` (what to read, no Ray; stores are :mod:`pipeline.storage`), ``state`` (DEST's layout and current view),
 ``shards`` and ``commit`` (the plan and the commit cut by a hash of the key), ``actions`` (quarantine and tags),
 ``job`` (the driver, its Ray tasks and the Ray Data job: the only module here that uses Ray).
 Names are imported lazily, so ``import pipeline.scan`` imports neither Ray nor torch.

@@ -39,8 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DiffguardError, InvalidInput
-from .state import PartWriter
-from .storage import (
+from ..storage import (
     LocalStore,
     Location,
     ObjectExists,
@@ -51,6 +50,7 @@ from .storage import (
     parse_location,
     sha256,
 )
+from .state import PartWriter
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..storage import Location
 from .shards import FinishSpec, TableFile, finish_shard, read_split, shard_count, sharded_files, split_pieces
 from .state import FORMAT, ROW_SCHEMA, Meta, _delete_folded, _write_manifest, load_meta
-from .storage import Location
 from .table import TABLE, commit_files
 
 PARTS_PER_TASK = 32  # staged parts read and split by one task

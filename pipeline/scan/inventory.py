@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InvalidInput
+from ..storage import LocalStore, Location, S3Store, StorageError, Store, parse_location
 from .plan import LISTING_SCHEMA, excluded
-from .storage import LocalStore, Location, S3Store, StorageError, Store, parse_location
 
 log = logging.getLogger("diffguard")
 

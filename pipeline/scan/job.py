@@ -39,10 +39,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..decisions import DecisionLog, current_decisions
 from ..errors import DiffguardError, InvalidInput
 from ..images import SNIFF_BYTES, DecodeLimits
 from ..media import media_format
-from ..review.decisions import DecisionLog, current_decisions
+from ..storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 from ..tiny import TINY_BANNER
 from .actions import JOURNAL as QUARANTINE_JOURNAL
 from .actions import ActionReport, recover
@@ -77,7 +78,6 @@ from .shards import (
     sharded_files,
 )
 from .state import NOT_IMAGE, PartWriter, WorkerParts, load_meta, migrate, read_manifest
-from .storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 from .table import TABLE
 
 log = logging.getLogger("diffguard")

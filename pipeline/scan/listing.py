@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..storage import ObjectInfo, S3Store, StorageError
 from .plan import LISTING_SCHEMA, excluded, listing_table
-from .storage import ObjectInfo, S3Store, StorageError
 
 FANOUT_MIN = 1000  # with a Ray cluster up: SOURCEs of at most this many objects (one LIST page) get one paginator
 # Without one, the fan-out first pays Ray's start (4-14 s measured on 2 cores), which S3 answers ~10^5 keys in

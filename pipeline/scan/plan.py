@@ -20,9 +20,9 @@ import pyarrow.compute as pc
 from ..errors import InvalidInput
 from ..images import IMAGE_SUFFIXES, DecodeLimits
 from ..spec import CheckerSpec
+from ..storage import LocalStore, Location, ObjectInfo, S3Store, parse_location
 from .actions import ActionReport, quarantine_location
 from .state import NOT_IMAGE
-from .storage import LocalStore, Location, ObjectInfo, S3Store, parse_location
 
 log = logging.getLogger("diffguard")
 

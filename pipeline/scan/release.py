@@ -28,11 +28,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..decisions import Decision, DecisionLog, current_decisions
 from ..errors import DiffguardError, InvalidInput, StorageError
-from ..review.decisions import Decision, DecisionLog, current_decisions
-from ..review.objects import object_store
+from ..storage import Location, ObjectInfo, object_store, sha256
 from .state import PartWriter
-from .storage import Location, ObjectInfo, sha256
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..images import DecodeLimits
+from ..storage import Location, StorageError
 from .actions import ActionReport, apply_actions
 from .plan import _CURRENT, LISTING_SCHEMA, SHARD_ROWS, named_image, plan
 from .state import (
@@ -40,7 +41,6 @@ from .state import (
     conform,
     latest_per_key,
 )
-from .storage import Location, StorageError
 from .table import TABLE
 
 log = logging.getLogger("diffguard")

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InvalidInput
-from .storage import Location, StorageError, parse_location
+from ..storage import Location, StorageError, parse_location
 from .table import TABLE, commit, open_table, read_table, table_files, table_run, table_uri
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .storage import Location, S3Store, StorageError
+from ..storage import Location, S3Store, StorageError
 
 APP_ID = "diffguard-scan"  # Delta application-transaction id; its version is the scan run a table version holds
 TABLE = "results"  # the table's folder under DEST

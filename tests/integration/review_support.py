@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.scan.state import PartWriter, conform, rows_table
-from pipeline.scan.storage import parse_location
+from pipeline.storage import parse_location
 from tests.conftest import ROOT
 
 CATEGORIES = ("sexual", "violence", "hate")

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.decisions import PREFIX, DecisionLog
 from pipeline.policy import blur
-from pipeline.review.decisions import PREFIX, DecisionLog
-from pipeline.scan.storage import parse_location
+from pipeline.storage import parse_location
 from tests.integration.review_support import ODD_KEYS, ReviewServer, results
 from tests.integration.scan_support import new_bucket
 

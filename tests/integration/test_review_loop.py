@@ -157,7 +157,7 @@ def test_tag_then_release_removes_only_the_scan_tag(s3, s3_endpoint, capsys):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_local_release_carries_the_overturn_to_the_restored_file(capsys, tmp_path):
-    from pipeline.review.decisions import DecisionLog
+    from pipeline.decisions import DecisionLog
     from pipeline.scan.release import RELEASER
 
     src, dest, held = tmp_path / "src", tmp_path / "dest", tmp_path / "held"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.review.decisions import DecisionLog
+from pipeline.decisions import DecisionLog
 from tests.conftest import ROOT
 from tests.integration.browser import new_page
 from tests.integration.review_support import ReviewServer, results

@@ -137,7 +137,7 @@ def test_same_size_rewrite_with_restored_mtime_is_rescored(tmp_path, capsys):
 
 def test_quarantine_paths_and_exclusive_creates(s3, s3_endpoint, tmp_path):
     from pipeline.scan.actions import encoded_name, local_name, quarantine_location
-    from pipeline.scan.storage import LocalStore, ObjectExists, S3Store, parse_location
+    from pipeline.storage import LocalStore, ObjectExists, S3Store, parse_location
 
     source = parse_location(f"s3://{new_bucket(s3)}/in", s3_endpoint)
     for text in (str(tmp_path / "held"), "./held", "../held", "~/held"):

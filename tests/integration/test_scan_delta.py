@@ -165,7 +165,7 @@ def test_an_s3_commit_whose_answer_is_lost_counts_once(s3, s3_endpoint):
     """The PUT creating the log entry lands but its answer is lost: the retried create meets 412 and the log decides."""
     from pipeline.scan.commit import compact
     from pipeline.scan.state import PartWriter, read_current, rows_table
-    from pipeline.scan.storage import parse_location
+    from pipeline.storage import parse_location
     from tests.faultproxy import FaultProxy
 
     bucket = new_bucket(s3)

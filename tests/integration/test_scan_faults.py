@@ -58,7 +58,7 @@ def test_transient_s3_faults(s3, s3_endpoint, corpus):
 def test_store_survives_lost_answers_and_cut_bodies(s3, s3_endpoint):
     """The two storage faults found by the runs above, injected deterministically: a conditional DELETE whose answer
     is lost (botocore's retry then finds no key) and GET bodies cut off mid-stream (botocore does not retry those)."""
-    from pipeline.scan.storage import S3Store
+    from pipeline.storage import S3Store
     from tests.faultproxy import FaultProxy
     from tests.reliability.scan_faults import new_bucket
 

@@ -194,7 +194,7 @@ def test_inventory_fails_closed(s3, s3_endpoint, capsys, bucket_with_images, tmp
 
     from pipeline.errors import InvalidInput
     from pipeline.scan.inventory import check_source, load_manifest
-    from pipeline.scan.storage import parse_location
+    from pipeline.storage import parse_location
 
     other = write_report(s3, inv, "some-other-bucket", listed(s3, bucket), "Parquet")
     rc, out = scan(capsys, *args, "--inventory", other)

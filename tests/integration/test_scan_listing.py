@@ -139,7 +139,7 @@ def test_a_failing_listing_task_fails_the_listing_with_the_stores_message(s3, s3
     as the sequential paginator does: the CLI turns it into exit 1 and one line (see test_scan_faults)."""
     from pipeline.errors import StorageError
     from pipeline.scan.job import fanout_listing
-    from pipeline.scan.storage import Location, S3Store
+    from pipeline.storage import Location, S3Store
     from tests.faultproxy import FaultProxy
 
     bucket = new_bucket(s3)

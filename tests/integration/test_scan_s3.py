@@ -196,9 +196,9 @@ class Died(BaseException):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_quarantine_never_loses_an_object_when_the_job_dies(s3, s3_endpoint, capsys, checker, monkeypatch, caplog):
+    from pipeline import storage
     from pipeline.cli import main
     from pipeline.scan import state as scan_state
-    from pipeline.scan import storage
 
     caplog.set_level(logging.INFO)
     bucket, images, flagged, dest, args = _scored_bucket(s3, s3_endpoint, capsys, checker, 8)

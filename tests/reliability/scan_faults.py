@@ -101,7 +101,7 @@ def audit(s3: Any, bucket: str, endpoint: str, images: dict[str, bytes], expecte
     """After a completed run: one current row per object, every object exactly once (at its key, or quarantined when
     flagged), every object scored with the expected verdict, no journal entry left."""
     from pipeline.scan import read_current
-    from pipeline.scan.storage import sha256
+    from pipeline.storage import sha256
 
     table = read_current(f"s3://{bucket}/results", endpoint)
     keys = table["key"].to_pylist()

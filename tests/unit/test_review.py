@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.decisions import NOTE_MAX, PREFIX, Decision, DecisionLog, current_decisions, validate
 from pipeline.errors import InvalidInput
-from pipeline.review.decisions import NOTE_MAX, PREFIX, Decision, DecisionLog, current_decisions, validate
 from pipeline.review.queue import _list_max, decode_cursor, encode_cursor
 from pipeline.scan.actions import eligible
-from pipeline.scan.storage import parse_location
+from pipeline.storage import parse_location
 
 pytestmark = pytest.mark.unit
 T0 = datetime(2026, 12, 1, tzinfo=UTC)

@@ -21,7 +21,7 @@ from pipeline.scan.commit import Runner, compact, current_inputs, scatter_listin
 from pipeline.scan.plan import LISTING_SCHEMA, plan
 from pipeline.scan.shards import PLAN_COLUMNS, PlanSpec, plan_shard, shard_count, shard_ids, split
 from pipeline.scan.state import PartWriter, load_meta, read_current, rows_table
-from pipeline.scan.storage import parse_location
+from pipeline.storage import parse_location
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit

@@ -18,8 +18,8 @@ from pipeline.errors import StorageError
 from pipeline.scan import commit, state
 from pipeline.scan.commit import compact
 from pipeline.scan.state import MANIFEST, ROW_SCHEMA, PartWriter, load_state, migrate, read_current, rows_table
-from pipeline.scan.storage import parse_location
 from pipeline.scan.table import APP_ID
+from pipeline.storage import parse_location
 
 pytestmark = pytest.mark.unit
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "scan_format1"

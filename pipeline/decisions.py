@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import InvalidInput, StorageError
-from ..scan.storage import Location, parse_location
+from .errors import InvalidInput, StorageError
+from .storage import Location, parse_location
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInput, ObjectExists, StorageError
+from .errors import InvalidInput, ObjectExists, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -572,3 +572,22 @@ def parse_location(text: str, endpoint_url: str | None = None, what: str = "loca
     if "://" in text:
         raise InvalidInput(f"{what} {text!r}: expected s3://bucket/prefix or a local directory")
     return Location(LocalStore(str(Path(text).expanduser().resolve())))
+
+
+def object_store(url: str, endpoint_url: str | None) -> tuple[Store, str]:
+    """The store and key of an object URL: ``s3://bucket/key``, or an absolute path."""
+    if url.startswith("s3://"):
+        bucket, _, key = url[5:].partition("/")
+        return S3Store(bucket, endpoint_url), key
+    path = Path(url)
+    return LocalStore(str(path.parent)), path.name
+
+
+def locate(row: dict[str, Any], endpoint_url: str | None) -> tuple[Store, str]:
+    """(store, key) of a scan row's object where it is now: its quarantine copy once moved (``quarantined_to``), else
+    its place in the source (``bucket``, ``key``)."""
+    if row.get("quarantined_to"):
+        return object_store(row["quarantined_to"], endpoint_url)
+    if row["bucket"].startswith("/"):  # a local scan's rows name the absolute source directory
+        return LocalStore(row["bucket"]), row["key"]
+    return S3Store(row["bucket"], endpoint_url), row["key"]

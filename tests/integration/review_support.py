@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.scan.state import PartWriter, conform, rows_table
-from pipeline.storage import parse_location
+from pipeline.storage import LocalStore, canonical_key, parse_location, sha256
 from tests.conftest import ROOT
 
 CATEGORIES = ("sexual", "violence", "hate")
@@ -39,12 +39,16 @@ def results(
     now = datetime.now(UTC)
     rows = []
     for i, key in enumerate(keys):
+        data, etag = png(seed * 100_000 + i, (24, 32)), f"etag-{i}"
         if images and s3 is not None:
-            s3.put_object(Bucket=str(source), Key=key, Body=png(seed * 100_000 + i, (24, 32)))
+            s3.put_object(Bucket=str(source), Key=key, Body=data)
+            etag = s3.head_object(Bucket=str(source), Key=key)["ETag"].strip('"')
         elif images:
             path = Path(source) / key
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(png(seed * 100_000 + i, (24, 32)))
+            path.write_bytes(data)
+            if canonical_key(key):  # the scan's own etag of the file (odd keys name no one path: never read)
+                etag = LocalStore(str(Path(source).resolve())).head(key).etag
         if kind[i] == 5:
             cats, flagged, action, error = {}, [], "block", "corrupt or truncated image"
         else:
@@ -59,10 +63,10 @@ def results(
             {
                 "bucket": str(source),
                 "key": key,
-                "etag": f"etag-{i}" if s3 is None else s3.head_object(Bucket=str(source), Key=key)["ETag"].strip('"'),
+                "etag": etag,
                 "size": 100 + i,
                 "last_modified": now,
-                "sha256": None,
+                "sha256": sha256(data) if images else None,  # of the bytes "scored": what a review shows is checked
                 "nsfw": action == "block" and "sexual" in flagged,
                 "concept_scores": [max(cats.values())] if cats else [],
                 "categories": cats,

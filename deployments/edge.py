@@ -1,36 +1,76 @@
 """The ASGI layer in front of the routes: the API key and the request limits, before any route reads a byte.
 
-An unauthenticated client never gets a body read; a body over ``max_body_bytes`` is refused from its
-Content-Length or as it streams; a ``/v1/moderate`` multipart body with more file parts than
-``max_files_per_request`` is refused before anything parses it. The buffered body is then replayed to FastAPI,
-which parses it (JSON, ``UploadFile``) as the routes declare. Also here: the content-type rules the routes depend on
+Headers the edge decides on must come once (a duplicate is a 400: Starlette reads the first, a dict the last). An
+unauthenticated client never gets a body read; a keyless service refuses browsers' cross-site requests (403); a body
+over ``max_body_bytes`` is refused from its Content-Length or as it streams, and one that does not arrive within
+``body_read_timeout_s`` gets a 408; a ``/v1/moderate`` multipart body with more file parts than
+``max_files_per_request`` is refused before FastAPI parses it. The buffered body is then replayed to FastAPI, which
+parses it (JSON, ``UploadFile``) as the routes declare. Also here: the content-type rules the routes depend on
 (checked before FastAPI validates a body) and the page's security headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.errors import UnsupportedMediaType
+from pipeline.errors import PayloadTooLarge, UnsupportedMediaType
 
 from .auth import authorized
-from .uploads import _file_parts
+from .uploads import _file_parts, media_type
 
 UNAUTHORIZED = "missing or wrong API key: send `Authorization: Bearer <key>`"
+# Headers the edge or the routes decide on: each must come once, so every reader sees the same value.
+SINGLE = ("content-type", "content-length", "authorization", "host", "origin", "sec-fetch-site")
+# A keyless service answers only these Sec-Fetch-Site values. `same-site` is refused too: any port of the same host
+# is the same site (http://localhost:3000 and http://localhost:8000), so any local dev server could drive it.
+OWN_SITE = ("same-origin", "none")
 
 
 @dataclass(frozen=True)
 class EdgeSettings:
     """What the edge enforces; set on ``app.state.edge`` by the Ingress replica at start."""
 
-    api_key: str | None  # None: open (the start-up rule allowed it)
+    api_key: str | None  # None: open (the start-up rule allowed it); browsers' cross-site requests are refused
     max_body_bytes: int
     max_files: int  # /v1/moderate: file parts per request
+    body_read_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
+
+
+def duplicated(scope: Scope) -> str | None:
+    """The first of the ``SINGLE`` headers that the request carries more than once, or None."""
+    seen: set[str] = set()
+    for raw, _ in scope["headers"]:
+        name = raw.decode("latin-1").lower()
+        if name in SINGLE:
+            if name in seen:
+                return name
+            seen.add(name)
+    return None
+
+
+def cross_site(headers: dict[str, str]) -> str | None:
+    """Why a keyless service refuses this request as a browser's cross-site one, or None (curl and SDKs send neither
+    header). The Origin's host and port must be the Host header's; the scheme is not compared, as a TLS proxy in front
+    makes an https page's requests arrive as http."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site.strip().lower() not in OWN_SITE:
+        return f"`Sec-Fetch-Site: {site}`; allowed: {' or '.join(OWN_SITE)}, or no such header"
+    origin, host = headers.get("origin"), headers.get("host", "").lower()
+    if origin is not None:
+        try:
+            authority = urlsplit(origin.strip()).netloc.lower()
+        except ValueError:
+            authority = ""
+        if not authority or authority != host:
+            return f"`Origin: {origin}`, which is not this service's `Host: {host}`"
+    return None
 
 
 class Edge:
@@ -39,9 +79,9 @@ class Edge:
     def __init__(self, app: ASGIApp, request_id: Any):
         self.app, self.request_id = app, request_id
 
-    def _refuse(self, scope: Scope, status: int, message: str) -> JSONResponse:
+    def _refuse(self, scope: Scope, status: int, message: str, **headers: str) -> JSONResponse:
         rid = self.request_id(Request(scope))
-        return JSONResponse({"error": message, "request_id": rid}, status_code=status)
+        return JSONResponse({"error": message, "request_id": rid}, status_code=status, headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,30 +94,35 @@ class Edge:
         settings: EdgeSettings | None = getattr(scope["app"].state, "edge", None)
         if settings is None:  # never configured: fail closed
             return await self._refuse(scope, 503, "the service is starting; retry later")(scope, receive, send)
+        twice = duplicated(scope)
+        if twice is not None:
+            message = f"the request carries more than one `{twice}` header; send each of {', '.join(SINGLE)} once"
+            return await self._refuse(scope, 400, message)(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if not authorized(headers.get("authorization"), settings.api_key):
             return await self._refuse(scope, 401, UNAUTHORIZED)(scope, receive, send)
+        why = cross_site(headers) if settings.api_key is None else None
+        if why is not None:
+            message = f"refused a cross-site browser request ({why}): this service has no API key"
+            return await self._refuse(scope, 403, message)(scope, receive, send)
         limit = settings.max_body_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             message = f"request body is {int(declared)} bytes; the limit is {limit} (`max_body_bytes`)"
             return await self._refuse(scope, 413, message)(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                refusal = f"request body is over the limit of {limit} bytes (`max_body_bytes`)"
-                return await self._refuse(scope, 413, refusal)(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(settings.body_read_timeout_s):  # for the whole body, not per chunk
+                body = await _read_body(receive, limit)
+        except PayloadTooLarge as exc:
+            return await self._refuse(scope, 413, exc.message)(scope, receive, send)
+        except TimeoutError:
+            deadline = settings.body_read_timeout_s
+            message = f"the request body did not arrive within {deadline:g}s (`body_read_timeout_s`)"
+            return await self._refuse(scope, 408, message, Connection="close")(scope, receive, send)
+        if body is None:  # the client went away
+            return None
         kind = headers.get("content-type", "")
-        if path == "/v1/moderate" and kind.split(";")[0].strip().lower() == "multipart/form-data":
+        if path == "/v1/moderate" and media_type(kind) == "multipart/form-data":
             sent = _file_parts(body, kind)
             if sent > settings.max_files:
                 refusal = (
@@ -96,21 +141,30 @@ class Edge:
         await self.app(scope, replay, send)
 
 
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-    "connect-src 'self'; form-action 'none'; base-uri 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None when the client disconnected; over ``limit`` bytes raises ``PayloadTooLarge``."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (`max_body_bytes`)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 # Content-type rules, as route dependencies: they run before FastAPI validates the body.
 def json_only(request: Request) -> None:
-    """application/json, or no Content-Type at all (read as JSON, as FastAPI and the service always have; a browser's
-    cross-site form post always carries a form or text type, so this opens nothing)."""
+    """application/json only. A body without a Content-Type is refused too: a cross-site ``fetch`` in ``no-cors`` mode
+    with a Blob body sends exactly that, without a preflight."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind not in ("application/json", ""):
-        raise UnsupportedMediaType(f"/v1/generate takes application/json, got {kind!r}")
+    if kind != "application/json":
+        got = repr(kind) if kind else "no Content-Type header"
+        raise UnsupportedMediaType(f"/v1/generate takes `Content-Type: application/json`; got {got}")
 
 
 def upload_kinds(request: Request) -> None:

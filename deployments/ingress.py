@@ -38,10 +38,11 @@ from pipeline.errors import (
     Unauthorized,
     Unavailable,
 )
+from pipeline.headers import PAGE_HEADERS
 from pipeline.images import DecodeLimits
 
 from .auth import api_key, auth_info, authorized, require_key_or_loopback
-from .edge import PAGE_HEADERS, UNAUTHORIZED, Edge, EdgeSettings, json_only, upload_kinds
+from .edge import UNAUTHORIZED, Edge, EdgeSettings, json_only, upload_kinds
 from .health import ReplicaState, http_host
 from .schemas import (
     RAW_IMAGE_BODY,
@@ -67,7 +68,6 @@ api = FastAPIOffline(
     'the safety checker in the same request. Errors are always `{"error", "request_id"}`. The page at `/` '
     "drives this API.",
     version="0.1.0",
-    strict_content_type=False,  # a JSON body without a Content-Type is read as JSON, as the service always has
 )
 
 
@@ -182,7 +182,9 @@ class Ingress:
         self.host = http_host()
         require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
         self.auth = auth_info(key, self.args.allow_unauthenticated, self.host)
-        api.state.edge = EdgeSettings(key, self.args.max_body_bytes, self.args.max_files_per_request)
+        api.state.edge = EdgeSettings(
+            key, self.args.max_body_bytes, self.args.max_files_per_request, self.args.body_read_timeout_s
+        )
         api.state.limits = self.limits
         api.state.retry_after_s = self.args.retry_after_s
         api.openapi_schema = None
@@ -240,7 +242,7 @@ class Ingress:
         "/v1/generate",
         dependencies=[Depends(_authorize), Depends(json_only)],
         response_model=GenerateResponse,
-        responses=error_responses(401, 413, 415, 422, 503),
+        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 503),
     )
     async def generate(self, request: Request, body: GenerateRequest) -> dict[str, Any]:
         """Generate images from a prompt. Every image is scored by the checker in this request and the policy
@@ -284,7 +286,7 @@ class Ingress:
         "/v1/moderate",
         dependencies=[Depends(_authorize), Depends(upload_kinds)],
         response_model=ModerateResponse,
-        responses=error_responses(400, 401, 413, 415, 422, 503),
+        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 503),
         openapi_extra=RAW_IMAGE_BODY,
     )
     async def moderate_uploads(
@@ -352,7 +354,7 @@ class Ingress:
         "/v1/info",
         dependencies=[Depends(_authorize)],
         response_model=InfoResponse,
-        responses=error_responses(401, 503),
+        responses=error_responses(400, 401, 403, 503),
     )
     async def info(self) -> dict[str, Any]:
         """Models, fingerprints, thresholds, batching and autoscaling settings, and whether demo weights are in use."""

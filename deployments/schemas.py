@@ -202,8 +202,11 @@ class InfoResponse(BaseModel):
 
 
 STATUS_WHEN = {
-    400: "an upload could not be decoded (every file; names them), or a malformed multipart body",
+    400: "an upload could not be decoded (every file; names them), a malformed multipart body, or a duplicate "
+    "Content-Type, Content-Length or Authorization header",
     401: "API key missing or wrong (`Authorization: Bearer <key>`)",
+    403: "a keyless service refuses a cross-site browser request (Sec-Fetch-Site, Origin)",
+    408: "the request body did not arrive within body_read_timeout_s",
     413: "body over max_body_bytes; more files than max_files_per_request or more pixels than max_request_pixels",
     415: "wrong content type",
     422: "invalid JSON or parameters (names the field, the value and the allowed range); JSON nested too deeply",

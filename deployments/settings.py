@@ -80,6 +80,7 @@ class IngressArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    body_read_timeout_s: float = Field(30.0, gt=0, le=3600)  # a body not all received within this gets 408
     checker_timeout_s: float = Field(30.0, gt=0)  # no verdict within this -> 503, no pixels
     generator_timeout_s: float = Field(600.0, gt=0)
     health_timeout_s: float = Field(5.0, gt=0)

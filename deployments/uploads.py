@@ -5,7 +5,10 @@ decodes pixels (torch-free: the ingress never loads it).
 
 from __future__ import annotations
 
-import re
+from typing import Any
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.errors import PayloadTooLarge
 from pipeline.images import DecodeLimits
@@ -19,23 +22,50 @@ def listing(items: list[str], limit: int = MAX_LISTED) -> str:
     return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _file_parts(body: bytes, content_type: str) -> int:
-    """Parts of a multipart body whose headers carry a filename (only to report how many were sent, exactly).
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value, lower case, as Starlette's form parsing reads it."""
+    return parse_options_header(content_type)[0].decode("latin-1")
 
-    Reads each part's header block in place: no copy of the parts (a split would copy the whole body once more)."""
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if match is None:
+
+class _FileCounter:
+    """python-multipart callbacks that count the parts Starlette's form parser makes an ``UploadFile`` of: those whose
+    Content-Disposition (the last one, as there) has a ``filename`` option."""
+
+    def __init__(self) -> None:
+        self.files, self.field, self.value, self.disposition = 0, b"", b"", b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.field.lower() == b"content-disposition":
+            self.disposition = self.value
+        self.field = self.value = b""
+
+    def on_headers_finished(self) -> None:
+        self.files += b"filename" in parse_options_header(self.disposition)[1]
+        self.disposition = b""
+
+
+def _file_parts(body: bytes, content_type: str) -> int:
+    """Parts of a multipart body that Starlette would parse as files, counted with the same parser (python-multipart)
+    and option parsing. Without a ``boundary`` option (``xboundary=`` is not one): 0, and FastAPI refuses the body
+    (400); counting stops where the body stops parsing, and FastAPI then refuses it the same way."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
         return 0
-    delimiter = b"--" + match.group(1).encode("latin-1")
-    count, at = 0, body.find(delimiter)
-    while at != -1:
-        start = at + len(delimiter)
-        at = body.find(delimiter, start)
-        end = len(body) if at == -1 else at
-        stop = body.find(b"\r\n\r\n", start, end)  # the part's headers end here
-        headers = body[start : end if stop == -1 else stop]
-        count += b"filename=" in headers.lower()
-    return count
+    counter = _FileCounter()
+    callbacks: Any = {name: getattr(counter, name) for name in vars(_FileCounter) if name.startswith("on_")}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except FormParserError:
+        pass
+    return counter.files
 
 
 def request_pixels(blobs: list[bytes], limits: DecodeLimits) -> int:

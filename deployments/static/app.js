@@ -205,14 +205,16 @@ async function moderate(files) {
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
   $("moderate-summary").textContent = `Scoring ${files.length} file(s)…`;
-  const previews = new Map(files.map((f) => [f.name, f]));
   try {
     const body = await call("v1/moderate", { method: "POST", body: form });
     showMessage("");
     for (const old of results.querySelectorAll("img")) URL.revokeObjectURL(old.src);
-    results.replaceChildren(...body.results.map((row) => {
+    // Results come in the order the files were sent: row i is files[i] (never matched by name: two files may share
+    // one, and a blocked file's pixels must never show on another's card). A count that differs shows no preview.
+    const inOrder = body.results.length === files.length;
+    results.replaceChildren(...body.results.map((row, i) => {
       // Only released actions show the local file; blurred, blacked-out and blocked files show a placeholder.
-      const file = previews.get(row.filename);
+      const file = inOrder ? files[i] : null;
       const pixels = file && (row.action === "allow" || row.action === "flag") && !row.error ? URL.createObjectURL(file) : null;
       return card({ title: row.filename || "(body)", action: row.action, verdict: row, pixels, error: row.error });
     }));

@@ -6,9 +6,19 @@ DEST/_review/decisions/part-<decided_at_ns>-<random>.parquet     one file per ac
 
 Every file is created exclusively and whole (:meth:`Store.create`: locally a hard link of a complete, fsynced temp file;
 on S3 a PUT with ``If-None-Match: *``), so a decision is acknowledged only once it is durable, a reader never sees half
-a file, and no decision ever replaces another. The latest decision per ``(key, etag)`` wins (by ``decided_at``, then
-file name); a decision whose etag differs from the object's current etag is **stale** (the object changed after the
-review). Decisions attach to key + etag, not to the model fingerprint: rescoring keeps them.
+a file, and no decision ever replaces another.
+
+A decision is bound to the bytes the reviewer was shown: their ``sha256``, which the review app checked against the
+scan row's before it showed a pixel or recorded the decision. It is in force only for an object whose scored bytes
+have that sha256 (the latest decision per ``(key, sha256)`` wins, by ``decided_at``, then file name), so an object
+swapped after the review is never exempt, and one swapped back is exempt only if those are the bytes the reviewer saw.
+A decision that does not match the object's current bytes is **stale**. Decisions attach to the bytes, not to the
+model fingerprint: rescoring keeps them. Decisions written before they carried a sha256 are matched by etag, and their
+overturns are no longer honoured (an S3 ETag repeats when the same bytes are uploaded again): review those again.
+
+The files are read as untrusted (anyone who can write under DEST can write one): a file that cannot be read, or a row
+outside the schema, is skipped with a warning naming it; a ``decided_at`` more than :data:`FUTURE_SKEW` ahead of this
+clock is skipped too (it would otherwise win over every later decision).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import logging
 import secrets
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +44,7 @@ DECISIONS = ("confirm", "overturn", "relabel")  # the machine was right | a fals
 SAFE = "safe"  # the label an overturned object gets
 NOTE_MAX = 2000  # characters of a note
 REVIEWER_MAX = 200  # characters of a reviewer name
+FUTURE_SKEW = timedelta(minutes=5)  # a decided_at further ahead of this clock is not believed
 
 SCHEMA = pa.schema(
     [
@@ -48,6 +59,7 @@ SCHEMA = pa.schema(
         ("note", pa.string()),  # free text, at most NOTE_MAX characters (null when none)
         ("reviewer", pa.string()),
         ("decided_at", pa.timestamp("us", tz="UTC")),
+        ("sha256", pa.string()),  # of the bytes reviewed (the scan row's, checked against the object when shown)
     ]
 )
 
@@ -62,6 +74,11 @@ class Decision:
     note: str | None
     reviewer: str
     decided_at: datetime
+    sha256: str | None = None  # None: written before decisions were bound to bytes (matched by etag; overturns ignored)
+
+    def binding(self) -> tuple[str, str]:
+        """(key, what it is bound to): ``sha256:<hex>``, or ``etag:<etag>`` for a decision without one."""
+        return self.key, f"sha256:{self.sha256}" if self.sha256 else f"etag:{self.etag}"
 
     def label(self) -> str | None:
         """The calibration label: confirm -> its category, overturn -> safe, relabel -> its category."""
@@ -93,8 +110,8 @@ class DecisionLog:
     """The decisions under one DEST: read once, then appended to (thread-safe).
 
     >>> log = DecisionLog(parse_location("s3://moderation/scans/uploads"))
-    >>> log.append([Decision("a.png", "9f…", None, "overturn", None, "a beach", "ana", datetime.now(UTC))])
-    >>> log.latest()[("a.png", "9f…")].decision
+    >>> log.append([Decision("a.png", "9f…", None, "overturn", None, "a beach", "ana", now(), sha256="e3b0…")])
+    >>> log.get("a.png", sha256="e3b0…").decision
     'overturn'
     """
 
@@ -102,8 +119,8 @@ class DecisionLog:
         self.dest = dest
         self._lock = threading.Lock()
         self._all: list[Decision] = []
-        self._latest: dict[tuple[str, str], Decision] = {}
-        self._by_key: dict[str, Decision] = {}  # the latest decision on each key, whatever its etag
+        self._latest: dict[tuple[str, str], Decision] = {}  # Decision.binding() -> the latest decision
+        self._by_key: dict[str, Decision] = {}  # the latest decision on each key, whatever its bytes
         for decision in self._read():
             self._remember(decision)
 
@@ -112,24 +129,30 @@ class DecisionLog:
         return cls(parse_location(dest, endpoint_url, "DEST") if isinstance(dest, str) else dest)
 
     def _read(self) -> list[Decision]:
-        rows: list[tuple[datetime, str, int, dict[str, Any]]] = []
+        rows: list[tuple[datetime, str, int, Decision]] = []
+        horizon = now() + FUTURE_SKEW
         for info in self.dest.store.list(self.dest.key(PREFIX)):
             name = info.key.rsplit("/", 1)[-1]
             if not (name.startswith("part-") and name.endswith(".parquet")):
                 continue  # temp files of a write in flight are never read
-            data, _ = self.dest.store.read(info.key)
+            url = self.dest.store.url(info.key)
             try:
-                table = pq.read_table(io.BytesIO(data))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise StorageError(f"{self.dest.store.url(info.key)} is not a readable decisions file: {exc}") from None
-            for i, row in enumerate(table.to_pylist()):
-                rows.append((row["decided_at"], name, i, row))
+                data, _ = self.dest.store.read(info.key)
+                found = pq.read_table(io.BytesIO(data)).to_pylist()
+            except (pa.ArrowInvalid, OSError, StorageError) as exc:
+                log.warning("WARNING: skipped %s: not a readable decisions file (%s)", url, exc)
+                continue
+            for i, row in enumerate(found):
+                if (problem := _problem(row, horizon)) is not None:
+                    log.warning("WARNING: skipped row %d of %s: %s", i, url, problem)
+                    continue
+                rows.append((row["decided_at"], name, i, Decision(**{f: row.get(f) for f in SCHEMA.names})))
         rows.sort(key=lambda r: r[:3])
-        return [Decision(**{f: row.get(f) for f in SCHEMA.names}) for *_, row in rows]
+        return [decision for *_, decision in rows]
 
     def _remember(self, decision: Decision) -> None:
         self._all.append(decision)
-        pair = (decision.key, decision.etag)
+        pair = decision.binding()
         if pair not in self._latest or self._latest[pair].decided_at <= decision.decided_at:  # as a reread orders them
             self._latest[pair] = decision
         if decision.key not in self._by_key or self._by_key[decision.key].decided_at <= decision.decided_at:
@@ -155,14 +178,18 @@ class DecisionLog:
             return list(self._all)
 
     def latest(self) -> dict[tuple[str, str], Decision]:
-        """(key, etag) -> the decision in force for that version."""
+        """:meth:`Decision.binding` -> the latest decision bound to those bytes (or that etag)."""
         with self._lock:
             return dict(self._latest)
 
-    def get(self, key: str, etag: str) -> Decision | None:
-        """The decision in force for that version of the object."""
+    def get(self, key: str, sha256: str | None = None, etag: str | None = None) -> Decision | None:
+        """The decision in force for the object ``key`` whose scored bytes have ``sha256``: the latest bound to them,
+        else a confirm or relabel made (before decisions were bound to bytes) on the version with ``etag``."""
         with self._lock:
-            return self._latest.get((key, etag))
+            if sha256 and (bound := self._latest.get((key, f"sha256:{sha256}"))) is not None:
+                return bound
+            legacy = self._latest.get((key, f"etag:{etag}")) if etag else None
+            return legacy if legacy is not None and legacy.decision != "overturn" else None
 
     def decided_keys(self) -> set[str]:
         """Every key with a decision, on any version."""
@@ -170,19 +197,38 @@ class DecisionLog:
             return set(self._by_key)
 
     def for_key(self, key: str) -> Decision | None:
-        """The latest decision on ``key``, whatever version it was made on (compare its etag to see if it is stale)."""
+        """The latest decision on ``key``, whatever bytes it was made on (:meth:`get` says whether it is in force)."""
         with self._lock:
             return self._by_key.get(key)
 
 
 def current_decisions(dest: str | Location, current: pa.Table, endpoint_url: str | None = None) -> dict[str, Decision]:
-    """key -> the decision in force for the object's current etag (stale decisions left out)."""
-    latest = DecisionLog.open(dest, endpoint_url).latest()
+    """key -> the decision in force for the bytes each current row scored (stale decisions left out)."""
+    decisions = DecisionLog.open(dest, endpoint_url)
     out = {}
-    for key, etag in zip(current["key"].to_pylist(), current["etag"].to_pylist(), strict=True):
-        if (decision := latest.get((key, etag))) is not None:
+    columns = (current[c].to_pylist() for c in ("key", "sha256", "etag"))
+    for key, digest, etag in zip(*columns, strict=True):
+        if (decision := decisions.get(key, digest, etag)) is not None:
             out[key] = decision
     return out
+
+
+def _problem(row: dict[str, Any], horizon: datetime) -> str | None:
+    """Why a row read from a decisions file is not a decision to believe (None: it is)."""
+    if not isinstance(row.get("key"), str) or not isinstance(row.get("etag"), str):
+        return f"key and etag must be strings, got {row.get('key')!r} and {row.get('etag')!r}"
+    if row.get("decision") not in DECISIONS:
+        return f"decision: got {row.get('decision')!r}; allowed: {', '.join(DECISIONS)}"
+    if not isinstance(row.get("reviewer"), str) or not isinstance(row.get("decided_at"), datetime):
+        return f"reviewer and decided_at are required, got {row.get('reviewer')!r} and {row.get('decided_at')!r}"
+    if row["decided_at"].tzinfo is None:
+        return "decided_at has no time zone"
+    if row["decided_at"] > horizon:
+        return f"decided_at {row['decided_at'].isoformat()} is in the future (more than {FUTURE_SKEW} ahead)"
+    digest = row.get("sha256")
+    if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
+        return f"sha256: got {digest!r}; allowed: 64 hex digits"
+    return None
 
 
 def now() -> datetime:

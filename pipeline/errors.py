@@ -79,6 +79,18 @@ class ObjectExists(StorageError):
     status_code = 409
 
 
+class ObjectChanged(StorageError):
+    """The object is not the version asked for (another version, other bytes, or gone): nothing was read or done."""
+
+    status_code = 409
+
+
+class DestBusy(DiffguardError):
+    """Another scan holds DEST's lock (one scan per DEST at a time): nothing was written (the CLI's exit status 2)."""
+
+    status_code = 409
+
+
 class AuthConfigError(DiffguardError):
     """The service's key settings would leave it open by accident; it refuses to start."""
 

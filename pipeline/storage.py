@@ -11,6 +11,11 @@ moves the ctime, which no unprivileged call can set back) or replaced by another
 a ``touch`` or ``chmod`` alone also changes it, which only costs a rescore. Symbolic links and other non-regular files
 are never followed nor read: :meth:`LocalStore.list` reports them through ``skipped``.
 
+Every read can be pinned to one version (:class:`Version`): S3 reads by ``VersionId`` where the bucket keeps versions,
+else with ``If-Match`` on the ETag; a local read compares the etag of the open file before and after reading. A read
+of anything else raises :class:`ObjectChanged`, so what a reviewer is shown, or an action copies, is the version the
+scan scored and never a replacement written since.
+
 No write here ever replaces another object: :meth:`Store.create` writes exclusively (a hard link of a complete temp
 file locally, which fails if the name exists; ``If-None-Match: *`` on S3) and is what copies use. Only the scan's own
 results (:meth:`Store.write`) are replaced in place.
@@ -35,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput, ObjectExists, StorageError
+from .errors import InvalidInput, ObjectChanged, ObjectExists, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,26 @@ class ObjectInfo:
     version_id: str | None = None  # S3 VersionId in a versioned bucket (a new one on every write); else None
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of an object: what a read is pinned to. :class:`ObjectInfo` and a scan row's ``etag`` and
+    ``version_id`` are versions too."""
+
+    etag: str | None
+    version_id: str | None = None  # S3 VersionId in a versioned bucket: pins the version even where ETags repeat
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Version:
+        return cls(row.get("etag"), row.get("version_id"))
+
+
+def _pinned(url: str, info: ObjectInfo, version: Version | ObjectInfo | None) -> ObjectInfo:
+    """``info`` when it is the version asked for (or none was), else :class:`ObjectChanged`."""
+    if version is not None and version.etag is not None and info.etag != version.etag:
+        raise ObjectChanged(f"{url} changed since it was scanned (etag {info.etag}, expected {version.etag})")
+    return info
+
+
 class Store(ABC):
     """Objects under one root: an S3 bucket or a local directory. Keys are '/'-separated and relative to the root."""
 
@@ -63,8 +88,9 @@ class Store(ABC):
         """Every object under ``prefix`` (folder markers excluded), in key order for S3, walk order locally."""
 
     @abstractmethod
-    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
-        """The bytes and the etag/size/mtime of exactly the version read."""
+    def read(self, key: str, version: Version | ObjectInfo | None = None) -> tuple[bytes, ObjectInfo]:
+        """The bytes and the etag/size/mtime of exactly the version read. ``version`` pins the read to that version
+        (S3: its VersionId when it has one, else If-Match on its etag): another one raises :class:`ObjectChanged`."""
 
     @abstractmethod
     def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
@@ -87,13 +113,19 @@ class Store(ABC):
 
     def copy(self, key: str, dst: Store, dst_key: str, etag: str) -> None:
         """Copy the version ``etag`` of ``key`` to ``dst``/``dst_key`` (raises if the source changed)."""
-        data, info = self.read(key)
-        if info.etag != etag:
-            raise StorageError(f"{self.url(key)} changed since it was scanned (etag {info.etag}, expected {etag})")
+        data, _ = self.read(key, Version(etag))
         dst.create(dst_key, data)
+
+    def versioned(self) -> bool:
+        """True when the store keeps every version of an object under its own id (an S3 bucket with versioning)."""
+        return False
 
     def tag(self, key: str, tags: dict[str, str], etag: str) -> None:
         raise InvalidInput(f"{self.url()} does not support object tags (use an S3 source, or --quarantine)")
+
+    def untag(self, key: str, tags: dict[str, str], etag: str) -> None:
+        """Remove ``tags`` (each only while it still has the value given); the object's other tags are kept."""
+        raise InvalidInput(f"{self.url()} does not support object tags: there are none to remove")
 
     def access_hint(self) -> str:
         """Where credentials come from (for error messages)."""
@@ -195,16 +227,26 @@ class LocalStore(Store):
             raise OSError(errno.EINVAL, "not a regular file")
         return fd
 
-    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
-        return self.read_prefix(key, -1)
+    def read(self, key: str, version: Version | ObjectInfo | None = None) -> tuple[bytes, ObjectInfo]:
+        return self._read(key, -1, version)
 
     def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
+        return self._read(key, n, None)
+
+    def _read(self, key: str, n: int, version: Version | ObjectInfo | None) -> tuple[bytes, ObjectInfo]:
+        """The open file's etag before and after the read must agree (a write in between changes its mtime and ctime),
+        and equal ``version``'s when given."""
         try:
             with os.fdopen(self._open(key), "rb") as f:
-                st = os.fstat(f.fileno())
-                return f.read(n), self._info(key, st)
+                before = self._info(key, os.fstat(f.fileno()))
+                _pinned(self.url(key), before, version)  # nothing is read from another version
+                data = f.read(n)
+                after = self._info(key, os.fstat(f.fileno()))
         except OSError as exc:
             raise StorageError(f"cannot read {self.url(key)}: {exc.strerror or exc}") from None
+        if after.etag != before.etag:
+            raise ObjectChanged(f"{self.url(key)} changed while it was read (etag {before.etag}, then {after.etag})")
+        return data, after
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -397,8 +439,8 @@ class S3Store(Store):
             raise StorageError(f"{self._error('list', prefix, exc)} ({self.access_hint()})") from None
         return objects, prefixes
 
-    def read(self, key: str) -> tuple[bytes, ObjectInfo]:
-        return self._get(key, None)
+    def read(self, key: str, version: Version | ObjectInfo | None = None) -> tuple[bytes, ObjectInfo]:
+        return self._get(key, None, version)
 
     def read_prefix(self, key: str, n: int) -> tuple[bytes, ObjectInfo]:
         if n == 0:
@@ -408,30 +450,39 @@ class S3Store(Store):
             return b"", info
         return self._get(key, n)
 
-    def _get(self, key: str, n: int | None) -> tuple[bytes, ObjectInfo]:
+    def _get(self, key: str, n: int | None, version: Version | ObjectInfo | None = None) -> tuple[bytes, ObjectInfo]:
         from botocore import exceptions as e
 
         broken_body = (e.IncompleteReadError, e.ReadTimeoutError, e.ResponseStreamingError)
         ranged = {"Range": f"bytes=0-{n - 1}"} if n is not None and n > 0 else {}
+        pin: dict[str, str] = {}
+        if version is not None and version.version_id:
+            pin = {"VersionId": version.version_id}  # that version, whatever was written since
+        elif version is not None and version.etag:
+            pin = {"IfMatch": f'"{version.etag}"'}  # 412 unless the object still has that ETag
         for attempt in range(1, BODY_ATTEMPTS + 1):
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, **ranged, **pin)
                 data = resp["Body"].read()
             except broken_body as exc:
                 if attempt < BODY_ATTEMPTS:  # the body broke off mid-stream: botocore retries only the request
                     continue
                 raise self._error("read", key, exc) from None
             except e.ClientError as exc:
-                if ranged and exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                code = exc.response.get("Error", {}).get("Code")
+                if ranged and code == "InvalidRange":
                     ranged = {}  # an empty object: no byte 0 to range over
                     continue
+                if pin and code in ("PreconditionFailed", "412", "NoSuchVersion", "NoSuchKey", "InvalidArgument"):
+                    raise ObjectChanged(f"{self.url(key)} changed since it was scanned ({code}): not read") from None
                 raise self._error("read", key, exc) from None
             except e.BotoCoreError as exc:
                 raise self._error("read", key, exc) from None
             size = resp["ContentLength"]
             if ranged and (total := resp.get("ContentRange", "").rpartition("/")[2]).isdigit():
                 size = int(total)  # "bytes 0-65535/1048576": the whole object's size
-            return data, self._info(key, resp["ETag"], size, resp["LastModified"], resp.get("VersionId"))
+            info = self._info(key, resp["ETag"], size, resp["LastModified"], resp.get("VersionId"))
+            return data, _pinned(self.url(key), info, version)
         raise AssertionError("unreachable")
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -558,6 +609,20 @@ class Location:
             if mine == theirs or theirs in mine.parents:
                 rel = mine.relative_to(other.store.root).as_posix()
                 return "" if rel == "." else rel + "/"
+        return None
+
+    def holds(self, url: str) -> str | None:
+        """The key in this location's store of the object ``url`` names (``s3://bucket/key`` or an absolute path) when
+        it lies inside this location, else None. What a journal or a row under DEST names is acted on only through
+        this: DEST's writers can name paths, not widen what a scan may touch."""
+        if isinstance(self.store, S3Store):
+            bucket, _, key = url.removeprefix("s3://").partition("/") if url.startswith("s3://") else ("", "", "")
+            return key if bucket == self.store.bucket and key.startswith(self.prefix) and key != self.prefix else None
+        if isinstance(self.store, LocalStore) and os.path.isabs(url) and os.path.normpath(url) == url:
+            base = Path(self.store.root, self.prefix)
+            if base in Path(url).parents:
+                key = Path(url).relative_to(self.store.root).as_posix()
+                return key if canonical_key(key) else None
         return None
 
 

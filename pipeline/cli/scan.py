@@ -182,6 +182,9 @@ def summary_table(s: Any) -> str:
         lines.append(f"  {'release (overturned)':<24}{state:>10}")
     if a.recovered or a.pending:
         lines.append(f"  {'interrupted moves':<24}{a.recovered:>10,} finished, {a.pending} pending --apply")
+    if a.refused:
+        refusal = "outside SOURCE or the quarantine, or other bytes: nothing deleted (see the log)"
+        lines.append(f"  {'refused journal entries':<24}{a.refused:>10,}  {refusal}")
     lines += ["", f"current view: diffguard scan-results {s.output}  (or pipeline.scan.read_current)"]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 - :mod:`pipeline.decisions` (below the scan and this package): the append-only decisions table under DEST;
 - :mod:`.queue`: the queue, sorted once and paged by cursor;
+- :mod:`.edge`: the ASGI edge in front of every route (Host, origin, key -> reviewer, body cap, page headers);
 - :mod:`.app`: the FastAPI app and its page (``diffguard review DEST``). No Ray.
 """
 

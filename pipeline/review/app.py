@@ -9,9 +9,14 @@ Routes (all JSON under ``/api``, documented at ``/docs`` and ``/openapi.json``; 
 - ``POST /api/items/{key}/decision`` ``{"decision": "confirm|overturn|relabel", "category", "note"}``;
 - ``GET /api/decisions``: every decision, each marked ``stale`` when the object changed since.
 
+Every pixel shown is of the bytes the scan scored: the object is read pinned to the scanned version (S3: its
+VersionId, else If-Match on its ETag; locally the etag before and after the read) and its sha256 checked against the
+row's; a changed object answers 409 "changed since the scan: rescan first", with no pixels. A decision is recorded
+against that sha256, after the same check (``pipeline.decisions``), and the scan honours it only for those bytes.
+
 Keys go in the path percent-encoded as one segment (``encodeURIComponent``); ``/`` and any other character are allowed.
-Bound to loopback by default; with ``DIFFGUARD_API_KEY`` set (required on any other host) every ``/api`` route needs
-``Authorization: Bearer <key>``.
+Every ``/api`` route needs ``Authorization: Bearer <key>`` (an API key, a keys file's, else a token made at start),
+checked with the Host, a POST's origin and the body's size by the edge (:mod:`.edge`) before any route runs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import unquote
 
 import numpy as np
@@ -31,107 +36,33 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel, Field
 
-from ..auth import authorized
-from ..decisions import NOTE_MAX, Decision, DecisionLog, now, validate
-from ..errors import DiffguardError, ImageDecodeError, InvalidInput, Unauthorized
+from ..decisions import Decision, DecisionLog, now, validate
+from ..errors import DiffguardError, ImageDecodeError, InvalidInput, ObjectChanged, Unauthorized
 from ..images import DecodeLimits
+from ..keys import KeyRing
 from ..policy import blur
 from ..scan.state import MANIFEST, read_current
-from ..storage import Location, locate, parse_location
+from ..storage import Location, Version, locate, parse_location, sha256
+from .edge import UNAUTHORIZED, ReviewEdge, edge_rules
 from .queue import PAGE_MAX, STATES, ReviewQueue
+from .schemas import ERRORS, DecisionIn, DecisionOut, Info, ItemOut, ItemsPage
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 THUMBNAIL_PX = 256  # long side of a thumbnail
 
 
-# --- typed edge -----------------------------------------------------------------------------------------------------
-class DecisionIn(BaseModel):
-    decision: Literal["confirm", "overturn", "relabel"]  # the machine was right | a false positive | another category
-    category: str | None = Field(None, max_length=200, description="relabel only: one of the scan's categories")
-    note: str | None = Field(None, max_length=NOTE_MAX)
-
-
-class DecisionOut(BaseModel):
-    key: str
-    etag: str
-    fingerprint: str | None
-    decision: str
-    category: str | None
-    note: str | None
-    reviewer: str
-    decided_at: str
-    stale: bool = False  # made on another version of the object than the current one
-
-
-class ItemOut(BaseModel):
-    key: str
-    etag: str
-    size: int | None
-    action: str | None  # the policy's: flag | blur | black | block
-    flagged: bool | None
-    nsfw: bool | None
-    score: float | None  # the queue's sort score (null: unscorable, listed first)
-    categories: dict[str, float]  # category -> score (margin; > 0 is flagged)
-    flagged_categories: list[str] | None
-    bad_concept_names: list[str] | None
-    error: str | None
-    unscorable: bool | None
-    truncated: bool | None
-    views: int | None = None  # views scored (frames, pages, backgrounds, tiles); null in tables written before views
-    views_total: int | None = None  # views the object has
-    views_sampled: bool | None = None  # more than max_views: sampled over display time
-    view: str | None = None  # the view that decided: what the thumbnail shows (null: the image itself)
-    quarantined_to: str | None
-    tagged: bool | None
-    last_modified: str | None
-    scanned_at: str | None
-    state: str  # undecided | stale | confirm | overturn | relabel
-    decision: DecisionOut | None  # the latest decision on the key (stale when its etag is not the current one)
-
-
-class ItemsPage(BaseModel):
-    items: list[ItemOut]
-    next_cursor: str | None  # pass back as ?cursor= for the next page; null on the last
-    total: int  # objects in the queue, all filters off
-
-
-class Info(BaseModel):
-    dest: str
-    source: str | None
-    queue: int
-    categories: list[str]
-    actions: list[str]
-    states: list[str]
-    decisions: int
-    reviewer: str
-    auth_required: bool
-
-
-class Problem(BaseModel):
-    detail: str
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "missing or wrong API key"},
-    404: {"model": Problem, "description": "no such object in the review queue"},
-    422: {"model": Problem, "description": "a parameter outside what is allowed (names the field, value, allowed)"},
-    502: {"model": Problem, "description": "the store could not be read or written"},
-}
-
-
 # --- the app --------------------------------------------------------------------------------------------------------
-def _decision_out(decision: Decision, etag: str | None) -> DecisionOut:
-    return DecisionOut(**decision.to_json(), stale=etag is not None and decision.etag != etag)
+def _decision_out(decision: Decision, stale: bool) -> DecisionOut:
+    return DecisionOut(**decision.to_json(), stale=stale)
 
 
 def _item_out(item: dict[str, Any]) -> ItemOut:
     decision = item.pop("decision")
     out = ItemOut(**{k: v for k, v in item.items() if k in ItemOut.model_fields}, decision=None)
     if decision is not None:
-        out.decision = DecisionOut(**decision, stale=decision["etag"] != item["etag"])
+        out.decision = DecisionOut(**decision, stale=item["state"] == "stale")
     return out
 
 
@@ -184,23 +115,46 @@ class ReviewApp:
     def queue_size(self) -> int:
         return len(self.queue.keys)
 
-    def pixels(self, key: str, whole: bool = False) -> np.ndarray:
-        """The view of the object that decided its verdict (its whole frame with ``whole``: a tile's frame, say), read
-        from where the object is now (its quarantine copy once moved). RGB uint8 (H, W, 3)."""
+    def scanned_bytes(self, key: str) -> tuple[bytes, dict[str, Any]]:
+        """The object's bytes, read from where it is now (its quarantine copy once moved), and its row: only the bytes
+        the scan scored (the read pinned to the scanned version, their sha256 the row's), else 409."""
         row = self.queue.table.slice(self.queue.position[key], 1).to_pylist()[0]
         store, object_key = locate(row, self.endpoint_url)
+        url = store.url(object_key)
+        if not row.get("sha256"):
+            raise ObjectChanged(f"{url}: the scan did not read its bytes ({row.get('error')}): rescan first")
         info = store.head(object_key)
         if info is None:
-            raise HTTPException(404, f"{store.url(object_key)} is gone (moved or deleted since the scan)")
+            raise HTTPException(404, f"{url} is gone (moved or deleted since the scan)")
         if info.size > self.limits.max_bytes:
-            raise ImageDecodeError(f"{store.url(object_key)} is over the limit of {self.limits.max_bytes} bytes")
+            raise ImageDecodeError(f"{url} is over the limit of {self.limits.max_bytes} bytes")
+        version = None if row.get("quarantined_to") else Version.of(row)  # a quarantine copy: its sha256 pins it
+        try:
+            moved = version is not None and version.version_id and info.version_id != version.version_id
+            if version is not None and (info.etag != version.etag or moved):
+                raise ObjectChanged(f"its current version is not the one scanned (etag {info.etag})")
+            data, _ = store.read(object_key, version)  # pinned too: a write between the two is never read
+        except ObjectChanged as exc:
+            raise ObjectChanged(f"{url} changed since the scan: rescan first ({exc})") from None
+        if sha256(data) != row["sha256"]:
+            raise ObjectChanged(f"{url} changed since the scan: rescan first (its bytes are not the ones scored)")
+        return data, row
+
+    def pixels(self, key: str, whole: bool = False) -> np.ndarray:
+        """The view of the object that decided its verdict (its whole frame with ``whole``: a tile's frame, say), of
+        the bytes the scan scored (:meth:`scanned_bytes`). RGB uint8 (H, W, 3)."""
         from ..views import find_view  # torch (the view rules' resize): loaded on the first image, not at start
 
-        data, _ = store.read(object_key)
+        data, row = self.scanned_bytes(key)
         label = row.get("view")
         if whole and label:
             label = ", ".join(p for p in label.split(", ") if not p.startswith("tile ")) or None
         return find_view(data, self.limits, label).array
+
+
+def _shown(item: dict[str, Any]) -> dict[str, str]:
+    """Headers of a response with pixels: never cached; the sha256 of the bytes shown (a decision may name it)."""
+    return {"Cache-Control": "no-store", "X-Diffguard-Sha256": item["sha256"]}
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -215,17 +169,25 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | None = None, reviewer: str | None = None):
-    """The review app over the scan results at ``dest``. ``api_key``: when set, every /api route needs it as a bearer
-    token (the caller applies the loopback rule: see :func:`serve`).
+def create_app(
+    dest: str,
+    endpoint_url: str | None = None,
+    *,
+    api_key: str | None = None,
+    reviewer: str | None = None,
+    keys: KeyRing | None = None,
+    hosts: tuple[str, ...] = (),
+):
+    """The review app over the scan results at ``dest``; /api needs ``api_key`` (held by ``reviewer``), one of ``keys``
+    (each its reviewer) or a token made now (``app.state.token``); ``hosts``: Host names besides loopback's.
 
     >>> app = create_app("./results")            # then: uvicorn.run(app, host="127.0.0.1", port=8300)
     """
     state = ReviewApp(dest, endpoint_url, reviewer)
 
-    def authorize(request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), api_key):
-            raise Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>`")
+    def authorize(request: Request) -> None:  # the edge checked the key and named its reviewer: never without it
+        if getattr(request.state, "reviewer", None) is None:
+            raise Unauthorized(UNAUTHORIZED)
 
     api = FastAPIOffline(  # /docs and /redoc from packaged assets: no CDN, works offline
         title="diffguard review",
@@ -233,6 +195,8 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         summary="A review queue over a bucket scan's results: blurred thumbnails, decisions the scan honours.",
     )
     api.state.review = state
+    rules, api.state.token = edge_rules(api_key, keys, state.reviewer, hosts)
+    api.add_middleware(ReviewEdge, rules=rules)
     guarded = [Depends(authorize)]
 
     @api.exception_handler(DiffguardError)
@@ -247,7 +211,7 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
     api.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @api.get("/api/info", dependencies=guarded, responses=ERRORS)
-    def info() -> Info:
+    def info(request: Request) -> Info:
         return Info(
             dest=str(state.dest),
             source=state.source,
@@ -256,8 +220,8 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
             actions=["flag", "blur", "black", "block"],
             states=list(STATES),
             decisions=len(state.decisions.all()),
-            reviewer=state.reviewer,
-            auth_required=api_key is not None,
+            reviewer=request.state.reviewer,
+            auth_required=True,
         )
 
     @api.get("/api/items", dependencies=guarded, responses=ERRORS)
@@ -273,8 +237,12 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
 
     @api.get("/api/decisions", dependencies=guarded, responses=ERRORS)
     def decisions() -> list[DecisionOut]:
-        etags = dict(zip(state.queue.keys, state.queue.etags, strict=True))
-        return [_decision_out(d, etags.get(d.key, d.etag)) for d in state.decisions.all()]
+        rows = {k: (d, e) for k, d, e in zip(state.queue.keys, state.queue.digests, state.queue.etags, strict=True)}
+
+        def stale(d: Decision) -> bool:  # not in force for the bytes the key's current row scored
+            return d.key in rows and state.decisions.get(d.key, *rows[d.key]) != d
+
+        return [_decision_out(d, stale(d)) for d in state.decisions.all()]
 
     @api.get(
         "/api/items/{key:path}/thumbnail",
@@ -290,13 +258,13 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         key, kind = _route(request, key, "thumbnail")
         if kind != "thumbnail":
             return JSONResponse(one(request, key).model_dump())
-        state.item(key)
+        item = state.item(key)
         small = _thumbnail(state.pixels(key))
         if not reveal:
             small = blur(small)  # on the server: unblurred pixels leave only on an explicit reveal
         else:
             log.info("revealed %r to the reviewer", key)
-        return Response(_png(small), media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(_png(small), media_type="image/png", headers=_shown(item))
 
     @api.get(
         "/api/items/{key:path}/image",
@@ -308,10 +276,10 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         key, kind = _route(request, key, "image")
         if kind != "image":
             return JSONResponse(one(request, key).model_dump())
-        state.item(key)
+        item = state.item(key)
         log.info("revealed the full image %r to the reviewer", key)
         whole = _png(state.pixels(key, whole=True))
-        return Response(whole, media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(whole, media_type="image/png", headers=_shown(item))
 
     @api.post("/api/items/{key:path}/decision", dependencies=guarded, responses=ERRORS)
     def decide(request: Request, key: str, body: DecisionIn) -> DecisionOut:
@@ -320,6 +288,9 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
             raise HTTPException(405, f"POST {request.url.path}: decisions are posted to /api/items/{{key}}/decision")
         item = state.item(key)
         validate(body.decision, body.category, body.note, state.queue.categories)
+        if body.sha256 is not None and body.sha256 != item.get("sha256"):
+            raise ObjectChanged(f"sha256: got {body.sha256}; the scan scored {item.get('sha256')}: reload the item")
+        state.scanned_bytes(key)  # the object still holds the bytes scored: a swapped one is never decided on
         category = body.category
         if body.decision == "confirm":  # the label: the top flagged category (none for an unscorable object)
             flagged = item.get("flagged_categories") or []
@@ -327,15 +298,16 @@ def create_app(dest: str, endpoint_url: str | None = None, *, api_key: str | Non
         decision = Decision(
             key=key,
             etag=item["etag"],
+            sha256=item["sha256"],
             fingerprint=item.get("model_fingerprint"),
             decision=body.decision,
             category=category,
             note=body.note or None,
-            reviewer=state.reviewer,
+            reviewer=request.state.reviewer,
             decided_at=now(),
         )
         state.decisions.append([decision])  # durable before it is acknowledged
-        return _decision_out(decision, item["etag"])
+        return _decision_out(decision, stale=False)
 
     @api.get("/api/items/{key:path}", dependencies=guarded, responses=ERRORS)
     def one(request: Request, key: str) -> ItemOut:

@@ -18,7 +18,7 @@ from ..decisions import current_decisions
 from ..errors import DiffguardError, InvalidInput
 from ..evaluate import SAFE, LabelledSet, canonical, embed_views
 from ..scan.state import read_current
-from ..storage import locate, parse_location
+from ..storage import Version, locate, parse_location, sha256
 
 log = logging.getLogger(__name__)
 READERS = 8  # concurrent object reads
@@ -58,14 +58,12 @@ def load_decision_labels(dest: str, checker: Any, endpoint_url: str | None = Non
 
     def read(entry: dict[str, Any]) -> bytes | DiffguardError:
         store, key = locate(entry, endpoint_url)
-        try:
-            data, info = store.read(key)
+        try:  # the bytes the decision was made on, nothing else: a label never lands on other pixels
+            data, _ = store.read(key, None if entry.get("quarantined_to") else Version.of(entry))
         except DiffguardError as exc:
             return exc
-        if not entry.get("quarantined_to") and info.etag != entry["etag"]:
-            return InvalidInput(
-                f"{entry['url']} changed since it was reviewed (etag {info.etag}, reviewed {entry['etag']})"
-            )
+        if entry.get("sha256") and sha256(data) != entry["sha256"]:
+            return InvalidInput(f"{entry['url']} changed since it was reviewed (its sha256 is not the one reviewed)")
         return data
 
     with ThreadPoolExecutor(READERS) as pool:

@@ -99,6 +99,7 @@ class ReviewQueue:
         self.score = score[order]
         self.keys: list[str] = self.table["key"].to_pylist()
         self.etags: list[str] = self.table["etag"].to_pylist()
+        self.digests: list[str | None] = self.table["sha256"].to_pylist()  # of the bytes scored
         self._sort = list(zip((-self.score).tolist(), self.keys, strict=True))  # ascending; bisect target
         self.position = {k: i for i, k in enumerate(self.keys)}
         self.actions = np.asarray(pc.fill_null(self.table["action"], "").to_numpy(zero_copy_only=False), dtype=object)
@@ -124,7 +125,7 @@ class ReviewQueue:
         decision = self.decisions.for_key(self.keys[i])
         if decision is None:
             return "undecided", None
-        current = self.decisions.get(self.keys[i], self.etags[i]) if decision.etag != self.etags[i] else decision
+        current = self.decisions.get(self.keys[i], self.digests[i], self.etags[i])  # in force for the bytes scored
         if current is not None:
             return current.decision, current
         return "stale", decision

@@ -6,7 +6,7 @@ yet is eligible, so ``--apply`` after a dry run acts without rescoring. Each act
 No object is ever lost by a quarantine move:
 
 1. a journal entry ``DEST/_quarantine/<id>.json`` records the move before anything is copied;
-2. the object is copied (S3: server-side, only the scanned version: ``CopySourceIfMatch``);
+2. the object is copied: only the scanned version (a read pinned to it), written with an exclusive create;
 3. the copy is verified: its size and sha256 must equal those of the bytes that were scored;
 4. only then is the original deleted, and only if it still has the scanned etag;
 5. the row update (``quarantined_to``) is committed, then the journal entry is removed.
@@ -38,7 +38,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import DiffguardError, InvalidInput
+from ..errors import DiffguardError, InvalidInput, ObjectChanged
 from ..storage import (
     LocalStore,
     Location,
@@ -46,6 +46,7 @@ from ..storage import (
     S3Store,
     StorageError,
     Store,
+    Version,
     canonical_key,
     parse_location,
     sha256,
@@ -69,6 +70,7 @@ class ActionReport:
     failed: int = 0
     recovered: int = 0  # interrupted quarantine moves finished or recorded at the start of the run
     pending: int = 0  # interrupted moves whose original still exists, left for an --apply run
+    refused: int = 0  # journal entries naming something outside SOURCE and the quarantine, or other bytes
 
 
 def quarantine_location(text: str, source: Location, endpoint_url: str | None) -> Location:
@@ -165,9 +167,7 @@ def _store_from(ref: dict[str, str], endpoint_url: str | None) -> Store:
 def move(row: dict[str, Any], source: Location, quarantine: Location, dest: Location) -> str:
     """Quarantine one object (steps 1-4 above); returns where it now is."""
     if not row.get("sha256"):  # withheld unread (over --max-object-bytes): checksum the scanned version now
-        data, info = source.store.read(row["key"])
-        if info.etag != row["etag"]:
-            raise StorageError(f"{source.store.url(row['key'])} changed since it was scanned; not quarantined")
+        data, _ = source.store.read(row["key"], Version(row["etag"]))
         row = {**row, "sha256": sha256(data), "size": len(data)}
         del data
     for dst_key, present in _targets(quarantine, row):
@@ -201,41 +201,88 @@ def _updated(current: pa.Table, rows: dict[int, Any], column: str) -> pa.Table:
 
 
 def recover(
-    dest: Location, source: Location, current: pa.Table, writer: PartWriter, apply: bool, endpoint_url: str | None
-) -> tuple[int, int]:
-    """Finish or forget quarantine moves a killed run left in the journal. Returns (recovered, pending)."""
+    dest: Location,
+    source: Location,
+    quarantine: Location | None,
+    current: pa.Table,
+    writer: PartWriter,
+    apply: bool,
+    endpoint_url: str | None,
+) -> tuple[int, int, int]:
+    """Finish or forget quarantine moves a killed run left in the journal. Returns (recovered, pending, refused).
+
+    The journal is under DEST and read as untrusted: an entry is acted on only for a key inside SOURCE whose current
+    row has the sha256 the entry names and a copy holding those bytes. Recording a move whose original is already gone
+    deletes nothing; deleting the original needs the copy inside ``quarantine`` and an original that still holds the
+    bytes (compared, then deleted only at the etag compared: a write in between makes the delete fail). Anything else
+    is refused: reported and kept, nothing deleted."""
     journal = list(dest.store.list(dest.key(JOURNAL)))
     if not journal:
-        return 0, 0
+        return 0, 0, 0
     index = {k: i for i, k in enumerate(current["key"].to_pylist())}
     done: dict[int, str] = {}
     resolved: list[str] = []
-    pending = 0
+    pending = refused = 0
     for info in journal:
-        raw, _ = dest.store.read(info.key)
-        entry = json.loads(raw)
-        dst_store, dst_key = _store_from(entry["dst"], endpoint_url), entry["dst"]["key"]
-        original = source.store.head(entry["key"])
-        copied = _verified(dst_store, dst_key, entry["size"], entry["sha256"])
+        try:
+            entry = json.loads(dest.store.read(info.key)[0])
+            key, digest, row = _bounded(entry, source, index, current)
+            dst_store, dst_key = _store_from(entry["dst"], endpoint_url), entry["dst"]["key"]
+            dst_url = dst_store.url(dst_key)
+            original = source.store.head(key)
+            copied = _verified(dst_store, dst_key, entry["size"], digest)
+        except (DiffguardError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            refused += 1
+            log.warning("WARNING: refused the quarantine journal entry %s: %s", dest.store.url(info.key), exc)
+            continue
         if copied and (original is None or original.etag == entry["etag"]):
             if original is not None:
+                if quarantine is None or quarantine.holds(dst_url) is None:
+                    refused += 1
+                    where = f"the quarantine {quarantine}" if quarantine is not None else "a quarantine (none given)"
+                    log.warning(
+                        "WARNING: refused the quarantine journal entry %s: its copy %s is not inside %s; %s kept",
+                        dest.store.url(info.key),
+                        dst_url,
+                        where,
+                        key,
+                    )
+                    continue
                 if not apply:
                     pending += 1
-                    log.warning("an interrupted quarantine of %s is pending: rerun with --apply", entry["key"])
+                    log.warning("an interrupted quarantine of %s is pending: rerun with --apply", key)
                     continue
-                source.store.delete(entry["key"], etag=entry["etag"])
-            row = index.get(entry["key"])
-            if row is not None and current["etag"][row].as_py() == entry["etag"]:
-                done[row] = dst_store.url(dst_key)
-            log.info("finished an interrupted quarantine: %s -> %s", entry["key"], dst_store.url(dst_key))
+                try:
+                    data, seen = source.store.read(key, Version(entry["etag"]))
+                    if sha256(data) != digest:
+                        raise ObjectChanged(f"{source.store.url(key)} does not hold the bytes the entry names")
+                    source.store.delete(key, etag=seen.etag)
+                except DiffguardError as exc:
+                    refused += 1
+                    log.warning("WARNING: refused the quarantine journal entry %s: %s", dest.store.url(info.key), exc)
+                    continue
+            if current["etag"][row].as_py() == entry["etag"]:
+                done[row] = dst_url
+            log.info("finished an interrupted quarantine: %s -> %s", key, dst_url)
         elif original is None:
-            log.warning("%s is gone and no verified copy is at %s", entry["key"], dst_store.url(dst_key))
+            log.warning("%s is gone and no verified copy is at %s", key, dst_url)
         resolved.append(info.key)
     if done:
         writer.commit(_updated(current, done, "quarantined_to"))
     for key in resolved:
         dest.store.delete(key)
-    return len(done), pending
+    return len(done), pending, refused
+
+
+def _bounded(entry: dict[str, Any], source: Location, index: dict[str, int], current: pa.Table) -> tuple[str, str, int]:
+    """(key, sha256, row) of a journal entry that names a key inside SOURCE with a row of the bytes it names."""
+    key, digest = entry.get("key"), entry.get("sha256")
+    if not isinstance(key, str) or not key.startswith(source.prefix) or key == source.prefix:
+        raise InvalidInput(f"key {key!r} is not inside SOURCE {source}")
+    row = index.get(key)
+    if not digest or row is None or current["sha256"][row].as_py() != digest:
+        raise InvalidInput(f"{key!r} has no scan row with the sha256 the entry names ({digest!r})")
+    return key, digest, row
 
 
 def eligible(

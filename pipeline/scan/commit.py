@@ -92,15 +92,17 @@ def commit_run(
     inputs: Inputs,
     results: dict[int, dict[str, Any]],
     summary: dict[str, Any],
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Commit the finished shards' files as run ``run`` (one Delta commit), then the manifest, then delete the
     staged parts folded in. ``results``: shard -> :func:`finish_shard`'s answer (shards not finished keep their
-    file). Returns the manifest."""
+    file). ``run_id``: the run's unique id (:mod:`pipeline.scan.lock`), recorded in the commit. Returns the
+    manifest."""
     cut = sharded_files(meta.files)
     old = cut[1] if cut is not None and not inputs.rewrite else {}
     adds = [r["add"] for r in results.values() if r["add"] is not None]
     removes = [old[s] for s, r in results.items() if r["replaced"] and s in old]
-    version = commit_files(dest, adds, removes, run, ROW_SCHEMA, overwrite=inputs.rewrite)
+    version = commit_files(dest, adds, removes, run, ROW_SCHEMA, overwrite=inputs.rewrite, run_id=run_id)
     kept = {path: rows for path, rows in meta.files}
     rows = sum(r["rows"] for r in results.values()) + sum(
         kept[old[s]] for s in old if s not in results or not results[s]["replaced"]

@@ -60,6 +60,7 @@ from .listing import (
     small_listing,
     without,
 )
+from .lock import DestLock
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table
 from .release import JOURNAL as RELEASE_JOURNAL
 from .release import ReleaseReport, recover_releases, release
@@ -242,7 +243,14 @@ def ray_running() -> bool:
 def run_scan(cfg: ScanConfig) -> ScanSummary:
     """Plan, score, act and commit one run. The driver lists (or has tasks list), sizes the shards, and commits; the
     rows live in the shard tasks (:mod:`pipeline.scan.shards`) and the Ray Data stream, except for a small scan
-    (:data:`LOCAL_ROWS` objects at most, no Ray running), planned and committed in this process."""
+    (:data:`LOCAL_ROWS` objects at most, no Ray running), planned and committed in this process. One scan per DEST at
+    a time: the run holds DEST's lock throughout (:mod:`pipeline.scan.lock`; :class:`DestBusy` when another scan
+    holds it)."""
+    with DestLock.acquire(layout(cfg)[1], break_lock=cfg.break_lock) as lock:
+        return _run(cfg, lock)
+
+
+def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
     source, dest, quarantine, exclude = layout(cfg)
     next(iter(source.store.list(source.prefix)), None)  # fail fast, with the bucket and credential source, on no access
     manifest = read_manifest(dest)
@@ -253,13 +261,14 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
     if checker.demo:
         log.warning("WARNING: %s", TINY_BANNER)
-    summary = ScanSummary(str(source), cfg.output, meta.last_run + 1, checker.fingerprint, checker.demo)
+    run = lock.claim(meta.last_run + 1)  # the number is taken under the lock: no other scan shares it
+    summary = ScanSummary(str(source), cfg.output, run, checker.fingerprint, checker.demo)
     writer = PartWriter(dest, summary.run)
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
     owned = not ray_running()  # a Ray this run starts (for listing, planning or scoring) is shut down at its end
     started = time.monotonic()
     try:
-        recovered, pending = _recover(dest, source, meta, writer, cfg)
+        recovered, pending, refused = _recover(dest, source, quarantine, meta, writer, cfg)
         pieces, listed = _list(cfg, source, exclude, summary)
         if recovered:
             meta = load_meta(dest)
@@ -294,7 +303,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
             bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
             _score(cfg, todo, total["todo"], source.store, bucket, checker, writer, summary)
         del checker, todo
-        restored, decisions = _reviews(cfg, dest, source, writer, summary)
+        restored, decisions = _reviews(cfg, dest, source, quarantine, writer, summary)
         meta = load_meta(dest)  # the staged parts now include this run's
         inputs = current_inputs(runner, dest, meta, shards, None)
         if inputs.rewrite and meta.table_version is not None:
@@ -309,14 +318,15 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
         parts = writer.workers() if action else None
         finishing = (dest, summary.run, shards, inputs.rewrite, source, quarantine, action, cfg.apply, parts)
         results = _finish(runner, FinishSpec(*finishing, decisions, restored), inputs, listing, finish)
-        summary.actions = ActionReport(action, cfg.apply, recovered=recovered, pending=pending)
+        summary.actions = ActionReport(action, cfg.apply, recovered=recovered, pending=pending, refused=refused)
         for r in results.values():
             for name in ("eligible", "done", "failed"):
                 setattr(summary.actions, name, getattr(summary.actions, name) + r["report"][name])
         if action and not cfg.apply and summary.actions.eligible:
             log.info("dry run: would %s %d flagged objects (add --apply to act)", action, summary.actions.eligible)
         manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
-        manifest = commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary)
+        lock.check()  # a run whose lock was taken over (--break-lock, or a stale heartbeat) never commits
+        manifest = commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary, lock.run_id)
         log.info(
             "run %d committed as version %d: %d rows, %d of %d shard files rewritten, %.1f s",
             summary.run,
@@ -395,15 +405,16 @@ def _finish(
     return dict(zip(shards, runner.get(refs), strict=True))
 
 
-def _recover(dest: Location, source: Location, meta, writer: PartWriter, cfg: ScanConfig) -> tuple[int, int]:  # noqa: ANN001
+def _recover(dest: Location, source: Location, quarantine: Location | None, meta, writer: PartWriter, cfg: ScanConfig):  # noqa: ANN001, ANN202
     """Finish or forget quarantine moves and releases a killed run left in the journals: only the rows of the
-    objects named there are read from the current view."""
+    objects named there are read from the current view. Returns (recovered, pending, refused)."""
     keys = journal_keys(dest)
     if not keys:
-        return 0, 0
+        return 0, 0, 0
     current = lookup_rows(dest, meta, keys)
-    recovered, pending = recover(dest, source, current, writer, cfg.apply, cfg.endpoint_url)
-    return recovered + recover_releases(dest, source, current, writer, cfg.apply, cfg.endpoint_url), pending
+    recovered, pending, refused = recover(dest, source, quarantine, current, writer, cfg.apply, cfg.endpoint_url)
+    released, refused_releases = recover_releases(dest, source, current, writer, cfg.apply, quarantine)
+    return recovered + released, pending, refused + refused_releases
 
 
 def journal_keys(dest: Location) -> list[str]:
@@ -411,7 +422,12 @@ def journal_keys(dest: Location) -> list[str]:
     keys = []
     for journal in (QUARANTINE_JOURNAL, RELEASE_JOURNAL):
         for info in dest.store.list(dest.key(journal)):
-            keys.append(json.loads(dest.store.read(info.key)[0])["key"])
+            try:  # untrusted: a malformed entry is refused (and reported) by the recovery, not here
+                key = json.loads(dest.store.read(info.key)[0]).get("key")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(key, str):
+                keys.append(key)
     return keys
 
 
@@ -423,7 +439,7 @@ def lookup_rows(dest: Location, meta, keys: list[str]) -> pa.Table:  # noqa: ANN
     return current_of(pieces)
 
 
-def _reviews(cfg: ScanConfig, dest: Location, source: Location, writer: PartWriter, summary: ScanSummary):  # noqa: ANN202
+def _reviews(cfg: ScanConfig, dest: Location, source: Location, quarantine, writer: PartWriter, summary: ScanSummary):  # noqa: ANN001, ANN202
     """--release, then the review decisions in force (key -> decision) for the reviewed objects' current rows.
     Returns (key -> etag of the objects released back into SOURCE, decisions)."""
     latest = DecisionLog.open(dest, cfg.endpoint_url).latest()
@@ -435,7 +451,7 @@ def _reviews(cfg: ScanConfig, dest: Location, source: Location, writer: PartWrit
     current = lookup_rows(dest, load_meta(dest), reviewed)
     restored: dict[str, str] = {}
     if cfg.release:
-        summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url)
+        summary.release, restored = release(cfg.apply, current, source, dest, writer, cfg.endpoint_url, quarantine)
         if restored:
             current = lookup_rows(dest, load_meta(dest), reviewed)
     decisions = {k: d.decision for k, d in current_decisions(dest, current, cfg.endpoint_url).items()}

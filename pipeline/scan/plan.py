@@ -50,6 +50,7 @@ class ScanConfig:
     list_parallelism: int | None = None  # S3 listing tasks at once (None: the cluster's CPUs x 2; 1: one paginator)
     list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
     shard_rows: int = SHARD_ROWS  # objects per shard: what one plan or finish task holds (pipeline.scan.shards)
+    break_lock: bool = False  # take DEST's lock even from a live holder (pipeline.scan.lock: one scan per DEST)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.shard_rows, int) and self.shard_rows >= 1):

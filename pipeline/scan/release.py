@@ -7,14 +7,19 @@ A quarantined object is moved back the way quarantine moved it out, and never ov
 2. the quarantine copy is read and checked against the bytes that were scored (size and sha256);
 3. it is created at its original key exclusively (:meth:`Store.create`: an object written there since is never
    replaced; that release fails and says so);
-4. the restored object is verified (size and sha256), and only then is the quarantine copy deleted, only if it is
-   still the version that was verified;
-5. the row is committed with ``quarantined_to`` cleared and the restored object's etag, the overturn is carried over to
-   that etag (a new local file has a new etag), and the journal entry is removed.
+4. the restored object is read back and compared with the copy; the row takes the etag of that same read, so what the
+   row (and the overturn, bound to the sha256) names is exactly the bytes verified, never a write that came after;
+   only then is the quarantine copy deleted, only if it is still the version that was verified;
+5. the row is committed with ``quarantined_to`` cleared and the restored object's etag, and the journal entry is
+   removed. The overturn needs no carrying over: it is bound to the bytes' sha256, which the restored object has.
 
 A run that dies in between leaves the journal entry; the next run's :func:`recover_releases` finishes the move when
 the restored object is verified, and forgets it otherwise (the object is still quarantined and still eligible).
 A tagged object loses the ``moderation`` tag the scan set (its other tags are kept).
+
+What DEST holds is read as untrusted: a row's ``quarantined_to`` and a journal's ``from`` are acted on only inside the
+quarantine given with ``--quarantine``, and a key only inside SOURCE (:meth:`Location.holds`); anything else is
+refused and reported, never deleted.
 """
 
 from __future__ import annotations
@@ -28,15 +33,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..decisions import Decision, DecisionLog, current_decisions
-from ..errors import DiffguardError, InvalidInput, StorageError
-from ..storage import Location, ObjectInfo, object_store, sha256
+from ..decisions import Decision, current_decisions
+from ..errors import DiffguardError, InvalidInput, ObjectChanged, StorageError
+from ..storage import Location, ObjectInfo, Store, sha256
 from .state import PartWriter
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "_release/"
-RELEASER = "diffguard scan --release"  # the reviewer named on decisions carried over to a restored object's etag
 
 
 @dataclass
@@ -46,15 +50,17 @@ class ReleaseReport:
     done: int = 0
     failed: int = 0
     recovered: int = 0  # interrupted releases finished at the start of the run
+    refused: int = 0  # journal entries naming something outside SOURCE and the quarantine, or other bytes: left alone
 
 
 def overturned(dest: Location, current: pa.Table, endpoint_url: str | None) -> dict[str, Decision]:
-    """key -> the overturn in force for the object's current etag: the objects ``--apply`` leaves alone."""
+    """key -> the overturn in force for the bytes the object's current row scored: the objects ``--apply`` leaves
+    alone."""
     return {k: d for k, d in current_decisions(dest, current, endpoint_url).items() if d.decision == "overturn"}
 
 
 def confirmed(dest: Location, current: pa.Table, endpoint_url: str | None) -> set[str]:
-    """Keys a reviewer confirmed or relabelled for their current etag: acted on like flagged objects."""
+    """Keys a reviewer confirmed or relabelled for their current bytes: acted on like flagged objects."""
     return {k for k, d in current_decisions(dest, current, endpoint_url).items() if d.decision != "overturn"}
 
 
@@ -62,22 +68,38 @@ def _journal_key(dest: Location, key: str) -> str:
     return dest.key(JOURNAL + hashlib.sha1(key.encode()).hexdigest() + ".json")
 
 
-def _restore(row: dict[str, Any], source: Location, dest: Location, endpoint_url: str | None) -> ObjectInfo:
+def in_quarantine(url: Any, quarantine: Location | None) -> tuple[Store, str]:
+    """The store and key of a quarantine copy that DEST names, only inside ``quarantine`` (else refused)."""
+    key = quarantine.holds(url) if quarantine is not None and isinstance(url, str) else None
+    if key is None:
+        where = f"the quarantine {quarantine}" if quarantine is not None else "a quarantine (none given: --quarantine)"
+        raise InvalidInput(f"{url!r} is not inside {where}: not released, nothing deleted")
+    return quarantine.store, key  # type: ignore[union-attr]
+
+
+def in_source(key: Any, source: Location) -> str:
+    """A key DEST names, only inside SOURCE (else refused)."""
+    if not isinstance(key, str) or not key.startswith(source.prefix) or key == source.prefix:
+        raise InvalidInput(f"key {key!r} is not inside SOURCE {source}: nothing done")
+    return key
+
+
+def _restore(row: dict[str, Any], source: Location, quarantine: Location | None, dest: Location) -> ObjectInfo:
     """Move one quarantined object back to its key (steps 1-4 above); returns the restored object's info."""
-    store, key = object_store(row["quarantined_to"], endpoint_url)
-    entry = {"key": row["key"], "from": row["quarantined_to"], "size": row["size"], "sha256": row["sha256"]}
+    store, key = in_quarantine(row["quarantined_to"], quarantine)
+    target = in_source(row["key"], source)
+    if not row["sha256"]:
+        raise StorageError(f"{row['quarantined_to']} has no sha256 of the bytes scored to verify it by; not released")
+    entry = {"key": target, "from": row["quarantined_to"], "size": row["size"], "sha256": row["sha256"]}
     entry["started_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    dest.store.write(_journal_key(dest, row["key"]), json.dumps(entry).encode())
+    dest.store.write(_journal_key(dest, target), json.dumps(entry).encode())
     data, copy_info = store.read(key)
-    if len(data) != row["size"] or (row["sha256"] and sha256(data) != row["sha256"]):
+    if len(data) != row["size"] or sha256(data) != row["sha256"]:
         raise StorageError(f"{row['quarantined_to']} does not hold the bytes that were scored; not released")
-    source.store.create(row["key"], data)  # exclusive: an object written there since is never replaced
-    restored, _ = source.store.read(row["key"])
+    source.store.create(target, data)  # exclusive: an object written there since is never replaced
+    restored, info = source.store.read(target)  # the etag the row takes is this read's: of the bytes compared
     if restored != data:
-        raise StorageError(f"{source.store.url(row['key'])} does not match the quarantine copy; the copy is kept")
-    info = source.store.head(row["key"])
-    if info is None:
-        raise StorageError(f"{source.store.url(row['key'])} vanished after it was restored; the copy is kept")
+        raise StorageError(f"{source.store.url(target)} does not match the quarantine copy; the copy is kept")
     store.delete(key, etag=copy_info.etag)
     return info
 
@@ -89,8 +111,10 @@ def release(
     dest: Location,
     writer: PartWriter,
     endpoint_url: str | None,
+    quarantine: Location | None = None,
 ) -> tuple[ReleaseReport, dict[str, str]]:
-    """Release every overturned object still quarantined or tagged. Returns the report and key -> restored etag."""
+    """Release every overturned object still quarantined (inside ``quarantine``) or tagged. Returns the report and
+    key -> restored etag."""
     report = ReleaseReport(apply)
     decisions = overturned(dest, current, endpoint_url)
     if not decisions:
@@ -106,12 +130,11 @@ def release(
             log.info("dry run: would release %d overturned objects (add --apply to act)", len(rows))
         return report, {}
     updates: dict[int, dict[str, Any]] = {}
-    carried: list[Decision] = []
     restored_etags: dict[str, str] = {}
     for i, row in rows:
         try:
             if row["quarantined_to"]:
-                info = _restore(row, source, dest, endpoint_url)
+                info = _restore(row, source, quarantine, dest)
                 updates[i] = {
                     "quarantined_to": None,
                     "etag": info.etag,
@@ -119,21 +142,12 @@ def release(
                     "version_id": info.version_id,
                 }
                 restored_etags[row["key"]] = info.etag
-                if info.etag != row["etag"]:
-                    old = decisions[row["key"]]
-                    note = f"carried over from etag {old.etag} on release"
-                    carried.append(Decision(**{**old.__dict__, "etag": info.etag, "reviewer": RELEASER, "note": note}))
             else:
-                untag = getattr(source.store, "untag", None)
-                if untag is None:
-                    raise InvalidInput(f"{source.store.url()} has no object tags to remove")
-                untag(row["key"], {"moderation": "nsfw"}, row["etag"])
+                source.store.untag(in_source(row["key"], source), {"moderation": "nsfw"}, row["etag"])
                 updates[i] = {"tagged": False}
         except (DiffguardError, OSError) as exc:
             report.failed += 1
             log.warning("could not release %s: %s", row["key"], exc)
-    if carried:
-        DecisionLog(dest).append(carried)  # before the row names the new etag: the overturn is never lost
     if updates:
         writer.commit(_with(current, updates))
         for i, row in rows:
@@ -155,33 +169,58 @@ def _with(current: pa.Table, updates: dict[int, dict[str, Any]]) -> pa.Table:
 
 
 def recover_releases(
-    dest: Location, source: Location, current: pa.Table, writer: PartWriter, apply: bool, endpoint_url: str | None
-) -> int:
-    """Finish releases a killed run left in the journal (the restored object verified), forget the rest."""
+    dest: Location,
+    source: Location,
+    current: pa.Table,
+    writer: PartWriter,
+    apply: bool,
+    quarantine: Location | None,
+) -> tuple[int, int]:
+    """Finish releases a killed run left in the journal (the restored object verified), forget the rest. An entry
+    naming a key outside SOURCE, a copy outside ``quarantine``, or bytes other than the row's is refused: reported and
+    kept, nothing deleted. Returns (finished, refused)."""
     journal = list(dest.store.list(dest.key(JOURNAL)))
     if not journal:
-        return 0
+        return 0, 0
     index = {k: i for i, k in enumerate(current["key"].to_pylist())}
     updates: dict[int, dict[str, Any]] = {}
+    refused = 0
     for info in journal:
-        entry = json.loads(dest.store.read(info.key)[0])
-        restored = source.store.head(entry["key"])
-        verified = False
-        if restored is not None and restored.size == entry["size"]:
-            verified = not entry["sha256"] or sha256(source.store.read(entry["key"])[0]) == entry["sha256"]
-        if verified:
-            if not apply:
-                continue
-            store, key = object_store(entry["from"], endpoint_url)
+        try:
+            entry = json.loads(dest.store.read(info.key)[0])
+            key = in_source(entry.get("key"), source)
+            row = index.get(key)
+            digest = entry.get("sha256")
+            if row is None or not digest or current["sha256"][row].as_py() != digest:
+                raise InvalidInput(f"{key!r}: no scan row with the sha256 the entry names; nothing done")
             try:
-                store.delete(key)
-            except DiffguardError as exc:
-                log.warning("released %s but could not delete its copy %s: %s", entry["key"], entry["from"], exc)
-                continue
-            if (i := index.get(entry["key"])) is not None:
-                updates[i] = {"quarantined_to": None, "etag": restored.etag, "last_modified": restored.last_modified}  # type: ignore[union-attr]
-            log.info("finished an interrupted release: %s -> %s", entry["from"], entry["key"])
+                restored, seen = source.store.read(key)
+            except (ObjectChanged, StorageError):
+                restored, seen = None, None
+            if seen is not None and sha256(restored) == digest:  # type: ignore[arg-type]
+                if not apply:
+                    continue
+                store, copy_key = in_quarantine(entry.get("from"), quarantine)
+                _delete_copy(store, copy_key, digest)
+                updates[row] = {"quarantined_to": None, "etag": seen.etag, "last_modified": seen.last_modified}
+                updates[row]["version_id"] = seen.version_id
+                log.info("finished an interrupted release: %s -> %s", entry["from"], key)
+        except (DiffguardError, ValueError, TypeError, AttributeError) as exc:
+            refused += 1
+            log.warning("WARNING: refused the release journal entry %s: %s", dest.store.url(info.key), exc)
+            continue
         dest.store.delete(info.key)
     if updates:
         writer.commit(_with(current, updates))
-    return len(updates)
+    return len(updates), refused
+
+
+def _delete_copy(store: Store, key: str, digest: str) -> None:
+    """Delete a quarantine copy only while it still holds the bytes with ``digest`` (compare, then delete that etag:
+    a write between the two makes the delete fail rather than remove other bytes)."""
+    if store.head(key) is None:
+        return  # already gone: an earlier attempt deleted it
+    data, info = store.read(key)
+    if sha256(data) != digest:
+        raise ObjectChanged(f"{store.url(key)} does not hold the bytes released: not deleted")
+    store.delete(key, etag=info.etag)

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ObjectExists
 from ..storage import Location, StorageError, parse_location
 from .table import TABLE, commit, open_table, read_table, table_files, table_run, table_uri
 
@@ -253,15 +253,31 @@ def read_current(dest: str | Location, endpoint_url: str | None = None, *, non_i
     return current.filter(pc.fill_null(pc.not_equal(current["error_kind"], NOT_IMAGE), True))
 
 
-def _write_part(dest: Location, rel: str, table: pa.Table) -> None:
+def _write_part(dest: Location, rel: str, table: pa.Table, exclusive: bool = False) -> None:
+    """Write a part atomically (a PUT, or a temp file renamed into place). ``exclusive``: never over another file
+    (:meth:`Store.create`); one already there with exactly these bytes is this writer's own earlier attempt (a retried
+    PUT whose first answer was lost), other bytes are another writer's: :class:`StorageError`."""
     buf = io.BytesIO()
     pq.write_table(conform(table), buf, compression="zstd")
-    dest.store.write(dest.key(rel), buf.getvalue())  # atomic: a PUT, or a temp file renamed into place
+    data, key = buf.getvalue(), dest.key(rel)
+    if not exclusive:
+        dest.store.write(key, data)  # a worker's part: a retried task rewrites its own file
+    else:
+        try:
+            dest.store.create(key, data)
+        except ObjectExists:
+            if dest.store.read(key)[0] != data:
+                raise StorageError(
+                    f"{dest.store.url(key)} was written by another writer (its bytes differ from this run's part "
+                    f"{rel}); not overwritten: is another scan writing to {dest}?"
+                ) from None
+            log.debug("%s was already written by this run (a retried write)", rel)
     log.debug("committed %s (%d rows)", rel, table.num_rows)
 
 
 class PartWriter:
-    """The driver's parts of one run, numbered in commit order, each written atomically.
+    """The driver's parts of one run, numbered in commit order, each written atomically and exclusively (a part
+    already under its name with other bytes is another writer's: :class:`StorageError`, never overwritten).
 
     >>> writer = PartWriter(dest, run=8)
     >>> writer.commit(rows)          # parts/run-000008/part-000000.parquet
@@ -275,7 +291,7 @@ class PartWriter:
         if table.num_rows == 0:
             return None
         rel = f"parts/run-{self.run:06d}/part-{self.parts:06d}.parquet"
-        _write_part(self.dest, rel, table)
+        _write_part(self.dest, rel, table, exclusive=True)
         self.parts += 1
         return rel
 

@@ -109,12 +109,12 @@ def read_table(dt: Any) -> pa.Table:
         raise StorageError(f"cannot read the Delta table {dt.table_uri}: {type(exc).__name__}: {exc}") from None
 
 
-def commit(dest: Location, table: pa.Table, run: int) -> int:
+def commit(dest: Location, table: pa.Table, run: int, run_id: str | None = None) -> int:
     """Overwrite the table with ``table`` as run ``run``, in one Delta commit; returns the new version.
 
     The commit is not retried by delta-rs against a newer version (``max_commit_retries=0``): a failed commit is
-    checked against the log, and counts as done only when the latest version holds ``run`` (a commit that landed but
-    whose answer was lost; S3 then refuses the retried create with 412).
+    checked against the log, and counts as done only when the latest version holds ``run`` and ``run_id`` (a commit
+    that landed but whose answer was lost; S3 then refuses the retried create with 412).
     """
     from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
     from deltalake.exceptions import DeltaError
@@ -130,13 +130,13 @@ def commit(dest: Location, table: pa.Table, run: int) -> int:
             writer_properties=WriterProperties(compression="ZSTD"),
             commit_properties=CommitProperties(
                 app_transactions=[Transaction(app_id=APP_ID, version=run)],
-                custom_metadata={"diffguard.run": str(run)},
+                custom_metadata=_metadata(run, run_id),
                 max_commit_retries=0,
             ),
         )
     except (DeltaError, OSError) as exc:
-        return _committed(dest, run, exc)
-    return _committed(dest, run)
+        return _committed(dest, run, run_id, exc)
+    return _committed(dest, run, run_id)
 
 
 def table_files(dt: Any) -> list[tuple[str, int]]:
@@ -147,12 +147,19 @@ def table_files(dt: Any) -> list[tuple[str, int]]:
 
 
 def commit_files(
-    dest: Location, adds: list[dict[str, Any]], removes: list[str], run: int, schema: pa.Schema, overwrite: bool
+    dest: Location,
+    adds: list[dict[str, Any]],
+    removes: list[str],
+    run: int,
+    schema: pa.Schema,
+    overwrite: bool,
+    run_id: str | None = None,
 ) -> int:
     """Commit data files already written under the table root as run ``run``, in one Delta commit; returns the new
     version. ``adds``: ``{"path", "size", "rows"}`` of each new file; ``removes``: paths of files it replaces.
     ``overwrite``: the new files are the whole table (every earlier file removed, the schema replaced). With neither
-    adds nor removes the commit records the run alone. Retries and lost answers as :func:`commit`.
+    adds nor removes the commit records the run alone. ``run_id``: the run's unique id (its lock's), recorded with
+    the run number in the commit's metadata. Retries and lost answers as :func:`commit`.
     """
     import time
 
@@ -164,7 +171,7 @@ def commit_files(
     actions = [AddAction(a["path"], a["size"], {}, now, True, json.dumps({"numRecords": a["rows"]})) for a in adds]
     props = CommitProperties(
         app_transactions=[Transaction(app_id=APP_ID, version=run)],
-        custom_metadata={"diffguard.run": str(run)},
+        custom_metadata=_metadata(run, run_id),
         max_commit_retries=0,
     )
     uri, options = table_uri(dest), storage_options(dest)
@@ -180,21 +187,48 @@ def commit_files(
             removed = [RemoveAction(path, True, now) for path in removes]
             dt.create_write_transaction([*actions, *removed], mode="append", schema=schema, commit_properties=props)
     except (DeltaError, OSError) as exc:
-        return _committed(dest, run, exc)
-    return _committed(dest, run)
+        return _committed(dest, run, run_id, exc)
+    return _committed(dest, run, run_id)
 
 
-def _committed(dest: Location, run: int, error: Exception | None = None) -> int:
+def _metadata(run: int, run_id: str | None) -> dict[str, str]:
+    """The commit's custom metadata (in its ``commitInfo``): the run number and, from scans, the run's unique id."""
+    return {"diffguard.run": str(run)} | ({"diffguard.run_id": run_id} if run_id else {})
+
+
+def commit_run_id(dest: Location, version: int) -> str | None:
+    """The ``diffguard.run_id`` in the ``commitInfo`` of the table's commit ``version`` (None: a commit without one, as
+    older scans wrote). Read from the log file itself, one GET: ``DeltaTable.history`` lists the whole log on S3, and
+    delta-rs 1.6 mislabels the history of a table loaded at an older version."""
+    key = dest.key(f"{TABLE}/_delta_log/{version:020d}.json")
+    if dest.store.head(key) is None:
+        return None
+    for line in dest.store.read(key)[0].splitlines():
+        action = json.loads(line) if line.strip() else {}
+        if "commitInfo" in action:
+            return action["commitInfo"].get("diffguard.run_id")
+    return None
+
+
+def _ours(dest: Location, dt: Any, run: int, run_id: str | None) -> bool:
+    """The latest version holds ``run``, committed by the run ``run_id`` (when given)."""
+    if dt is None or dt.transaction_version(APP_ID) != run:
+        return False
+    return run_id is None or commit_run_id(dest, dt.version()) == run_id
+
+
+def _committed(dest: Location, run: int, run_id: str | None = None, error: Exception | None = None) -> int:
     """The version that holds ``run`` after a commit: after a failed one, the log decides (a commit that landed but
-    whose answer was lost counts once); after a successful one, the latest version must hold it (one scan per DEST
-    at a time)."""
+    whose answer was lost counts once: the latest version holds our run number and our run id; another scan's commit
+    of the same number is not ours); after a successful one, the latest version must be ours (one scan per DEST at a
+    time: :mod:`pipeline.scan.lock`)."""
     dt, uri = open_table(dest), table_uri(dest)
     if error is not None:
-        if dt is not None and dt.transaction_version(APP_ID) == run:
+        if _ours(dest, dt, run, run_id):
             return dt.version()
         raise StorageError(
             f"cannot commit run {run} to the Delta table {uri}: {type(error).__name__}: {error}"
         ) from None
-    if dt is None or table_run(dt) != run:  # another writer committed after ours
+    if dt is None or table_run(dt) != run or not _ours(dest, dt, run, run_id):  # another writer committed after ours
         raise StorageError(f"the Delta table {uri} changed while run {run} committed: is another scan writing to it?")
     return dt.version()

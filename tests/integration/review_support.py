@@ -4,6 +4,7 @@ over real HTTP (uvicorn in a subprocess, so a test can kill it)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -92,27 +93,47 @@ def free_port() -> int:
 
 
 class ReviewServer:
-    """``diffguard review DEST`` (``python -m pipeline review``) in a subprocess on a free port."""
+    """``diffguard review DEST`` (``python -m pipeline review``) in a subprocess on a free port.
+
+    ``token``: the key to send (the per-start token parsed from the start-up line, else ``DIFFGUARD_API_KEY`` from
+    ``env``); ``headers`` carry it; ``client`` is an httpx client sending them; ``page_url`` opens the page with it."""
+
+    TOKEN = re.compile(r"#token=([A-Za-z0-9_-]+)")
 
     def __init__(self, dest: Path | str, *extra: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.token: str | None = ((env or {}).get("DIFFGUARD_API_KEY") or "").strip() or None
         cmd = [sys.executable, "-m", "pipeline", "review", str(dest), "--host", host, "--port", str(self.port), *extra]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="review-app-", suffix=".log")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, env=environ, cwd=ROOT, stderr=self.log, text=True)
+        self.client = httpx.Client(timeout=60)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def page_url(self) -> str:
+        return f"{self.url}/#token={self.token}" if self.token else f"{self.url}/"
 
     def stderr(self) -> str:
         return Path(self.log.name).read_text()
 
     def wait(self, timeout: float = 120.0, headers: dict[str, str] | None = None) -> float:
-        """Seconds from start until /api/info answers."""
+        """Seconds from start until /api/info answers (with the printed token, once it is printed)."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"review app exited {self.proc.returncode}: {self.stderr()}")
+            sent = self.token
             try:
-                if httpx.get(self.url + "/api/info", headers=headers, timeout=2).status_code in (200, 401):
+                answer = httpx.get(self.url + "/api/info", headers=headers or self.headers, timeout=2)
+                found = self.TOKEN.search(self.stderr())  # printed before the app listens: there once it answers
+                self.token = found.group(1) if found else self.token
+                if answer.status_code in (200, 401) and self.token == sent:
+                    self.client.headers.update(self.headers)
                     return time.monotonic() - start
             except httpx.TransportError:
                 pass
@@ -127,6 +148,7 @@ class ReviewServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.client.close()
         self.log.close()
 
     def __enter__(self) -> ReviewServer:

@@ -22,9 +22,9 @@ from PIL import Image
 
 from pipeline.decisions import PREFIX, DecisionLog
 from pipeline.policy import blur
-from pipeline.storage import parse_location
+from pipeline.storage import LocalStore, parse_location, sha256
 from tests.integration.review_support import ODD_KEYS, ReviewServer, results
-from tests.integration.scan_support import new_bucket
+from tests.integration.scan_support import new_bucket, png
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,11 @@ def expected_order(table) -> list[str]:
     return [k for _, k in sorted(out)]
 
 
-def walk(base: str, limit: int, **params) -> list[dict]:
+def walk(app: ReviewServer, limit: int, **params) -> list[dict]:
     items, cursor = [], None
     while True:
         query = {"limit": limit, **params, **({"cursor": cursor} if cursor else {})}
-        page = httpx.get(base + "/api/items", params=query).json()
+        page = app.client.get(app.url + "/api/items", params=query).json()
         items += page["items"]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -66,37 +66,38 @@ def scan(tmp_path: Path):
 def test_queue_order_paging_filters_and_decisions(scan):
     dest, table = scan
     with ReviewServer(dest) as app:
-        info = httpx.get(app.url + "/api/info").json()
+        info = app.client.get(app.url + "/api/info").json()
         order = expected_order(table)
         assert info["queue"] == len(order) and info["categories"] == ["hate", "sexual", "violence"]
-        assert [i["key"] for i in walk(app.url, 7)] == order  # every page, in order, none twice
-        assert [i["key"] for i in httpx.get(app.url + "/api/items", params={"limit": 200}).json()["items"]] == order
-        blocked = walk(app.url, 5, action="block")
+        assert [i["key"] for i in walk(app, 7)] == order  # every page, in order, none twice
+        whole = app.client.get(app.url + "/api/items", params={"limit": 200}).json()["items"]
+        assert [i["key"] for i in whole] == order
+        blocked = walk(app, 5, action="block")
         assert blocked and {i["action"] for i in blocked} == {"block"}
         assert [i["key"] for i in blocked] == [k for k in order if k in {i["key"] for i in blocked}]
-        violence = walk(app.url, 5, category="violence")
+        violence = walk(app, 5, category="violence")
         assert violence and all("violence" in i["flagged_categories"] for i in violence)
-        unscorable = [i for i in walk(app.url, 50) if i["unscorable"]]
+        unscorable = [i for i in walk(app, 50) if i["unscorable"]]
         assert unscorable and all(i["score"] is None for i in unscorable)
         assert order[: len(unscorable)] == [i["key"] for i in unscorable]  # no score: first in the queue
 
         first, second, third = order[len(unscorable) : len(unscorable) + 3]
-        assert httpx.post(item_url(app.url, first, "/decision"), json={"decision": "overturn"}).status_code == 200
-        confirmed = httpx.post(item_url(app.url, second, "/decision"), json={"decision": "confirm", "note": "yes"})
-        item = httpx.get(item_url(app.url, second)).json()
+        assert app.client.post(item_url(app.url, first, "/decision"), json={"decision": "overturn"}).status_code == 200
+        confirmed = app.client.post(item_url(app.url, second, "/decision"), json={"decision": "confirm", "note": "yes"})
+        item = app.client.get(item_url(app.url, second)).json()
         top = max(item["flagged_categories"], key=item["categories"].__getitem__)
         assert confirmed.json()["category"] == top and confirmed.json()["note"] == "yes"
         relabel = {"decision": "relabel", "category": "hate"}
-        assert httpx.post(item_url(app.url, third, "/decision"), json=relabel).json()["category"] == "hate"
-        assert [i["key"] for i in walk(app.url, 2, state="overturn")] == [first]
-        assert [i["key"] for i in walk(app.url, 2, state="confirm")] == [second]
-        assert [i["key"] for i in walk(app.url, 2, state="relabel")] == [third]
-        undecided = [i["key"] for i in walk(app.url, 9, state="undecided")]
+        assert app.client.post(item_url(app.url, third, "/decision"), json=relabel).json()["category"] == "hate"
+        assert [i["key"] for i in walk(app, 2, state="overturn")] == [first]
+        assert [i["key"] for i in walk(app, 2, state="confirm")] == [second]
+        assert [i["key"] for i in walk(app, 2, state="relabel")] == [third]
+        undecided = [i["key"] for i in walk(app, 9, state="undecided")]
         assert undecided == [k for k in order if k not in (first, second, third)]
         # the latest decision wins
-        assert httpx.post(item_url(app.url, first, "/decision"), json={"decision": "confirm"}).status_code == 200
-        assert [i["key"] for i in walk(app.url, 2, state="confirm")] == [first, second]
-        assert walk(app.url, 2, state="overturn") == []
+        assert app.client.post(item_url(app.url, first, "/decision"), json={"decision": "confirm"}).status_code == 200
+        assert [i["key"] for i in walk(app, 2, state="confirm")] == [first, second]
+        assert walk(app, 2, state="overturn") == []
 
         # bad input: each error names the field, the value and what is allowed
         bad = [
@@ -107,20 +108,19 @@ def test_queue_order_paging_filters_and_decisions(scan):
             ({"decision": "overturn", "note": "x" * 2001}, "note"),
         ]
         for body, field in bad:
-            r = httpx.post(item_url(app.url, first, "/decision"), json=body)
+            r = app.client.post(item_url(app.url, first, "/decision"), json=body)
             assert r.status_code == 422, (body, r.text)
             assert field in r.text, r.text
-        r = httpx.get(app.url + "/api/items", params={"state": "later"})
+        r = app.client.get(app.url + "/api/items", params={"state": "later"})
         assert r.status_code == 422 and "state" in r.text and "undecided" in r.text
-        r = httpx.get(app.url + "/api/items", params={"cursor": "not-a-cursor"})
+        r = app.client.get(app.url + "/api/items", params={"cursor": "not-a-cursor"})
         assert r.status_code == 422 and "cursor" in r.text
-        assert (
-            httpx.post(item_url(app.url, "no/such.png", "/decision"), json={"decision": "confirm"}).status_code == 404
-        )
+        r = app.client.post(item_url(app.url, "no/such.png", "/decision"), json={"decision": "confirm"})
+        assert r.status_code == 404
         allowed = next(r["key"] for r in table.to_pylist() if r["action"] == "allow")
-        assert httpx.get(item_url(app.url, allowed)).status_code == 404  # allowed objects are not in the queue
+        assert app.client.get(item_url(app.url, allowed)).status_code == 404  # allowed objects are not in the queue
 
-        doc = httpx.get(app.url + "/openapi.json").json()
+        doc = app.client.get(app.url + "/openapi.json").json()
         for path in ("/api/items", "/api/items/{key}/thumbnail", "/api/items/{key}/decision", "/api/decisions"):
             assert path in doc["paths"], sorted(doc["paths"])
 
@@ -134,38 +134,46 @@ def test_stale_decision_after_the_object_changes(scan, tmp_path):
     dest, table = scan
     key = expected_order(table)[-1]
     with ReviewServer(dest) as app:
-        assert httpx.post(item_url(app.url, key, "/decision"), json={"decision": "overturn"}).status_code == 200
+        assert app.client.post(item_url(app.url, key, "/decision"), json={"decision": "overturn"}).status_code == 200
+    new = png(4242, (24, 32))
+    (tmp_path / "src" / key).write_bytes(new)  # the object is replaced after the decision
+    with ReviewServer(dest) as app:  # before a rescan: never shown nor decided on as the scanned object
+        assert app.client.get(item_url(app.url, key, "/thumbnail")).status_code == 409
+        assert app.client.post(item_url(app.url, key, "/decision"), json={"decision": "confirm"}).status_code == 409
+    etag = LocalStore(str(tmp_path / "src")).head(key).etag
     row = table.filter(pc.equal(table["key"], key))
-    row = row.set_column(row.column_names.index("etag"), "etag", [["changed"]])
+    row = row.set_column(row.column_names.index("etag"), "etag", [[etag]])
+    row = row.set_column(row.column_names.index("sha256"), "sha256", [[sha256(new)]])
     from pipeline.scan.state import PartWriter
 
-    PartWriter(parse_location(str(dest)), 2).commit(row)  # a later run scored a new version of the object
+    PartWriter(parse_location(str(dest)), 2).commit(row)  # a later run scored the new bytes
     with ReviewServer(dest) as app:
-        item = httpx.get(item_url(app.url, key)).json()
-        assert item["state"] == "stale" and item["decision"]["stale"] is True and item["etag"] == "changed"
-        assert [i["key"] for i in walk(app.url, 50, state="stale")] == [key]
-        assert key in [i["key"] for i in walk(app.url, 50, state="undecided")] or True
-        decisions = httpx.get(app.url + "/api/decisions").json()
+        item = app.client.get(item_url(app.url, key)).json()
+        assert item["state"] == "stale" and item["decision"]["stale"] is True and item["sha256"] == sha256(new)
+        assert [i["key"] for i in walk(app, 50, state="stale")] == [key]
+        assert key in [i["key"] for i in walk(app, 50, state="undecided")] or True
+        decisions = app.client.get(app.url + "/api/decisions").json()
         assert [(d["key"], d["stale"]) for d in decisions] == [(key, True)]
-        assert httpx.post(item_url(app.url, key, "/decision"), json={"decision": "confirm"}).status_code == 200
-        assert httpx.get(item_url(app.url, key)).json()["state"] == "confirm"
+        assert app.client.post(item_url(app.url, key, "/decision"), json={"decision": "confirm"}).status_code == 200
+        assert app.client.get(item_url(app.url, key)).json()["state"] == "confirm"
 
 
 def test_thumbnails_blurred_on_the_server_unless_revealed(scan):
     dest, table = scan
     key = next(k for k in expected_order(table) if not table.filter(pc.equal(table["key"], k))["unscorable"][0].as_py())
     with ReviewServer(dest) as app:
-        blurred = httpx.get(item_url(app.url, key, "/thumbnail"))
-        revealed = httpx.get(item_url(app.url, key, "/thumbnail"), params={"reveal": 1})
-        full = httpx.get(item_url(app.url, key, "/image"))
+        blurred = app.client.get(item_url(app.url, key, "/thumbnail"))
+        revealed = app.client.get(item_url(app.url, key, "/thumbnail"), params={"reveal": 1})
+        full = app.client.get(item_url(app.url, key, "/image"))
         assert blurred.headers["content-type"] == revealed.headers["content-type"] == "image/png"
         as_array = lambda r: np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))  # noqa: E731
         sharp = as_array(revealed)
         assert as_array(full).shape == (24, 32, 3)
         np.testing.assert_array_equal(as_array(blurred), blur(sharp))  # exactly the core's blur of the thumbnail
         assert not np.array_equal(as_array(blurred), sharp)
-        unscorable = next(i["key"] for i in walk(app.url, 50) if i["unscorable"])
-        assert httpx.get(item_url(app.url, unscorable, "/thumbnail")).status_code == 200  # a real PNG in this fixture
+        unscorable = next(i["key"] for i in walk(app, 50) if i["unscorable"])
+        thumb = app.client.get(item_url(app.url, unscorable, "/thumbnail"))
+        assert thumb.status_code == 200  # a real PNG in this fixture
 
 
 def test_odd_s3_keys_route_exactly(s3, s3_endpoint, tmp_path):
@@ -178,12 +186,12 @@ def test_odd_s3_keys_route_exactly(s3, s3_endpoint, tmp_path):
     queued = table.set_column(table.column_names.index("action"), "action", [["flag"] * table.num_rows])
     PartWriter(parse_location(str(tmp_path / "dest")), 2).commit(queued)
     with ReviewServer(tmp_path / "dest", "--endpoint-url", s3_endpoint) as app:
-        assert sorted(i["key"] for i in walk(app.url, 3)) == sorted(keys)
+        assert sorted(i["key"] for i in walk(app, 3)) == sorted(keys)
         for key in keys:
-            assert httpx.get(item_url(app.url, key)).json()["key"] == key
-            r = httpx.get(item_url(app.url, key, "/thumbnail"))
+            assert app.client.get(item_url(app.url, key)).json()["key"] == key
+            r = app.client.get(item_url(app.url, key, "/thumbnail"))
             assert r.status_code == 200 and r.headers["content-type"] == "image/png", (key, r.text)
-            d = httpx.post(item_url(app.url, key, "/decision"), json={"decision": "overturn", "note": key})
+            d = app.client.post(item_url(app.url, key, "/decision"), json={"decision": "overturn", "note": key})
             assert d.status_code == 200 and d.json()["key"] == key, (key, d.text)
     assert sorted(d.key for d in DecisionLog.open(str(tmp_path / "dest")).all()) == sorted(keys)
 
@@ -212,7 +220,7 @@ def test_off_loopback_needs_a_key(scan):
 
 def test_decisions_survive_kill_9_mid_write(tmp_path):
     keys = [f"k/{i:04d}.png" for i in range(400)]
-    table = results(tmp_path / "dest", tmp_path / "src", keys, seed=7, images=False)
+    table = results(tmp_path / "dest", tmp_path / "src", keys, seed=7)  # real files: a decision reads and checks them
     queued = expected_order(table)
     acknowledged: list[tuple[str, str]] = []
     stop = threading.Event()
@@ -220,7 +228,7 @@ def test_decisions_survive_kill_9_mid_write(tmp_path):
     app.wait()
 
     def post(worker: int) -> None:
-        with httpx.Client(timeout=10) as client:
+        with httpx.Client(timeout=10, headers=app.headers) as client:
             for i in range(worker, len(queued), 4):
                 if stop.is_set():
                     return
@@ -249,7 +257,7 @@ def test_decisions_survive_kill_9_mid_write(tmp_path):
     stored = {(d.key, d.decided_at.isoformat()) for d in DecisionLog.open(str(tmp_path / "dest")).all()}
     assert set(acknowledged) <= stored, set(acknowledged) - stored
     with ReviewServer(tmp_path / "dest") as again:  # and the app starts again over them
-        assert len(httpx.get(again.url + "/api/decisions").json()) == len(stored) >= 40
+        assert len(again.client.get(again.url + "/api/decisions").json()) == len(stored) >= 40
 
 
 def test_first_page_of_a_100k_row_scan(tmp_path, capsys):
@@ -261,7 +269,7 @@ def test_first_page_of_a_100k_row_scan(tmp_path, capsys):
     app = ReviewServer(tmp_path / "dest")
     try:
         start_s = app.wait(timeout=300)
-        with httpx.Client() as client:
+        with httpx.Client(headers=app.headers) as client:
             timings = []
             for _ in range(20):
                 t0 = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-import httpx
 import pytest
 import yaml
 
@@ -26,13 +25,13 @@ from tests.integration.scan_support import (
     rows_by_key,
     scan,
 )
-from tests.integration.test_review_page import open_page, shot, wait_thumbs
+from tests.integration.test_review_page import open_page, shot, wait_count, wait_thumbs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: deselected by `make test-fast`
 
 
-def decide(url: str, key: str, decision: str) -> None:
-    r = httpx.post(f"{url}/api/items/{quote(key, safe='')}/decision", json={"decision": decision})
+def decide(app: ReviewServer, key: str, decision: str) -> None:
+    r = app.client.post(f"{app.url}/api/items/{quote(key, safe='')}/decision", json={"decision": decision})
     assert r.status_code == 200, r.text
 
 
@@ -49,12 +48,12 @@ def test_review_loop_quarantine_release_and_calibrate(s3, s3_endpoint, capsys, b
     flagged = sorted(k for k, r in rows_by_key(dest, s3_endpoint).items() if r["flagged"])
 
     with ReviewServer(dest, "--endpoint-url", s3_endpoint, "--reviewer", "ana") as app:
-        queue = httpx.get(app.url + "/api/items", params={"action": "block", "limit": 200}).json()["items"]
+        queue = app.client.get(app.url + "/api/items", params={"action": "block", "limit": 200}).json()["items"]
         assert sorted(i["key"] for i in queue) == flagged
-        context, page = open_page(browser, app.url + "/")
+        context, page = open_page(browser, app.page_url)
         try:
             page.select_option("#f-action", "block")
-            page.wait_for_function(f"document.querySelectorAll('#queue li.item').length === {len(flagged)}")
+            wait_count(page, "#queue li.item", len(flagged))
             page.wait_for_selector("#queue li.item.current")
             wait_thumbs(page, len(flagged))
             page.keyboard.press("j")
@@ -83,11 +82,12 @@ def test_review_loop_quarantine_release_and_calibrate(s3, s3_endpoint, capsys, b
 
     # a later look: the confirmed object was harmless after all; --release brings it back
     with ReviewServer(dest, "--endpoint-url", s3_endpoint) as app:
-        assert httpx.get(f"{app.url}/api/items/{quote(confirmed, safe='')}/thumbnail").status_code == 200  # from held/
-        decide(app.url, confirmed, "overturn")
+        thumb = app.client.get(f"{app.url}/api/items/{quote(confirmed, safe='')}/thumbnail")
+        assert thumb.status_code == 200  # from held/
+        decide(app, confirmed, "overturn")
     rc, out = scan(capsys, *args, "--release")  # a dry run moves nothing
     assert rc == 0 and out["released"] == 0 and confirmed not in all_keys(s3, bucket, "up/")
-    rc, out = scan(capsys, *args, "--release", "--apply")
+    rc, out = scan(capsys, *args, "--release", "--quarantine", held, "--apply")
     assert rc == 0 and out["released"] == 1
     assert body(s3, bucket, confirmed) == images[confirmed] and "held/" + confirmed not in all_keys(s3, bucket, "held/")
     assert rows_by_key(dest, s3_endpoint)[confirmed]["quarantined_to"] is None
@@ -98,8 +98,8 @@ def test_review_loop_quarantine_release_and_calibrate(s3, s3_endpoint, capsys, b
     # decisions exported, then used as labels: the two overturns are safe, a third object confirmed as its category
     with ReviewServer(dest, "--endpoint-url", s3_endpoint) as app:
         third = next(i["key"] for i in queue[2:] if i["flagged_categories"])
-        decide(app.url, third, "confirm")
-        category = httpx.get(f"{app.url}/api/items/{quote(third, safe='')}").json()["decision"]["category"]
+        decide(app, third, "confirm")
+        category = app.client.get(f"{app.url}/api/items/{quote(third, safe='')}").json()["decision"]["category"]
     capsys.readouterr()
     assert main(["decisions", dest, "--endpoint-url", s3_endpoint, "--json"]) == 0
     exported = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -145,7 +145,7 @@ def test_tag_then_release_removes_only_the_scan_tag(s3, s3_endpoint, capsys):
     tags = lambda: {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}  # noqa: E731
     assert tags() == {"owner": "ana", "moderation": "nsfw"}
     with ReviewServer(dest, "--endpoint-url", s3_endpoint) as app:
-        decide(app.url, key, "overturn")
+        decide(app, key, "overturn")
     rc, out = scan(capsys, *args, "--release", "--apply")
     assert rc == 0 and out["released"] == 1
     assert tags() == {"owner": "ana"}  # only the tag the scan set
@@ -156,9 +156,8 @@ def test_tag_then_release_removes_only_the_scan_tag(s3, s3_endpoint, capsys):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_local_release_carries_the_overturn_to_the_restored_file(capsys, tmp_path):
+def test_local_release_keeps_the_overturn_bound_to_the_restored_bytes(capsys, tmp_path):
     from pipeline.decisions import DecisionLog
-    from pipeline.scan.release import RELEASER
 
     src, dest, held = tmp_path / "src", tmp_path / "dest", tmp_path / "held"
     images = {f"d/{i}.png": png(950 + i, (24, 32)) for i in range(8)}
@@ -173,16 +172,18 @@ def test_local_release_carries_the_overturn_to_the_restored_file(capsys, tmp_pat
     assert not (src / key).exists() and (held / key).read_bytes() == images[key]
     old_etag = rows_by_key(str(dest))[key]["etag"]
     with ReviewServer(dest) as app:
-        decide(app.url, key, "overturn")
-    rc, out = scan(capsys, *args, "--release", "--apply")
+        decide(app, key, "overturn")
+    rc, out = scan(capsys, *args, "--release", "--apply")  # without the quarantine's location: refused, kept
+    assert rc == 0 and out["released"] == 0 and (held / key).exists() and not (src / key).exists()
+    rc, out = scan(capsys, *args, "--release", "--quarantine", str(held), "--apply")
     assert rc == 0 and out["released"] == 1
     assert (src / key).read_bytes() == images[key] and not (held / key).exists()
     row = rows_by_key(str(dest))[key]
-    assert row["etag"] != old_etag and row["quarantined_to"] is None  # a new file: a new etag
-    latest = DecisionLog.open(str(dest)).latest()
-    assert latest[(key, row["etag"])].decision == "overturn" and latest[(key, row["etag"])].reviewer == RELEASER
+    assert row["etag"] != old_etag and row["quarantined_to"] is None  # a new file: a new etag, the same bytes
+    log = DecisionLog.open(str(dest))
+    assert len(log.all()) == 1 and log.get(key, row["sha256"]).decision == "overturn"  # bound to the bytes: no copy
     rc, out = scan(capsys, *args, "--quarantine", str(held), "--apply")  # unchanged, not rescored, not moved again
     assert rc == 0 and out["scanned"] == 0 and (src / key).exists() and not (held / key).exists()
     capsys.readouterr()
     assert main(["decisions", str(dest)]) == 0
-    assert "(stale)" in capsys.readouterr().out  # the decision on the old etag, superseded
+    assert "overturn" in (listed := capsys.readouterr().out) and "(stale)" not in listed  # in force for these bytes

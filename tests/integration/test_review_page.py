@@ -4,12 +4,8 @@ takes a category from the scan, filters page server-side, and the key is asked f
 
 from __future__ import annotations
 
-import io
-
-import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.decisions import DecisionLog
 from tests.conftest import ROOT
@@ -26,9 +22,14 @@ def open_page(browser, url: str):
 
 
 def wait_thumbs(page, n: int) -> None:
-    page.wait_for_function(
-        f"document.querySelectorAll('#queue img.thumb[src^=\"blob:\"]').length >= {n}", timeout=30_000
-    )
+    # selectors and expect(), never wait_for_function: the page's CSP (no 'unsafe-eval') refuses its string predicates
+    page.locator('#queue img.thumb[src^="blob:"]').nth(n - 1).wait_for(timeout=30_000)
+
+
+def wait_count(page, selector: str, n: int) -> None:
+    from playwright.sync_api import expect  # here: collecting the module must not need playwright
+
+    expect(page.locator(selector)).to_have_count(n, timeout=30_000)
 
 
 def shot(page, name: str) -> None:
@@ -39,8 +40,8 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
     keys = [f"uploads/{i:03d}.png" for i in range(40)]
     results(tmp_path / "dest", tmp_path / "src", keys, seed=21)
     with ReviewServer(tmp_path / "dest", "--reviewer", "ana") as app:
-        queue = httpx.get(app.url + "/api/items", params={"state": "undecided", "limit": 200}).json()["items"]
-        context, page = open_page(browser, app.url + "/")
+        queue = app.client.get(app.url + "/api/items", params={"state": "undecided", "limit": 200}).json()["items"]
+        context, page = open_page(browser, app.page_url)  # the start-up URL, with this start's token
         try:
             page.wait_for_selector("#queue li.item.current")
             wait_thumbs(page, 3)
@@ -70,9 +71,7 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
             # reveal one thumbnail: the unblurred pixels come only now, for that image only
             first = page.locator("#queue li.item[data-index='4'] img.thumb")
             first.click()
-            page.wait_for_function(
-                "document.querySelector(\"#queue li.item[data-index='4'] img.thumb\").dataset.revealed === '1'"
-            )
+            page.wait_for_selector("#queue li.item[data-index='4'] img.thumb[data-revealed='1']")
             assert page.locator("#queue img.thumb[data-revealed='1']").count() == 1
 
             decided = {d.key: d for d in DecisionLog.open(str(tmp_path / "dest")).all()}
@@ -85,7 +84,7 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
 
             # filters are applied by the server: only overturned objects, then only "flag" actions
             page.select_option("#f-state", "overturn")
-            page.wait_for_function("document.querySelectorAll('#queue li.item').length === 1")
+            wait_count(page, "#queue li.item", 1)
             assert page.locator("#queue li.item").get_attribute("data-key") == queue[1]["key"]
             page.select_option("#f-state", "all")
             page.select_option("#f-action", "flag")
@@ -113,8 +112,16 @@ def test_the_page_asks_for_the_key_off_loopback(browser, tmp_path):
             page.press("#api-key", "Enter")
             page.wait_for_selector("#queue li.item")
             wait_thumbs(page, 1)
-            read = "async img => Array.from(new Uint8Array(await (await fetch(img.src)).arrayBuffer()))"
-            png = page.locator('#queue img.thumb[src^="blob:"]').first.evaluate(read)  # one that has loaded
-            assert np.asarray(Image.open(io.BytesIO(bytes(png)))).ndim == 3
+            # the decoded pixels, through a canvas (the page's CSP lets nothing fetch a blob: URL, its img may show one)
+            read = """async img => {
+                await img.decode();
+                const [w, h] = [img.naturalWidth, img.naturalHeight];
+                const ctx = Object.assign(document.createElement("canvas"), {width: w, height: h}).getContext("2d");
+                ctx.drawImage(img, 0, 0);
+                return [h, w, Array.from(ctx.getImageData(0, 0, w, h).data)];
+            }"""
+            h, w, rgba = page.locator('#queue img.thumb[src^="blob:"]').first.evaluate(read)  # one that has loaded
+            pixels = np.asarray(rgba, dtype=np.uint8).reshape(h, w, 4)
+            assert h > 0 and w > 0 and (pixels[..., 3] == 255).all()
         finally:
             context.close()

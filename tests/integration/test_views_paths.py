@@ -138,13 +138,13 @@ def test_scan_local_and_review(corpus, tmp_path, capsys):
     assert_rows(rows_by_key(str(tmp_path / "dest")), owners, controls)
     # The review app shows the view that decided (blurred like every thumbnail; revealed on request) and names it.
     with ReviewServer(tmp_path / "dest") as app:
-        item = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}", timeout=60).json()
+        item = app.client.get(f"{app.url}/api/items/{NAMES['animated-gif']}", timeout=60).json()
         assert item["view"] == "frame 2 @ 0.50 s" and (item["views"], item["views_total"]) == (2, 2)
-        shown = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail?reveal=1", timeout=60)
+        shown = app.client.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail?reveal=1", timeout=60)
         frame = np.asarray(Image.open(io.BytesIO(shown.content)).convert("RGB"), dtype=np.int16)
         example = np.asarray(Image.open(files.parent / "policy" / "animated-gif" / "example.png"), dtype=np.int16)
         assert frame.shape == example.shape and np.abs(frame - example).mean() < 2  # frame 2, not the gradient
-        blurred = httpx.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail", timeout=60)
+        blurred = app.client.get(f"{app.url}/api/items/{NAMES['animated-gif']}/thumbnail", timeout=60)
         assert np.abs(np.asarray(Image.open(io.BytesIO(blurred.content)).convert("RGB")) - frame).mean() > 2
 
 

@@ -56,6 +56,8 @@ def _size(f: dict[str, Any]) -> str:
         return (
             f"{(f['summary'] or {}).get('scanned', 0)} objects, {f['requests']} S3 requests ({f['injected']} faulted)"
         )
+    if "pytest_exit_code" in f:
+        return f"{f['case_count']} attacks replayed, {f['outcomes']}"
     if "table" in f:
         return f"{f['case_count']} cases, {f['outcomes']} (case, path) outcomes"
     if "image_cases" in f:

@@ -3,6 +3,7 @@
     python -m tests.reliability.report [--soak-s 300] [--quick]
     python -m tests.reliability.report --only adversarial   # one scenario, spliced into the existing report
     python -m tests.reliability.report --only bad-inputs adversarial   # both corpora
+    python -m tests.reliability.report --only holes   # issue 25's attacks replayed (no cluster of its own)
 
 
 Everything runs on this machine, loopback only: a simulated three-node cluster (its own process), then one local
@@ -317,7 +318,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["bad-inputs", "adversarial"],
+        choices=["bad-inputs", "adversarial", "holes"],
         help="run only these scenarios and splice their sections and summary rows into the existing report",
     )
     args = parser.parse_args()
@@ -325,8 +326,11 @@ def main() -> int:
     started = time.monotonic()
     from .adversarial import adversarial_scenario
     from .bad_inputs import corpus_scenario
+    from .holes import holes_scenario
 
     scenarios = [] if args.only else attempt("Multi-node cluster", multinode, 30 if args.quick else 90)
+    if args.only == ["holes"]:  # its tests start their own Ray and moto
+        return _write(args, [*scenarios, *attempt("Holes closed", holes_scenario)], started)
     import ray
     from moto.server import ThreadedMotoServer
 
@@ -355,6 +359,14 @@ def main() -> int:
     finally:
         ray.shutdown()
         moto.stop()
+    if not args.only or "holes" in args.only:
+        scenarios += attempt("Holes closed", holes_scenario)
+    return _write(args, scenarios, started)
+
+
+def _write(args: argparse.Namespace, scenarios: list[dict[str, Any]], started: float) -> int:
+    import ray
+
     meta = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": (
@@ -370,7 +382,8 @@ def main() -> int:
     raw.write_text(json.dumps({"meta": meta, "scenarios": scenarios}, indent=2, default=str))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.only and args.out.exists():
-        args.out.write_text(splice(args.out.read_text(), meta, scenarios, after="Bad-input corpus"))
+        after = "Bad-input corpus" if args.only != ["holes"] else "Scan through transient S3 faults (25% of requests)"
+        args.out.write_text(splice(args.out.read_text(), meta, scenarios, after=after))
     else:
         args.out.write_text(render(meta, scenarios))
     failed = [s["title"] for s in scenarios if not all(s["invariants"].values())]

@@ -3,6 +3,7 @@ and cursor, and which rows a scan's action takes once reviewers have decided."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -19,8 +20,15 @@ pytestmark = pytest.mark.unit
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 
+def digest(name: str) -> str:
+    """A sha256-shaped stand-in for the bytes a decision was made on."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def decision(key: str, etag: str, what: str, minutes: int, category: str | None = None) -> Decision:
-    return Decision(key, etag, "fp", what, category, None, "ana", T0 + timedelta(minutes=minutes))
+    """A decision on the bytes named ``etag`` (their sha256 is ``digest(etag)``)."""
+    when = T0 + timedelta(minutes=minutes)
+    return Decision(key, etag, "fp", what, category, None, "ana", when, sha256=digest(etag))
 
 
 @pytest.mark.parametrize(
@@ -44,16 +52,16 @@ def test_valid_decisions_pass():
     validate("overturn", None, "x" * NOTE_MAX, frozenset())
 
 
-def test_latest_per_key_and_etag_wins_across_files_and_survives_reopening(tmp_path):
+def test_latest_per_key_and_bytes_wins_across_files_and_survives_reopening(tmp_path):
     dest = parse_location(str(tmp_path))
     log = DecisionLog(dest)
     log.append([decision("a.png", "e1", "confirm", 2, "hate")])
     log.append([decision("a.png", "e1", "overturn", 1)])  # decided earlier: does not win
     log.append([decision("a.png", "e2", "relabel", 3, "violence"), decision("b/c.png", "e9", "overturn", 4)])
     for reopened in (log, DecisionLog(dest)):
-        latest = reopened.latest()
-        assert latest[("a.png", "e1")].decision == "confirm"
-        assert latest[("a.png", "e2")].decision == "relabel" and reopened.for_key("a.png").etag == "e2"
+        assert reopened.get("a.png", digest("e1")).decision == "confirm"
+        assert reopened.get("a.png", digest("e2")).decision == "relabel" and reopened.for_key("a.png").etag == "e2"
+        assert reopened.latest()[("a.png", f"sha256:{digest('e1')}")].decision == "confirm"
         assert len(reopened.all()) == 4
     assert len(list((tmp_path / PREFIX).iterdir())) == 3  # one file per append, never rewritten
     (tmp_path / PREFIX / ".diffguard-tmp-half").write_bytes(b"PAR1 half a file")  # a write killed mid-way
@@ -63,7 +71,7 @@ def test_latest_per_key_and_etag_wins_across_files_and_survives_reopening(tmp_pa
 def test_current_decisions_leave_out_stale_ones(tmp_path):
     dest = parse_location(str(tmp_path))
     DecisionLog(dest).append([decision("a", "old", "overturn", 1), decision("b", "e", "confirm", 1, "hate")])
-    current = pa.table({"key": ["a", "b"], "etag": ["new", "e"]})
+    current = pa.table({"key": ["a", "b"], "etag": ["new", "e"], "sha256": [digest("new"), digest("e")]})
     assert {k: d.decision for k, d in current_decisions(dest, current).items()} == {"b": "confirm"}
     assert decision("a", "old", "overturn", 1).label() == "safe"
     assert decision("b", "e", "confirm", 1, "hate").label() == "hate"

@@ -1,6 +1,16 @@
 // The review page: plain JavaScript, no build step. Everything comes from the JSON API under /api.
 "use strict";
 const $ = (id) => document.getElementById(id);
+
+// The start-up URL carries this start's key in its fragment (#token=...: never sent to a server, so never in a log or
+// a Referer). Keep it for this tab and take it out of the address bar, so it is not bookmarked, shared or left on screen.
+(function takeToken() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token === null) return;
+  sessionStorage.setItem("diffguard-token", token);
+  history.replaceState(null, "", location.pathname + location.search);
+})();
+
 const state = { items: [], current: 0, cursor: null, info: null, token: sessionStorage.getItem("diffguard-token") };
 
 function headers(extra) {
@@ -39,9 +49,12 @@ function option(select, value, label) {
   select.appendChild(o);
 }
 
+const shown = new Map();  // key -> sha256 of the bytes its thumbnail was made from
+
 async function loadThumb(img, key, reveal) {
   try {
     const resp = await api(itemPath(key) + "/thumbnail" + (reveal ? "?reveal=1" : ""));
+    shown.set(key, resp.headers.get("X-Diffguard-Sha256"));  // the bytes these pixels come from: a decision names them
     const url = URL.createObjectURL(await resp.blob());
     if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
     img.dataset.url = url;
@@ -141,7 +154,9 @@ async function decide(decision, category, note) {
     const resp = await api(itemPath(item.key) + "/decision", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ decision: decision, category: category || null, note: note || null }),
+      body: JSON.stringify({
+        decision: decision, category: category || null, note: note || null, sha256: shown.get(item.key) || null,
+      }),
     });
     const saved = await resp.json();
     state.note = null;

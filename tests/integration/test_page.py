@@ -94,9 +94,9 @@ def test_openapi_documents_every_body_and_response(openapi):
     assert multipart["required"] == ["files"] and multipart["properties"]["files"]["maxItems"] == 64
     assert multipart["properties"]["files"]["items"]["type"] == "string"  # binary: format or contentMediaType
     expected = {
-        ("/v1/generate", "post"): {"200", "401", "413", "415", "422", "503"},
-        ("/v1/moderate", "post"): {"200", "400", "401", "413", "415", "422", "503"},
-        ("/v1/info", "get"): {"200", "401", "503"},
+        ("/v1/generate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "503"},
+        ("/v1/moderate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "503"},
+        ("/v1/info", "get"): {"200", "400", "401", "403", "503"},
         ("/healthz", "get"): {"200", "503"},
     }
     for (path, method), statuses in expected.items():

@@ -60,6 +60,10 @@ bench-quick: setup ## the same at small sizes, ViT-B/32 only (< 2 min; CI runs i
 bench-gpu: setup ## on a CUDA machine: ViT-L/14 core (bf16/fp16, batch 1-256) and SD 1.5-sized batched generation; JSON + Markdown in BENCH_GPU_OUT
 	$(BIN)/python -m bench.gpu --out $(or $(BENCH_GPU_OUT),build/bench-gpu)
 
+.PHONY: screenshots
+screenshots: setup ## docs/page-generate.png, page-moderate.png and review.png from a real `diffguard serve` and `diffguard review` (tiny demo models) in Chromium
+	$(BIN)/python -m tools.screenshots
+
 .PHONY: soak reliability reliability-adversarial
 soak: setup ## load soak: 64 clients mixing generate and moderate for SOAK_S (300) s on loopback; JSON in build/reliability/
 	mkdir -p build/reliability

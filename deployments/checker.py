@@ -13,7 +13,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from pipeline.interface import CheckerCore, checker_core
 
-from .settings import CheckerArgs, CheckerRuntime, import_factory
+from .settings import MAX_CONCURRENT_BATCHES, CheckerArgs, CheckerRuntime, import_factory
 
 log = logging.getLogger("ray.serve")
 
@@ -23,7 +23,7 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 @serve.deployment(
     name="SafetyChecker",
     ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=64,  # >= max_batch_size x max_concurrent_batches, or batches never fill
+    max_ongoing_requests=64,  # >= max_batch_size x MAX_CONCURRENT_BATCHES (16 x 2), or batches never fill
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 2,
@@ -62,7 +62,7 @@ class SafetyCheckerDeployment:
         )
         self.scored = Counter("diffguard_images_scored", description="images scored by the checker")
         # A batch is decoded into views in a worker thread outside the model lock, so it overlaps the previous
-        # batch's vision pass (max_concurrent_batches=2).
+        # batch's vision pass (MAX_CONCURRENT_BATCHES).
         self.split = {"images": 0, "views": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since start
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -125,7 +125,7 @@ class SafetyCheckerDeployment:
             {"verdict": v, "batch_size": len(items), "fingerprint": fingerprint, "checker": checker} for v in verdicts
         ]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _score(self, items: list[Any]) -> list[dict[str, Any]]:
         try:  # decoding overlaps the other batch's vision pass; the model lock keeps passes one at a time
             objects = await asyncio.to_thread(self._decode, items)
@@ -139,9 +139,15 @@ class SafetyCheckerDeployment:
         return list(await asyncio.gather(*(self._score(image) for image in images)))
 
     def info(self) -> dict[str, Any]:
+        """The core's info, with two batch sizes told apart: ``batching`` is the cross-request ``@serve.batch``
+        (objects per batch, batches in flight); ``views_per_model_call`` the core's chunk of views per vision pass,
+        which the core's ``max_batch_size`` field also gives (kept for existing clients: the same figure)."""
+        core = self.checker.info()
+        batching = self.runtime.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
         return {
-            **self.checker.info(),
-            "batching": self.runtime.model_dump(include={"max_batch_size", "batch_wait_timeout_s"}),
+            **core,
+            "views_per_model_call": core.get("max_batch_size"),
+            "batching": {**batching, "max_concurrent_batches": MAX_CONCURRENT_BATCHES},
             "per_image_ms": self.per_image_ms(),
         }
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,57 @@ def wait_running(names: list[str], timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise DeployFailed(f"applications not running after {timeout_s:.0f}s: {states}")
         time.sleep(0.5)
+
+
+def wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None, poll_s: float = 0.5) -> bool:
+    """Poll ``url`` (the app's ``/healthz``) until it answers 200, the moment a person's first request is served:
+    an application is RUNNING a little before its Ingress reports every deployment ready. Returns False when ``stop``
+    is set first; raises :class:`DeployFailed` with the last answer after ``timeout_s``."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the service itself, never a proxy
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while not (stop is not None and stop.is_set()):
+        try:
+            with opener.open(url, timeout=10) as response:
+                if response.status == 200:
+                    return True
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:  # 503 until every deployment has a running replica
+            last = f"HTTP {exc.code}: {exc.read(500).decode(errors='replace')}"
+        except OSError as exc:  # not listening yet
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise DeployFailed(f"the applications are RUNNING but {url} did not answer 200 in {timeout_s:.0f}s: {last}")
+        time.sleep(poll_s)
+    return False
+
+
+def stop_serve(timeout_s: float = 60) -> bool:
+    """Shut Serve down, as ``serve.shutdown()`` does, and wait until its controller has exited. Returns False when
+    the controller did not exit in time (the caller falls back to ``serve.shutdown()``).
+
+    ``serve.shutdown()`` waits on ``graceful_shutdown()``, a call that ends only when the controller kills itself, so
+    Ray reports that call as failed ("Task ServeController.graceful_shutdown failed ... killed by ray.kill"). Asked
+    without waiting, the controller runs the same shutdown (applications deleted, replicas and proxies stopped) and
+    exits; this waits for its named actor to be gone."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return True  # Serve is not running on this cluster
+    try:
+        ray.get(controller.graceful_shutdown.remote(wait=False), timeout=timeout_s)
+    except (ray.exceptions.RayError, TimeoutError):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _failure(app: Any) -> str:

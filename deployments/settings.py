@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.spec import CheckerSpec
 
 SPEC = CheckerSpec()  # the core's defaults, which the checker's settings take
+# Checker batches in flight per replica (``@serve.batch(max_concurrent_batches=...)``), fixed: one batch decodes into
+# views in a worker thread while the other is in the vision pass. A replica's max_ongoing_requests must be at least
+# max_batch_size x this, or batches never fill.
+MAX_CONCURRENT_BATCHES = 2
 
 
 class CheckerRuntime(BaseModel):
@@ -20,7 +24,9 @@ class CheckerRuntime(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, le=1024)  # images per checker batch (across requests)
+    # objects per @serve.batch batch, from any requests (/v1/info checker.batching.max_batch_size); not the core's
+    # views per vision pass (checker.views_per_model_call)
+    max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)  # how long a partial batch waits for more images
     adjustment: float = Field(SPEC.adjustment, ge=-1, le=1)  # stricter filter when > 0
     thresholds: dict[str, float] = Field(default_factory=dict)  # concept name or index -> threshold override

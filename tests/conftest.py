@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from PIL import Image
 from pipeline.tiny import varied_images  # noqa: F401 - tests take it from here too
 
 ROOT = Path(__file__).resolve().parent.parent
+# A warning or an error in a CLI's output, as Python's logging, Ray's Python loggers and Ray's C++ core print them, or
+# relayed by Ray from the raylet (what a person must never be shown unless it is a real problem: issue 27)
+ALARM = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b|^\[[^\]]* [WEF] \d+ \d+\]|\(raylet\)")
 
 
 def pytest_collection_modifyitems(items):

@@ -3,7 +3,7 @@
 "use strict";
 
 const KEY_STORE = "diffguard.apiKey";
-const ACTION_WORDS = { allow: "allowed", flag: "flagged", blur: "blurred", black: "blacked out", block: "blocked" };
+const ACTION_WORDS = { allow: "allowed", flag: "reported", blur: "blurred", black: "blacked out", block: "blocked" };
 const SHOWS_PIXELS = new Set(["allow", "flag", "blur", "black"]); // the API only sends pixels the policy releases
 const BASE64 = /^[A-Za-z0-9+/]+={0,2}$/;
 const SCALE = 0.25; // a margin of +-0.25 fills half a bar
@@ -64,7 +64,6 @@ async function loadInfo() {
     showMessage("");
     showKeyForm(Boolean(info.auth && info.auth.required));
     $("demo-warning").hidden = !info.demo_weights;
-    $("demo-note").textContent = info.note || "verdicts are meaningless";
     const limits = info.limits || {};
     setBounds("num_images", 1, limits.max_images);
     setBounds("steps", limits.min_steps, limits.max_steps);
@@ -113,7 +112,7 @@ function card({ title, action, verdict, pixels, error }) {
   if (pixels && SHOWS_PIXELS.has(action)) {
     frame.append(el("img", { src: pixels, alt: `${title}: ${ACTION_WORDS[action] || action}` }));
   } else {
-    const why = error ? "Not scorable: nothing shown" : `${(ACTION_WORDS[action] || action)} by the policy: not shown`;
+    const why = error ? "Unscorable: not shown" : `${capital(ACTION_WORDS[action] || action)} by the policy: not shown`;
     frame.append(el("div", { class: "placeholder", role: "img", "aria-label": why, text: why }));
   }
   node.append(frame);
@@ -141,6 +140,8 @@ function card({ title, action, verdict, pixels, error }) {
   }
   return node;
 }
+
+function capital(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
 
 function pngData(b64) {
   return typeof b64 === "string" && BASE64.test(b64) ? `data:image/png;base64,${b64}` : null;
@@ -218,7 +219,7 @@ async function moderate(files) {
       const pixels = file && (row.action === "allow" || row.action === "flag") && !row.error ? URL.createObjectURL(file) : null;
       return card({ title: row.filename || "(body)", action: row.action, verdict: row, pixels, error: row.error });
     }));
-    $("moderate-summary").textContent = `${body.results.length} file(s) · policy ${body.fingerprint} · request ${body.request_id}`;
+    $("moderate-summary").textContent = `${body.results.length} file(s) · checker fingerprint ${body.fingerprint} · request ${body.request_id}`;
   } catch (err) {
     $("moderate-summary").textContent = "";
     results.replaceChildren();

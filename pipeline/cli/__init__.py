@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .. import raylogs
 from ..errors import DiffguardError
 from . import check, evaluate, generate, models, review, scan, serve
 from .options import EXIT_USAGE
@@ -17,7 +18,9 @@ from .options import EXIT_USAGE
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffguard", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging on stderr, and Ray's own logs as Ray prints them"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for family in (check, models, generate, serve, evaluate, scan, review):  # cheap imports only
         family.register(sub)
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    raylogs.set_verbose(args.verbose)  # default: Ray's noise quieted (pipeline.raylogs), never a real problem
     try:
         return args.run(args)
     except DiffguardError as exc:

@@ -1,8 +1,9 @@
 """``diffguard check``: score image files and folders with the safety checker.
 
-Exit codes: 0 every input checked; 1 with ``--fail-on-nsfw`` when something was flagged; 2 usage errors (bad
-arguments, a model that cannot be loaded); 3 some inputs could not be read or scored (their rows are still printed,
-with the policy's ``unscorable_action``; 3 wins over 1).
+Exit codes: 0 every input checked; 1 with ``--fail-on-nsfw`` when the stock decision (``nsfw``) is set for some
+image; 2 usage errors (bad arguments, a model that cannot be loaded); 3 some inputs could not be read or scored (their
+rows are still printed, with the policy's ``unscorable_action``; 3 wins over 1). The table and its summary use the
+words of docs/CLI.md: scored, unscorable, flagged, withheld (flagged + unscorable withheld), reported.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +21,12 @@ from typing import Any
 from ..errors import UsageError
 from ..images import IMAGE_SUFFIXES, SNIFF_BYTES
 from ..media import media_format
+from ..policy import image_action, withheld
 from .options import EXIT_FLAGGED, EXIT_OK, EXIT_UNREADABLE, add_checker_options, load_checker
 
 CHUNK = 64  # inputs read and scored together, bounding memory on large folders
+WIDTH = 100  # table width when stdout is not a terminal (and COLUMNS is unset): piped output stays the same
+HITS_MIN, HITS_MAX = 20, 60  # the hits column's width, whatever the terminal's
 
 log = logging.getLogger("diffguard")
 
@@ -29,7 +36,7 @@ def register(sub: Any) -> None:
     check.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or directories (recursed)")
     add_checker_options(check)
     check.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
-    check.add_argument("--fail-on-nsfw", action="store_true", help="exit 1 when any image is flagged")
+    check.add_argument("--fail-on-nsfw", action="store_true", help="exit 1 when nsfw (the stock decision) is set")
     check.set_defaults(run=cmd_check)
 
 
@@ -65,33 +72,92 @@ def cmd_check(args: argparse.Namespace) -> int:
     inputs = list(iter_inputs(args.paths))
     if not inputs:
         raise UsageError(f"no image files found under {', '.join(map(str, args.paths))}")
-    flagged = unscorable = 0
+    tally = Tally()
+    hits_width = _hits_width(table_width(), max(len(str(p)) for p in inputs))
     if not args.json:
-        print(f"{'action':<8} {'top score':>9}  {'concepts and categories hit':<28} path")
+        print(table_header(hits_width))
     for start in range(0, len(inputs), CHUNK):
         chunk = inputs[start : start + CHUNK]
         for path, verdict in zip(chunk, checker.check(chunk), strict=True):
-            flagged += verdict.nsfw
-            unscorable += verdict.error is not None
+            tally.add(verdict)
             row = {"path": str(path), **verdict.to_dict(), "fingerprint": checker.fingerprint, "demo": checker.demo}
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
-                print(_table_row(row), flush=True)
+                print(table_row(row, hits_width), flush=True)
     if not args.json:
         tag = " (tiny demo weights: meaningless)" if checker.demo else ""
-        action = checker.concepts.unscorable_action
-        summary = f"{len(inputs)} checked, {flagged} flagged, {unscorable} unscorable ({action})"
-        print(f"\n{summary}; fingerprint {checker.fingerprint}{tag}")
-    if unscorable:
+        print(f"\n{tally.summary(checker.concepts.unscorable_action)}\nfingerprint {checker.fingerprint}{tag}")
+    if tally.unscorable:
         return EXIT_UNREADABLE
-    return EXIT_FLAGGED if args.fail_on_nsfw and flagged else EXIT_OK
+    return EXIT_FLAGGED if args.fail_on_nsfw and tally.nsfw else EXIT_OK
 
 
-def _table_row(row: dict) -> str:
-    if row["error"]:  # unscorable: the policy's unscorable_action, and why
-        return f"{row['action'] or 'block':<8} {'-':>9}  {'UNSCORABLE: ' + row['error'][:60]:<28} {row['path']}"
+class Tally:
+    """The summary's counts, in the words of docs/CLI.md (Words): withheld = flagged + withheld unscorable.
+
+    >>> tally = Tally()
+    >>> tally.add(Verdict(action="block"))
+    >>> tally.summary("block")
+    '1 checked: 1 scored, 0 unscorable (block); 1 withheld (1 flagged, 0 unscorable), 0 reported'
+    """
+
+    def __init__(self) -> None:
+        self.checked = self.unscorable = self.flagged = self.withheld_unscorable = self.reported = self.nsfw = 0
+
+    def add(self, verdict: Any) -> None:
+        self.checked += 1
+        self.nsfw += verdict.nsfw
+        held = withheld(verdict)
+        if verdict.error is not None:  # read but not scored: the policy's unscorable_action
+            self.unscorable += 1
+            self.withheld_unscorable += held
+        else:
+            self.flagged += held
+        self.reported += image_action(verdict) == "flag"
+
+    def summary(self, unscorable_action: str) -> str:
+        scored = self.checked - self.unscorable
+        held = self.flagged + self.withheld_unscorable
+        return (
+            f"{self.checked} checked: {scored} scored, {self.unscorable} unscorable ({unscorable_action}); "
+            f"{held} withheld ({self.flagged} flagged, {self.withheld_unscorable} unscorable), {self.reported} reported"
+        )
+
+
+def table_width() -> int:
+    """The terminal's columns when stdout is one (or COLUMNS says), else :data:`WIDTH`."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return shutil.get_terminal_size((WIDTH, 24)).columns
+    return WIDTH
+
+
+def _hits_width(width: int, path_width: int) -> int:
+    """The hits column: what the table's fixed columns and the longest path leave of ``width``, within bounds."""
+    return max(HITS_MIN, min(HITS_MAX, width - len(_fixed("", "")) - 1 - path_width))
+
+
+def _fixed(action: str, top: str) -> str:
+    return f"{action:<8} {top:>9}  "
+
+
+def _cell(text: str, width: int) -> str:
+    """``text`` in ``width`` characters: padded, or cut with an ellipsis."""
+    return text.ljust(width) if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def table_header(hits_width: int) -> str:
+    return f"{_fixed('action', 'top score')}{_cell('categories; concepts hit', hits_width)} path"
+
+
+def table_row(row: dict, hits_width: int) -> str:
+    """One input's row: the flagged categories first (the meaningful part), then the concepts hit; an unscorable
+    input reads ``UNSCORABLE: <why>`` in the same column, with the policy's unscorable_action."""
+    if row["error"]:
+        why = _cell(f"UNSCORABLE: {' '.join(row['error'].split())}", hits_width)  # one line, whatever the error
+        return f"{_fixed(row['action'] or 'block', '-')}{why} {row['path']}"
     top = max(row["concept_scores"], default=0.0)
-    hits = ",".join(row["bad_concept_names"] + row["flagged_categories"]) or "-"
-    hits = f"(truncated) {hits}" if row.get("truncated") else hits
-    return f"{row['action'] or ('NSFW' if row['nsfw'] else 'ok'):<8} {top:>9.3f}  {hits[:28]:<28} {row['path']}"
+    hits = "; ".join(filter(None, (",".join(row["flagged_categories"]), ",".join(row["bad_concept_names"]))))
+    hits = (f"(truncated) {hits}".rstrip() if row.get("truncated") else hits) or "-"
+    action = row["action"] or ("NSFW" if row["nsfw"] else "ok")
+    return f"{_fixed(action, f'{top:.3f}')}{_cell(hits, hits_width)} {row['path']}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..policy import WITHHELD
 from ..tiny import TINY, TINY_BANNER
 from .options import add_checker_options, checker_spec
 
@@ -101,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             name = f"image-{moderated.index}.png"
             _write_atomic(args.out / name, buf.getvalue())
             entry["file"] = name
-        log.info("image %d: %s%s", moderated.index, moderated.action, " (flagged)" if moderated.nsfw else "")
+        word = "flagged" if moderated.action in WITHHELD else "reported" if moderated.action == "flag" else "allowed"
+        log.info("image %d: %s (%s)", moderated.index, moderated.action, word)  # the words of docs/CLI.md
     for warning in result.warnings:
         log.warning("warning: %s", warning)
     _write_atomic(args.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())

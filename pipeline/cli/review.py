@@ -12,7 +12,9 @@ from .options import positive_int
 def register(sub: Any) -> None:
     from ..review.server import DEFAULT_HOST, DEFAULT_PORT
 
-    p = sub.add_parser("review", help="a local web app to review a scan's flagged objects and record decisions")
+    p = sub.add_parser(
+        "review", help="a local web app to review a scan's withheld and reported objects and record decisions"
+    )
     p.add_argument("dest", metavar="DEST", help="the --output of a scan: s3://bucket/prefix or a local directory")
     p.add_argument(
         "--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1; others need DIFFGUARD_API_KEY or --keys)"

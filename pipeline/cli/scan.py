@@ -41,8 +41,8 @@ def register(sub: Any) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default $AWS_ENDPOINT_URL or AWS")
     p.add_argument("--full", action="store_true", help="rescore every object, not only new or changed ones")
     action = p.add_mutually_exclusive_group()
-    action.add_argument("--quarantine", metavar="PREFIX", help="move flagged objects under PREFIX (with --apply)")
-    action.add_argument("--tag", action="store_true", help="tag flagged objects moderation=nsfw (with --apply)")
+    action.add_argument("--quarantine", metavar="PREFIX", help="move withheld objects under PREFIX (with --apply)")
+    action.add_argument("--tag", action="store_true", help="tag withheld objects moderation=nsfw (with --apply)")
     p.add_argument("--apply", action="store_true", help="perform the action (default: dry run)")
     p.add_argument(
         "--release",
@@ -73,13 +73,18 @@ def register(sub: Any) -> None:
         metavar="N",
         help="objects per shard, what one plan or finish task holds (1000000; a power-of-two number of shards)",
     )
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take DEST's lock from the scan holding it: only when that scan is dead (one scan per DEST at a time)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
 
     r = sub.add_parser("scan-results", help="print the current view of scan results: one JSON object per object")
     r.add_argument("dest", metavar="DEST", help="the --output of a scan")
     r.add_argument("--endpoint-url", help="S3-compatible endpoint (default $AWS_ENDPOINT_URL or AWS)")
-    r.add_argument("--flagged", action="store_true", help="only flagged objects (the policy withholds them)")
+    r.add_argument("--flagged", action="store_true", help="only withheld objects (flagged or unscorable)")
     r.add_argument("--non-images", action="store_true", help="also the objects recorded as not images")
     r.set_defaults(run=cmd_scan_results)
 
@@ -127,6 +132,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         inventory=args.inventory,
         list_parallelism=args.list_parallelism,
         shard_rows=args.shard_rows,
+        break_lock=args.break_lock,
     )
     with stdout_reserved():
         try:
@@ -148,16 +154,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def summary_table(s: Any) -> str:
+    """The run's counts in the words of docs/CLI.md (Words): withheld = flagged + withheld unscorable."""
     demo = ", tiny demo weights: MEANINGLESS" if s.demo else ""
+    held = f'({s.withheld - s.withheld_unscorable:,} flagged + {s.withheld_unscorable:,} unscorable; JSON "flagged")'
     lines = [
         f"scan {s.source} -> {s.output} (run {s.run}, fingerprint {s.fingerprint}{demo})",
         "",
         f"  {'objects listed':<24}{s.listed:>10,}",
-        f"  {'scanned in this run':<24}{s.scanned:>10,}",
-        f"  {'  flagged (withheld)':<24}{s.flagged:>10,}",
-        f"  {'  reported (flag)':<24}{s.reported:>10,}",
-        f"  {'  errors':<24}{s.errors:>10,}",
-        f"  {'    unscorable':<24}{s.unscorable:>10,}  (withheld: counted in flagged too)",
+        f"  {'scanned in this run':<24}{s.scanned:>10,}  (images read: scored, unscorable or read errors)",
+        f"  {'  scored':<24}{s.scored:>10,}",
+        f"  {'  unscorable':<24}{s.unscorable:>10,}  (the policy's unscorable_action: {s.unscorable_action})",
+        f"  {'  read errors':<24}{s.errors - s.unscorable:>10,}  (retried next run, never acted on)",
+        f"  {'  withheld':<24}{s.withheld:>10,}  {held}",
+        f"  {'  reported (flag)':<24}{s.reported:>10,}  (released as they are, reported)",
         f"  {'  truncated':<24}{s.truncated:>10,}  (scored on what decodes)",
         f"  {'  views sampled':<24}{s.sampled:>10,}  (more views than --max-views: frames sampled over display time)",
         f"  {'skipped: unchanged':<24}{s.skipped_unchanged:>10,}",
@@ -170,7 +179,7 @@ def summary_table(s: Any) -> str:
             state = f"{a.done:,} done" + (f", {a.failed:,} failed (see the log)" if a.failed else "")
         else:
             state = f"{a.eligible:,} would be done (dry run: add --apply)"
-        lines.append(f"  {a.action + ' (flagged)':<24}{state:>10}")
+        lines.append(f"  {a.action + ' (withheld)':<24}{state:>10}")
     if s.overturned:
         lines.append(f"  {'overturned (review)':<24}{s.overturned:>10,}  (never acted on)")
     if (r := s.release) is not None:

@@ -12,6 +12,8 @@ from typing import Any
 
 log = logging.getLogger("diffguard")
 
+HEALTHY_TIMEOUT_S = 300  # after the applications are RUNNING: until /healthz answers 200 (every replica started)
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
@@ -26,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.run import check_auth, deploy, load_config, url
+    from deployments.run import check_auth, deploy, load_config, stop_serve, url, wait_healthy
 
     from ..tiny import TINY_BANNER
 
@@ -47,6 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         deploy(schema)
         base = url(schema)
+        if not wait_healthy(f"{base}/healthz", HEALTHY_TIMEOUT_S, stop):  # the line is true when it is printed
+            return 0  # Ctrl-C while starting
         tiny = any("tiny" in str(app.args) for app in schema.applications)
         print(f"diffguard is serving on {base}  (API docs: {base}/docs, health: {base}/healthz)", flush=True)
         if tiny:
@@ -59,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("press Ctrl-C to stop", flush=True)
         stop.wait()
         print("shutting down...", flush=True)
-    finally:
-        serve.shutdown()
+    finally:  # Serve first, gracefully, then the Ray this process started or joined
+        if not stop_serve():
+            serve.shutdown()
         ray.shutdown()
     return 0

@@ -92,16 +92,18 @@ class ReviewApp:
         self.decisions = DecisionLog(self.dest)
         table = read_current(self.dest)
         self.queue = ReviewQueue(table, self.decisions)
-        self.source = self._manifest_source()
+        manifest = self._manifest()
+        self.source = manifest.get("source")
+        self.demo = (manifest.get("last_run") or {}).get("demo")  # None: not recorded (a scan before it was)
         self.reviewer = reviewer or os.environ.get("DIFFGUARD_REVIEWER") or getpass.getuser()
         self.limits = DecodeLimits()
 
-    def _manifest_source(self) -> str | None:
+    def _manifest(self) -> dict[str, Any]:
         try:
             raw, _ = self.dest.store.read(self.dest.key(MANIFEST))
-            return json.loads(raw).get("source")
+            return json.loads(raw)
         except DiffguardError:
-            return None  # a first run still in progress: parts only
+            return {}  # a first run still in progress: parts only
 
     def item(self, key: str) -> dict[str, Any]:
         item = self.queue.get(key)
@@ -222,6 +224,7 @@ def create_app(
             decisions=len(state.decisions.all()),
             reviewer=request.state.reviewer,
             auth_required=True,
+            demo_weights=state.demo if isinstance(state.demo, bool) else None,
         )
 
     @api.get("/api/items", dependencies=guarded, responses=ERRORS)
@@ -277,8 +280,8 @@ def create_app(
         if kind != "image":
             return JSONResponse(one(request, key).model_dump())
         item = state.item(key)
-        log.info("revealed the full image %r to the reviewer", key)
         whole = _png(state.pixels(key, whole=True))
+        log.info("revealed the full image %r to the reviewer", key)  # only once there are pixels to send
         return Response(whole, media_type="image/png", headers=_shown(item))
 
     @api.post("/api/items/{key:path}/decision", dependencies=guarded, responses=ERRORS)

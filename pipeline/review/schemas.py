@@ -77,6 +77,7 @@ class Info(BaseModel):
     decisions: int
     reviewer: str  # the caller's: the name recorded on their decisions
     auth_required: bool  # always true: every /api route needs a key
+    demo_weights: bool | None = None  # the last scan ran tiny demo weights (verdicts meaningless); null: not recorded
 
 
 class Problem(BaseModel):

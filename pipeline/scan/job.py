@@ -43,6 +43,7 @@ from ..decisions import DecisionLog, current_decisions
 from ..errors import DiffguardError, InvalidInput
 from ..images import SNIFF_BYTES, DecodeLimits
 from ..media import media_format
+from ..raylogs import filter_stderr, quiet_ray_data
 from ..storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
 from ..tiny import TINY_BANNER
 from .actions import JOURNAL as QUARANTINE_JOURNAL
@@ -203,6 +204,7 @@ def ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or "local"
+    filter_stderr()  # at the CLI's default verbosity: Ray's known noise on fd 2 (pipeline.raylogs.NOISE) dropped
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
@@ -263,6 +265,7 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
         log.warning("WARNING: %s", TINY_BANNER)
     run = lock.claim(meta.last_run + 1)  # the number is taken under the lock: no other scan shares it
     summary = ScanSummary(str(source), cfg.output, run, checker.fingerprint, checker.demo)
+    summary.unscorable_action = checker.concepts.unscorable_action
     writer = PartWriter(dest, summary.run)
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
     owned = not ray_running()  # a Ray this run starts (for listing, planning or scoring) is shut down at its end
@@ -323,8 +326,13 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
             for name in ("eligible", "done", "failed"):
                 setattr(summary.actions, name, getattr(summary.actions, name) + r["report"][name])
         if action and not cfg.apply and summary.actions.eligible:
-            log.info("dry run: would %s %d flagged objects (add --apply to act)", action, summary.actions.eligible)
-        manifest_summary = {**summary.as_json(), "run": summary.run, "fingerprint": summary.fingerprint}
+            log.info("dry run: would %s %d withheld objects (add --apply to act)", action, summary.actions.eligible)
+        manifest_summary = {  # demo: the review page warns that these verdicts are meaningless
+            **summary.as_json(),
+            "run": summary.run,
+            "fingerprint": summary.fingerprint,
+            "demo": summary.demo,
+        }
         lock.check()  # a run whose lock was taken over (--break-lock, or a stale heartbeat) never commits
         manifest = commit_run(dest, summary.run, str(source), meta, inputs, results, manifest_summary, lock.run_id)
         log.info(
@@ -472,7 +480,9 @@ def _inventory_pieces(cfg: ScanConfig, source: Location, exclude: list[str]) -> 
     """SOURCE's objects as an S3 Inventory report lists them: a Ray Dataset, one read task per data file, materialized
     in the object store. Returns its blocks (references) and the number of objects."""
     import ray
+    import ray.data
 
+    quiet_ray_data()
     inventory = load_manifest(cfg.inventory, cfg.endpoint_url)  # type: ignore[arg-type]
     check_source(inventory, source)
     if not inventory.files:
@@ -571,8 +581,10 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
     """Read, decode, score and commit ``rows`` objects: ``todo`` holds the shards' work items (tables, or
     references to them in the object store)."""
     import ray
+    import ray.data
 
     ensure_ray()
+    quiet_ray_data()
     max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
     max_actors = max(1, min(max_actors, math.ceil(rows / cfg.batch_size)))
     per_block = math.ceil(rows / min(MAX_BLOCKS, math.ceil(rows / cfg.batch_size)))
@@ -619,12 +631,22 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
         num_cpus=WRITE_CPUS,
     )
     ds.context.raise_original_map_exception = True  # this dataset only: a failed part write names the part
-    committed, logged = 0, time.monotonic()
+    committed, logged, recorded = 0, time.monotonic(), summary.skipped_non_image  # non-images recorded earlier
     try:
         for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
             committed += _add_counts(summary, counts)
             if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == rows:
-                log.info("%d of %d objects scored and committed", committed, rows)
+                log.info(  # in the summary table's words (docs/CLI.md, Words)
+                    "%d of %d objects read and committed: %d scanned (%d scored, %d unscorable, %d read errors), "
+                    "%d skipped: not images",
+                    committed,
+                    rows,
+                    summary.scanned,
+                    summary.scored,
+                    summary.unscorable,
+                    summary.errors - summary.unscorable,
+                    summary.skipped_non_image - recorded,
+                )
                 logged = time.monotonic()
     except Exception as exc:
         if (error := _job_error(exc)) is not exc:

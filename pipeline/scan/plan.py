@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from ..errors import InvalidInput
 from ..images import IMAGE_SUFFIXES, DecodeLimits
+from ..policy import WITHHELD
 from ..spec import CheckerSpec
 from ..storage import LocalStore, Location, ObjectInfo, S3Store, parse_location
 from .actions import ActionReport, quarantine_location
@@ -81,7 +82,7 @@ class ScanSummary:
     skipped_unchanged: int = 0
     skipped_non_image: int = 0  # not images by their first bytes (sniffed in this run, or recorded and unchanged)
     skipped_symlinks: int = 0  # local sources: symlinks and other non-regular files, never followed nor read
-    flagged: int = 0  # of those scanned: withheld by the policy, or unscorable (what --quarantine/--tag act on)
+    flagged: int = 0  # of those scanned: withheld (flagged, or unscorable and withheld): what --quarantine/--tag act on
     reported: int = 0  # of those scanned: released with the policy's `flag` action (reported, not withheld)
     errors: int = 0  # of those scanned: unscorable content (also counted in flagged) and read errors
     unscorable: int = 0  # of the errors: read but not scorable (withheld by the policy's unscorable_action)
@@ -91,6 +92,21 @@ class ScanSummary:
     release: Any = None  # a release.ReleaseReport when --release was given
     overturned: int = 0  # flagged objects left alone because a reviewer overturned them
     listing_tasks: int = 0  # S3 prefix groups listed by parallel tasks (0: one paginator, or an inventory)
+    unscorable_action: str = "block"  # the policy's action for unscorable objects (withheld unless allow or flag)
+
+    @property
+    def withheld(self) -> int:
+        """Withheld objects (docs/CLI.md, Words): flagged + withheld unscorable, what the JSON's ``flagged`` counts."""
+        return self.flagged
+
+    @property
+    def withheld_unscorable(self) -> int:
+        return self.unscorable if self.unscorable_action in WITHHELD else 0
+
+    @property
+    def scored(self) -> int:
+        """Of those scanned: read, decoded and given a verdict (neither unscorable nor a read error)."""
+        return self.scanned - self.errors
 
     def as_json(self) -> dict[str, Any]:
         keys = ("scanned", "skipped_unchanged", "skipped_non_image", "skipped_symlinks", "flagged", "errors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,10 @@ from PIL import Image
 from tests.conftest import ROOT
 
 
-def run(*args, cwd=ROOT):
+def run(*args, cwd=ROOT, columns=None):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": str(columns)} if columns else {})
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
     )
 
 
@@ -22,7 +24,19 @@ def test_examples_table():
     out = run("check", "examples/")
     assert out.returncode == 0, out.stderr
     assert "MEANINGLESS" in out.stderr  # tiny weights are always announced
-    assert "4 checked" in out.stdout and "tiny demo weights" in out.stdout
+    assert "4 checked: 4 scored, 0 unscorable (block); 2 withheld (2 flagged, 0 unscorable), 0 reported" in out.stdout
+    assert "tiny demo weights" in out.stdout
+
+
+def test_examples_table_at_80_columns():
+    out = run("check", "examples/", columns=80)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.split("\n\n")[0].splitlines()
+    assert len(table) == 5 and all(len(line) <= 80 for line in table), table
+    assert len({line.index("examples/") for line in table[1:]}) == 1 and table[0].endswith(" path")  # aligned
+    flagged = [line for line in table if line.startswith("block")]
+    assert flagged and all(line[20:].startswith("sexual,") for line in flagged)  # categories before concepts
+    assert any("\u2026 examples/" in line for line in flagged)  # what does not fit ends with an ellipsis
 
 
 def test_json_rows_and_exit_codes(tmp_path):
@@ -93,14 +107,16 @@ def test_adversarial_inputs_are_selected_by_content_and_never_released_unscored(
         r = rows[name]
         assert r["unscorable"] and r["action"] == "block" and "corrupt or truncated" in r["error"], name
 
-    table = run("check", str(tmp_path))
+    table = run("check", "--adjustment", "1", str(tmp_path), columns=200)  # wide enough for the whole reason
     assert table.returncode == 3
     lines = {line.rsplit(" ", 1)[-1].rsplit("/", 1)[-1]: line for line in table.stdout.splitlines()}
     assert (
         lines["header-only.png"].startswith("block") and "UNSCORABLE: corrupt or truncated" in lines["header-only.png"]
     )
     assert "(truncated)" in lines["cut.jpg"]
-    assert "7 checked" in table.stdout and "2 unscorable (block)" in table.stdout
+    assert "7 checked: 5 scored, 2 unscorable (block); 7 withheld (5 flagged, 2 unscorable), 0 reported" in table.stdout
+    narrow = run("check", "--adjustment", "1", str(tmp_path), columns=80).stdout.split("\n\n")[0].splitlines()
+    assert len({line.rindex(" ") for line in narrow}) == 1  # UNSCORABLE: <why> stays in its column
 
     policy = tmp_path.parent / "lenient.yaml"  # unscorable_action: allow gives back the old behaviour, explicitly
     policy.write_text(

@@ -14,7 +14,7 @@ import yaml
 
 from deployments.auth import AuthConfigError, api_key
 from deployments.run import DEFAULT_CONFIG, check_auth, load_config
-from tests.conftest import ROOT
+from tests.conftest import ALARM, ROOT
 from tests.integration.conftest import free_port
 
 
@@ -35,15 +35,22 @@ def test_serve_starts_answers_and_stops(tmp_path):
             assert time.monotonic() < deadline, "serve did not start"
             time.sleep(1)
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/healthz", timeout=30).json()["ready"] is True
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # ready when it says so, not a bit later
         r = httpx.post(f"{base}/v1/generate", json={"prompt": "a red bicycle", "seed": 1, "steps": 2}, timeout=120)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         assert "MEANINGLESS" in (tmp_path / "serve.log").read_text()
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=120)
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    assert "shutting down" in (tmp_path / "serve.log").read_text()
+    output = (tmp_path / "serve.log").read_text()
+    assert code == 0, output[-3000:]
+    assert "shutting down" in output
+    # Start-up and Ctrl-C print no WARNING or ERROR but the tiny banner (issue 27: Serve's "Cannot deregister
+    # autoscaling state", Ray's token notice, "Task ServeController.graceful_shutdown failed ... killed by ray.kill")
+    # (Serve's warning that replicas took over 30 s to start is a real condition of a loaded machine, not noise.)
+    real = ("tiny demo weights in use", "replicas that have taken more than")
+    alarms = [line for line in output.splitlines() if ALARM.search(line) and not any(r in line for r in real)]
+    assert alarms == [], "\n".join(alarms)
 
 
 @pytest.mark.parametrize(

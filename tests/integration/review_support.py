@@ -3,6 +3,7 @@ over real HTTP (uvicorn in a subprocess, so a test can kill it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
-from pipeline.scan.state import PartWriter, conform, rows_table
+from pipeline.scan.state import MANIFEST, PartWriter, conform, rows_table
 from pipeline.storage import LocalStore, canonical_key, parse_location, sha256
 from tests.conftest import ROOT
 
@@ -84,6 +85,13 @@ def results(
     table = conform(rows_table(rows))
     PartWriter(parse_location(str(dest)), run).commit(table)
     return table
+
+
+def manifest(dest: Path, source: Path | str, demo: bool, run: int = 1) -> None:
+    """The manifest a scan commits, as far as the review app reads it: its SOURCE and its last run's summary, which
+    says whether the checker ran tiny demo weights (format 1 with no snapshot: the rows stay in the parts)."""
+    body = {"format": 1, "source": str(source), "last_run": {"run": run, "fingerprint": "fp-1", "demo": demo}}
+    Path(dest, MANIFEST).write_text(json.dumps(body))
 
 
 def free_port() -> int:

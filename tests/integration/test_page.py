@@ -2,12 +2,12 @@
 the README's curl examples, and the page driven by Debian's Chromium through Playwright.
 
 The app's generator and checker are scripted (tests/integration/page_support.py) so a generation shows every action;
-uploads are scored by the real tiny checker. Screenshots: DIFFGUARD_SCREENSHOTS=docs saves both views there.
+uploads are scored by the real tiny checker. The README's screenshots come from a real `diffguard serve` instead
+(`make screenshots`, tools/screenshots.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -211,18 +211,16 @@ def _errors_but_the_first_401(page) -> list[str]:
     return errors
 
 
-def _shoot(page, name: str) -> None:
-    folder = os.environ.get("DIFFGUARD_SCREENSHOTS")
-    if folder:
-        page.screenshot(path=str(ROOT / folder / name), full_page=True)
-
-
 def test_page_loads_without_console_errors(page, service):
     """The keyless app under its route prefix: no key field, the demo warning, not one console error."""
     page.goto(f"{service}/open/")
     page.wait_for_selector("#demo-warning:not([hidden])")
-    assert "meaningless" in page.text_content("#demo-warning")
+    banner = " ".join(page.text_content("#demo-warning").split())
+    assert banner == "Demo weights: this service runs tiny demo models, so its verdicts are meaningless."
     assert page.is_hidden("#key-form") and page.is_hidden("#message")
+    icon = page.get_attribute("link[rel=icon]", "href")  # a served icon: the console has no 404 for /favicon.ico
+    served = httpx.get(f"{service}/open/{icon}", timeout=60)
+    assert served.status_code == 200 and served.headers["content-type"].startswith("image/svg+xml")
     page.click("#generate-button")
     page.wait_for_selector("#generate-results .card >> nth=1")
     assert page.console_errors == []
@@ -263,10 +261,9 @@ def test_generation_shows_images_verdicts_and_never_blocked_pixels(page, service
     blocked = cards[3]
     assert blocked.query_selector("img") is None  # no <img>, no data: the pixels never reach the DOM
     assert "data:image" not in blocked.inner_html()
-    assert "blocked by the policy" in blocked.inner_text()
+    assert blocked.query_selector(".placeholder").inner_text() == "Blocked by the policy: not shown"
     assert cards[1].query_selector(".chip") is not None and cards[1].query_selector(".bar.hit") is not None
     assert "seed 42" in page.text_content("#generate-summary")
-    _shoot(page, "page-generate.png")
     assert _errors_but_the_first_401(page) == []
 
 
@@ -281,6 +278,8 @@ def test_upload_of_a_good_and_a_corrupt_file_shows_both_cards(page, service, tmp
     page.focus("#tab-generate")
     page.keyboard.press("ArrowRight")
     assert page.is_visible("#view-moderate") and page.is_hidden("#view-generate")
+    drop = " ".join(page.inner_text("#drop").split())
+    assert drop == "Drop images here, or click (or press Enter / Space) to pick files"
     page.set_input_files("#files", [str(good), str(bad)])
     page.wait_for_selector("#moderate-results .card >> nth=1")
     cards = page.query_selector_all("#moderate-results .card")
@@ -289,8 +288,10 @@ def test_upload_of_a_good_and_a_corrupt_file_shows_both_cards(page, service, tmp
     assert corrupt.query_selector("h3 span").inner_text().strip() == bad.name  # shown as text, never parsed as HTML
     assert corrupt.get_attribute("data-action") == "block" and corrupt.query_selector("img") is None
     assert corrupt.query_selector(".error-text").inner_text()
+    assert corrupt.query_selector(".placeholder").inner_text() == "Unscorable: not shown"  # the blocked card's style
+    summary = page.text_content("#moderate-summary")
+    assert re.fullmatch(r"2 file\(s\) · checker fingerprint [0-9a-f]+ · request \S+", summary), summary
     assert page.query_selector("#moderate-results img[src='x']") is None
-    _shoot(page, "page-moderate.png")
     assert _errors_but_the_first_401(page) == []
 
 

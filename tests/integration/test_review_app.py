@@ -174,6 +174,12 @@ def test_thumbnails_blurred_on_the_server_unless_revealed(scan):
         unscorable = next(i["key"] for i in walk(app, 50) if i["unscorable"])
         thumb = app.client.get(item_url(app.url, unscorable, "/thumbnail"))
         assert thumb.status_code == 200  # a real PNG in this fixture
+        # a reveal is logged only once there are pixels to send: a changed object answers 409 and logs none
+        assert f"revealed the full image {key!r}" in app.stderr()
+        changed = next(k for k in expected_order(table) if k not in (key, unscorable))
+        (dest.parent / "src" / changed).write_bytes(png(99, (24, 32)))
+        assert app.client.get(item_url(app.url, changed, "/image")).status_code == 409
+        assert f"revealed the full image {changed!r}" not in app.stderr()
 
 
 def test_odd_s3_keys_route_exactly(s3, s3_endpoint, tmp_path):

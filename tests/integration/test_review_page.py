@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.decisions import DecisionLog
-from tests.conftest import ROOT
 from tests.integration.browser import new_page
-from tests.integration.review_support import ReviewServer, results
+from tests.integration.review_support import ReviewServer, manifest, results
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +31,6 @@ def wait_count(page, selector: str, n: int) -> None:
     expect(page.locator(selector)).to_have_count(n, timeout=30_000)
 
 
-def shot(page, name: str) -> None:
-    page.screenshot(path=str(ROOT / "docs" / name), full_page=False)
-
-
 def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
     keys = [f"uploads/{i:03d}.png" for i in range(40)]
     results(tmp_path / "dest", tmp_path / "src", keys, seed=21)
@@ -48,6 +43,7 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
             shown = page.locator("#queue li.item").evaluate_all("els => els.map(e => e.dataset.key)")
             assert shown == [i["key"] for i in queue][:50]
             assert page.locator("#queue img.thumb").first.get_attribute("alt").startswith("blurred")
+            assert page.is_hidden("#demo-warning")  # no manifest says the scan ran demo weights: no banner
 
             # j moves down twice, k back once: the second item; o overturns it, then c confirms the next
             page.keyboard.press("j")
@@ -68,10 +64,10 @@ def test_keyboard_review_reveal_relabel_and_filters(browser, tmp_path):
             page.click("#relabel button[value=ok]")
             page.wait_for_selector("#queue li.item[data-index='3'] .state.relabel")
 
-            # reveal one thumbnail: the unblurred pixels come only now, for that image only
-            first = page.locator("#queue li.item[data-index='4'] img.thumb")
-            first.click()
-            page.wait_for_selector("#queue li.item[data-index='4'] img.thumb[data-revealed='1']")
+            # reveal one thumbnail: the unblurred pixels come only now, for that image only (an unscorable one has none)
+            at = next(i for i in range(4, len(queue)) if not queue[i]["unscorable"])
+            page.locator(f"#queue li.item[data-index='{at}'] img.thumb").click()
+            page.wait_for_selector(f"#queue li.item[data-index='{at}'] img.thumb[data-revealed='1']")
             assert page.locator("#queue img.thumb[data-revealed='1']").count() == 1
 
             decided = {d.key: d for d in DecisionLog.open(str(tmp_path / "dest")).all()}
@@ -123,5 +119,40 @@ def test_the_page_asks_for_the_key_off_loopback(browser, tmp_path):
             h, w, rgba = page.locator('#queue img.thumb[src^="blob:"]').first.evaluate(read)  # one that has loaded
             pixels = np.asarray(rgba, dtype=np.uint8).reshape(h, w, 4)
             assert h > 0 and w > 0 and (pixels[..., 3] == 255).all()
+        finally:
+            context.close()
+
+
+def test_demo_banner_unscorable_placeholder_and_favicon(browser, tmp_path):
+    """A scan on demo weights says so above the queue; an unscorable object shows a labelled placeholder inside its
+    box (no thumbnail request, no broken image, no "full image" link); the icon is served: no 404 in the console."""
+    table = results(tmp_path / "dest", tmp_path / "src", [f"up/{i:02d}.png" for i in range(12)], seed=21)
+    manifest(tmp_path / "dest", tmp_path / "src", demo=True)
+    unscorable = sorted(r["key"] for r in table.to_pylist() if r["unscorable"])
+    assert unscorable  # the seed gives some
+    with ReviewServer(tmp_path / "dest") as app:
+        assert app.client.get(app.url + "/api/info").json()["demo_weights"] is True
+        queue = app.client.get(app.url + "/api/items", params={"state": "undecided", "limit": 200}).json()["items"]
+        context, page = open_page(browser, app.page_url)
+        failed: list[str] = []
+        page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+        try:
+            page.wait_for_selector("#demo-warning:not([hidden])")
+            banner = " ".join(page.text_content("#demo-warning").split())
+            assert banner == "Demo weights: this scan ran tiny demo models, so its verdicts are meaningless."
+            wait_count(page, "#queue li.item", len(queue))
+            wait_thumbs(page, len(queue) - len(unscorable))
+            for key in unscorable:
+                item = page.locator(f'#queue li.item[data-key="{key}"]')
+                box = item.locator(".thumb")
+                assert box.get_attribute("class") == "thumb placeholder" and item.locator("img").count() == 0
+                assert box.inner_text() == "Unscorable: not shown"
+                assert box.get_attribute("title") == "corrupt or truncated image"  # the row's error, on hover
+                assert box.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight")
+                assert item.get_by_text("full image").count() == 0
+            icon = page.locator("link[rel=icon]").get_attribute("href")
+            served = app.client.get(app.url + icon)
+            assert served.status_code == 200 and served.headers["content-type"].startswith("image/svg+xml")
+            assert page.console_errors == [] and failed == []
         finally:
             context.close()

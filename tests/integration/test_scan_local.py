@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -60,6 +61,8 @@ def test_local_directories(tmp_path, capsys, checker):
         else:
             assert (src / key).read_bytes() == images[key]
     assert sorted(p.name for p in (src / "_scan").iterdir()) == ["_diffguard_scan.json", "results"]  # parts folded in
+    last_run = json.loads((src / "_scan" / "_diffguard_scan.json").read_text())["last_run"]
+    assert last_run["demo"] is True  # the tiny checker: the review page warns that the verdicts are meaningless
 
     from pipeline.cli import main
 
@@ -127,3 +130,28 @@ categories:
 
     rc, out = scan(capsys, str(src), "--output", dest, "--policy", "stock")  # another policy: a new fingerprint
     assert rc == 0 and out["scanned"] == len(keys) - len(withheld) and out["skipped_unchanged"] == 0
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_table_and_progress_line_count_in_the_same_words(tmp_path, capsys, caplog):
+    """The summary table and the stderr progress line use the words of docs/CLI.md (Words)."""
+    from pipeline.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.png").write_bytes(png(900 + i))
+    (src / "zero.png").write_bytes(b"")  # unscorable: withheld
+    (src / "notes.txt").write_text("not an image")  # read (sniffed) and committed, but skipped: not scanned
+    caplog.set_level(logging.INFO, logger="diffguard")
+    capsys.readouterr()
+    args = ["scan", str(src), "--output", str(tmp_path / "dest"), "--adjustment", "1", "--dtype", "float32"]
+    assert main([*args, "--device", "cpu"]) == 0
+    table = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "scanned in this run 5 (images read: scored, unscorable or read errors)" in table
+    assert "scored 4" in table and "unscorable 1 (the policy's unscorable_action: block)" in table
+    assert 'withheld 5 (4 flagged + 1 unscorable; JSON "flagged")' in table and "skipped: not images 1" in table
+    progress = (
+        "6 of 6 objects read and committed: 5 scanned (4 scored, 1 unscorable, 0 read errors), 1 skipped: not images"
+    )
+    assert progress in caplog.messages

@@ -159,7 +159,7 @@ def test_actions_dry_run_then_apply(s3, s3_endpoint, capsys, checker, caplog):
     def tags(key):
         return {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]}
 
-    assert f"would tag {len(flagged)} flagged objects" in caplog.text
+    assert f"would tag {len(flagged)} withheld objects" in caplog.text
     assert all(tags(k) == ({"team": "a"} if k == keep else {}) for k in images)  # the dry run tagged nothing
     rc, out = scan(capsys, *args, "--tag", "--apply")
     assert rc == 0 and out == summary(0, 10, 0, 0, 0, dest)  # acts on the current view, nothing rescored
@@ -170,7 +170,7 @@ def test_actions_dry_run_then_apply(s3, s3_endpoint, capsys, checker, caplog):
 
     rc, out = scan(capsys, *args, "--quarantine", "q/")
     assert rc == 0 and all_keys(s3, bucket) == set(images)  # a dry run moves nothing
-    assert f"would quarantine {len(flagged)} flagged objects" in caplog.text
+    assert f"would quarantine {len(flagged)} withheld objects" in caplog.text
 
     rc, out = scan(capsys, *args, "--quarantine", "q/", "--apply")
     assert rc == 0 and out == summary(0, 10, 0, 0, 0, dest)

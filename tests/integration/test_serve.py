@@ -109,6 +109,8 @@ def test_health_and_info(client):
     info = client.get("/v1/info").json()
     assert info["demo_weights"] is True and "meaningless" in info["note"]
     assert len(info["checker"]["fingerprint"]) == 16 and info["checker"]["batching"]["max_batch_size"] == 16
+    assert info["checker"]["batching"]["max_concurrent_batches"] == 2  # the @serve.batch: 16 objects, 2 in flight
+    assert info["checker"]["views_per_model_call"] == info["checker"]["max_batch_size"] == 32  # the core's chunk
     kinds = [c["kind"] for c in info["checker"]["concepts"]]
     assert kinds.count("special") == 3 and kinds.count("stock") == 17
     assert set(info["policy"]["categories"]) >= {"violence", "self-harm", "hate", "sexual"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from deployments.run import load_config
-from deployments.settings import AppArgs, CheckerRuntime, GeneratorRuntime
+from deployments.settings import MAX_CONCURRENT_BATCHES, AppArgs, CheckerRuntime, GeneratorRuntime
 from pipeline.errors import DiffguardError, InvalidInput
 
 CONFIGS = sorted((Path(__file__).parents[2] / "deployments" / "configs").glob("*.yaml"))
@@ -27,7 +28,7 @@ def test_config_validates_and_its_invariants_hold(path):
         assert set(deployments) == {"Ingress", "Generator", "SafetyChecker"}
         checker = deployments["SafetyChecker"]
         runtime = CheckerRuntime(**checker.user_config)
-        assert checker.max_ongoing_requests >= runtime.max_batch_size * 1  # max_concurrent_batches = 1
+        assert checker.max_ongoing_requests >= runtime.max_batch_size * MAX_CONCURRENT_BATCHES  # or never full
         auto = checker.autoscaling_config
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] >= auto["min_replicas"]
         assert auto["target_ongoing_requests"] == runtime.max_batch_size
@@ -35,6 +36,15 @@ def test_config_validates_and_its_invariants_hold(path):
         batching = GeneratorRuntime(**generator.user_config)
         assert batching.max_batch_images > 1  # generation batching is on
         assert generator.max_ongoing_requests >= batching.max_batch_images  # or batches of 1-image requests never fill
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_batching_comment_states_the_figures_in_force(path):
+    """The configs' comment on the checker's max_ongoing_requests names the batch size and the batches in flight that
+    the replica really has (issue 27: a comment said 16 x 1 while the checker runs two batches at once)."""
+    stated = re.findall(r"max_batch_size x max_concurrent_batches \((\d+) x (\d+)", path.read_text())
+    checker = next(d for d in load_config(path).applications[0].deployments if d.name == "SafetyChecker")
+    assert stated == [(str(CheckerRuntime(**checker.user_config).max_batch_size), str(MAX_CONCURRENT_BATCHES))]
 
 
 def test_local_config_fits_two_cpus():

@@ -1,5 +1,6 @@
 """Every RayService, RayJob and the RayCluster each creates validates against the KubeRay v1.7.0 CRDs'
-openAPIV3Schema, with unknown fields refused. Skipped, saying why, where the CRDs are absent (a user's clone)."""
+openAPIV3Schema, with unknown fields refused. Skipped, saying why and how to get them, where the CRDs are absent (a
+user's clone: docs/KUBERNETES.md, "The KubeRay CRDs")."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from tests.unit.k8s_support import OVERLAYS, ROOT, Resource, cluster_spec, one, 
 
 # The CRDs sit beside the repository (not in a clone of it); KUBERAY_CRDS points elsewhere.
 CRDS = Path(os.environ.get("KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay-crds")
+HOW_TO_GET = (
+    "they are not in the repository; set KUBERAY_CRDS to a folder holding "
+    "ray.io_{rayclusters,rayjobs,rayservices}.yaml, e.g. KubeRay's ray-operator/config/crd/bases at tag v1.7.0 "
+    "(git clone --depth 1 --branch v1.7.0 https://github.com/ray-project/kuberay) or the crds/ folder of "
+    "`helm pull kuberay/kuberay-operator --version 1.7.0 --untar` (docs/KUBERNETES.md)"
+)
 
 
 def closed(schema: Any) -> Any:
@@ -36,10 +43,7 @@ def closed(schema: Any) -> Any:
 def crd_validator(kind: str):
     jsonschema = pytest.importorskip("jsonschema")
     if not CRDS.is_dir():
-        pytest.skip(
-            f"KubeRay v1.7.0 CRDs not found at {CRDS}: they sit beside the repository, not in a clone of it "
-            "(set KUBERAY_CRDS to a folder holding ray.io_{rayclusters,rayjobs,rayservices}.yaml)"
-        )
+        pytest.skip(f"KubeRay v1.7.0 CRDs not found at {CRDS}: {HOW_TO_GET}")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~20k lines: libyaml reads them 6x faster
     crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
     assert crd["spec"]["names"]["kind"] == kind

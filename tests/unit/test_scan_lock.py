@@ -91,6 +91,20 @@ def test_busy_error_pickles_and_exits_2(tmp_path, capsys):
     assert sorted(p.name for p in dest.iterdir()) == [LOCK]
 
 
+def test_the_cli_breaks_a_lock_when_asked(tmp_path, caplog):
+    """`diffguard scan --break-lock` (the flag the busy message names) reaches the lock: the run takes it over."""
+    from pipeline.cli import main
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    dest.mkdir()
+    put_lock(dest, foreign())
+    with caplog.at_level(logging.WARNING, logger="diffguard"):
+        assert main(["scan", str(src), "--output", str(dest), "--break-lock", "--device", "cpu"]) == 0  # none to read
+    assert any("(--break-lock)" in r.getMessage() and "ana@host1" in r.getMessage() for r in caplog.records)
+    assert not (dest / LOCK).exists()  # released at the end of the run
+
+
 def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     dest = parse_location(str(tmp_path))
     hour_ago = lockmod._stamp(lockmod._now() - timedelta(hours=1))

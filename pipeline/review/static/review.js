@@ -61,9 +61,20 @@ async function loadThumb(img, key, reveal) {
     img.src = url;
     img.dataset.revealed = reveal ? "1" : "0";
     img.alt = (reveal ? "revealed " : "blurred ") + "thumbnail of " + key;
-  } catch (e) {
-    img.alt = "no preview: " + e.message;
+  } catch (e) {  // a labelled placeholder in its place, the reason in its tooltip (never the broken-image alt text)
+    img.replaceWith(placeholder(/^409\b/.test(e.message) ? "Changed since the scan: not shown" : "No preview", e.message));
   }
+}
+
+// What stands where no pixels can be shown, in the service page's style (deployments/static: "...: not shown").
+function placeholder(text, detail) {
+  const box = document.createElement("div");
+  box.className = "thumb placeholder";
+  box.setAttribute("role", "img");
+  box.setAttribute("aria-label", text);
+  box.textContent = text;
+  if (detail) box.title = detail;
+  return box;
 }
 
 function render(item, index) {
@@ -71,12 +82,15 @@ function render(item, index) {
   li.className = "item";
   li.dataset.key = item.key;
   li.dataset.index = index;
-  const img = document.createElement("img");
-  img.className = "thumb";
-  img.alt = "blurred thumbnail of " + item.key;
-  img.title = "click to reveal (v)";
-  img.addEventListener("click", () => loadThumb(img, item.key, img.dataset.revealed !== "1"));
-  loadThumb(img, item.key, false);
+  // An unscorable object has no pixels the scan could read: its placeholder, no request for a thumbnail.
+  const img = item.unscorable ? placeholder("Unscorable: not shown", item.error) : document.createElement("img");
+  if (!item.unscorable) {
+    img.className = "thumb";
+    img.alt = "blurred thumbnail of " + item.key;
+    img.title = "click to reveal (v)";
+    img.addEventListener("click", () => loadThumb(img, item.key, img.dataset.revealed !== "1"));
+    loadThumb(img, item.key, false);
+  }
   const body = document.createElement("div");
   const key = document.createElement("div");
   key.className = "key";
@@ -96,16 +110,22 @@ function render(item, index) {
       (item.views_sampled ? ", sampled" : "") + ")";
     meta.appendChild(view);
   }
-  const link = document.createElement("a");
-  link.href = "#";
-  link.textContent = "full image";
-  link.addEventListener("click", async (ev) => {
-    ev.preventDefault();
-    const resp = await api(itemPath(item.key) + "/image");
-    window.open(URL.createObjectURL(await resp.blob()), "_blank", "noopener");
-  });
-  meta.append(" · ");
-  meta.appendChild(link);
+  if (!item.unscorable) {
+    const link = document.createElement("a");
+    link.href = "#";
+    link.textContent = "full image";
+    link.addEventListener("click", async (ev) => {
+      ev.preventDefault();
+      try {
+        const resp = await api(itemPath(item.key) + "/image");
+        window.open(URL.createObjectURL(await resp.blob()), "_blank", "noopener");
+      } catch (e) {
+        say(e.message, true);
+      }
+    });
+    meta.append(" · ");
+    meta.appendChild(link);
+  }
   const table = document.createElement("table");
   table.className = "scores";
   const flagged = new Set(item.flagged_categories || []);
@@ -113,7 +133,7 @@ function render(item, index) {
     const tr = table.insertRow();
     tr.className = flagged.has(name) ? "hit" : "";
     tr.insertCell().textContent = name;
-    tr.insertCell().textContent = score.toFixed(3) + (score > 0 ? " > 0 (flagged)" : " ≤ 0");
+    tr.insertCell().textContent = score.toFixed(3) + (score > 0 ? " > 0 (hit)" : " ≤ 0");
   });
   body.append(key, meta, table);
   const side = document.createElement("div");
@@ -235,6 +255,7 @@ async function start() {
     say(e.message, true);
     return;
   }
+  $("demo-warning").hidden = state.info.demo_weights !== true;  // unknown (a scan that did not record it): no banner
   for (const s of state.info.states) option($("f-state"), s);
   $("f-state").value = "undecided";
   for (const c of state.info.categories) option($("f-category"), c);

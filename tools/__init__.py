@@ -1,0 +1,1 @@
+"""Maintenance scripts run from the Makefile: ``python -m tools.screenshots`` (``make screenshots``)."""

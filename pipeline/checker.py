@@ -1,7 +1,11 @@
 """The safety checker core: diffusers' ``StableDiffusionSafetyChecker`` made exact, batched and customisable.
 
 One vision pass per image, then every concept row (stock, special-care and custom) in one matrix product, then the
-reference's scoring rule as whole-tensor operations. Plain Python + torch: no Ray, no HTTP.
+reference's scoring rule as whole-tensor operations; the policy's detectors (:mod:`pipeline.detectors`) score the same
+views in the same batches. Plain Python + torch: no Ray, no HTTP.
+
+long: the one core every adapter holds (about 440 lines): configuration, fingerprint and the hot path share one class
+so that a policy swap is atomic and every adapter scores alike.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from . import models
 from .concepts import Concept, ConceptSet, add_policy_rows, example_centroid
+from .detectors import DetectorSet
 from .devices import resolve_device, resolve_dtype, weights_digest
 from .errors import ImageDecodeError, InvalidInput
 from .hf import quiet_libraries
@@ -72,6 +77,7 @@ class SafetyChecker:
         video_fps: float = DEFAULT_VIDEO_FPS,
         concept_text_model: str | None = None,
         policy_fallback: str | None = None,
+        detector_runtime: str = "auto",
     ):
         if max_batch_size < 1:
             raise InvalidInput(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -101,6 +107,7 @@ class SafetyChecker:
         self.adjustment = adjustment
         self.concept_text_model = concept_text_model or (models.TINY if demo else models.DEFAULT_TEXT_TOWER)
         self.text_tower = TextTower(self.concept_text_model)
+        self.detectors = DetectorSet(self.device, dtype, detector_runtime)  # those the policy's rows name
 
     @classmethod
     def load(
@@ -197,6 +204,7 @@ class SafetyChecker:
                 f"concept rows of width {concepts.embeds.shape[1]} do not fit this checker's "
                 f"{self._stock.embeds.shape[1]}-d embeddings (they belong to another model)"
             )
+        self.detectors.require(concepts)
         self.adjustment = adjustment  # validates before anything is replaced
         self.concepts = copy.deepcopy(concepts)
 
@@ -207,6 +215,7 @@ class SafetyChecker:
         fresh.embeds = fresh.embeds[[i for i, c in enumerate(self.concepts.concepts) if c.kind != "policy"]]
         fresh.categories, fresh.policy_digest, fresh.nsfw_action, fresh.unscorable_action = [], "", "block", "block"
         fresh.over_view_budget, fresh.max_views = "sample", None
+        fresh.detector_rows, fresh.detectors, fresh.text_rows = [], {}, []
         fallback = self._add_policy(fresh, load_policy(policy)) if policy is not None else None
         self.concepts, self.fallback_reason = fresh, fallback
 
@@ -218,7 +227,8 @@ class SafetyChecker:
         policy, fallback = policy_or_fallback(policy, self.text_tower, self.policy_fallback)
         texts = [((c.name, i), spec.text) for c in policy.categories for i, spec in enumerate(c.concepts) if spec.text]
         embeds = self.embed_text([text for _, text in texts]) if texts else []
-        add_policy_rows(concepts, policy, dict(zip([key for key, _ in texts], embeds, strict=True)), self.embed)
+        text_rows = dict(zip([key for key, _ in texts], embeds, strict=True))
+        add_policy_rows(concepts, policy, text_rows, self.embed, self.detectors.outputs)
         return fallback
 
     def save_concepts(self, path: str | Path) -> None:
@@ -242,17 +252,32 @@ class SafetyChecker:
 
     @property
     def fingerprint(self) -> str:
-        """Short stable hash of weights + preprocessing and view rules + concept rows + thresholds + adjustment: any
-        change means a new policy."""
+        """Short stable hash of weights + preprocessing and view rules + concept and detector rows + thresholds +
+        adjustment + the detectors' weights: any change means a new policy."""
         transform = json.dumps(self.transform, sort_keys=True, default=str)
-        h = hashlib.sha256(f"{self._weights}|{transform}|{self.concepts.digest()}|{self._adjustment!r}".encode())
+        detectors = f"|{self.detectors.digest(self.concepts)}" if self.concepts.detectors else ""
+        rows = f"{self.concepts.digest()}|{self._adjustment!r}{detectors}"
+        h = hashlib.sha256(f"{self._weights}|{transform}|{rows}".encode())
         return h.hexdigest()[:16]
+
+    @property
+    def parts(self) -> dict[str, list[str]]:
+        """Which parts of a verdict come from demo weights (meaningless) and which from real, trained ones."""
+        parts: dict[str, list[str]] = {"demo": [], "real": []}
+        parts["demo" if self.demo else "real"].append("stock checker")
+        if any(c.kind == "text" for c in self.concepts.concepts) or self.concepts.text_rows:
+            parts["demo" if self.text_tower.demo else "real"].append("text concepts")
+        for name, demo in self.detectors.demo(self.concepts).items():
+            parts["demo" if demo else "real"].append(name)
+        return parts
 
     def info(self) -> dict[str, Any]:
         return {
             "model": self.source,
             "fingerprint": self.fingerprint,
             "demo_weights": self.demo,
+            **self.parts,
+            "detectors": self.detectors.info(self.concepts),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "adjustment": self.adjustment,
@@ -314,14 +339,21 @@ class SafetyChecker:
             return torch.empty((0, self.concepts.embeds.shape[1]))
         return torch.cat(out)
 
-    def score_embeddings(self, embeds: torch.Tensor) -> Scores:
+    def score_embeddings(self, embeds: torch.Tensor, detector: torch.Tensor | None = None) -> Scores:
+        """Embeddings (B, D) and detector probabilities (B, P) -> whole-batch :func:`~pipeline.verdict.score`."""
         with torch.inference_mode():
-            return score(embeds, self.concepts, self.adjustment)
+            return score(embeds, self.concepts, self.adjustment, detector)
 
     def unscorable(self, error: str) -> Verdict:
         """The verdict of an image that was read but cannot be scored: ``error`` set, ``unscorable`` true, and the
         policy's ``unscorable_action`` (``block`` unless the policy says otherwise; ``block`` without a policy)."""
-        return Verdict.failed(error, self.concepts.unscorable_action)
+        return self._labelled([Verdict.failed(error, self.concepts.unscorable_action)])[0]
+
+    def _labelled(self, verdicts: list[Verdict]) -> list[Verdict]:
+        parts = self.parts
+        for verdict in verdicts:
+            verdict.demo, verdict.real = parts["demo"], parts["real"]
+        return verdicts
 
     def views(self, items: Sequence[Any]) -> list[Viewed | ImageDecodeError]:
         """Objects (encoded bytes of any format read here, paths, PIL images, uint8 arrays) -> their views, or each
@@ -343,36 +375,45 @@ class SafetyChecker:
                 scored.append(obj)
                 where.append(i)
         arrays = [v.array for obj in scored for v in obj.views]
-        embeds = []
+        embeds, probs = [], []
         for start in range(0, len(arrays), self.max_batch_size):  # the float pixels of every view never exist at once
+            chunk = arrays[start : start + self.max_batch_size]
             began = time.perf_counter()
-            pixels = self.preprocess(arrays[start : start + self.max_batch_size])
+            pixels, inputs = self.preprocess(chunk), self.detectors.prepare(self.concepts, chunk)
             self.preprocess_s += time.perf_counter() - began
             embeds.append(self.embed_pixels(pixels))
+            probs.append(self.detectors.score(self.concepts, inputs))  # one forward per detector per batch
         if scored:
             labels = [[v.label for v in obj.views] for obj in scored]
-            per_view = self.score_embeddings(torch.cat(embeds))
+            detector = torch.cat(probs) if self.concepts.detectors else None  # type: ignore[arg-type]
+            per_view = self.score_embeddings(torch.cat(embeds), detector)
             for i, obj, verdict in zip(where, scored, object_verdicts(per_view, self.concepts, labels), strict=True):
                 verdict.views_total, verdict.views_sampled, verdict.truncated = obj.total, obj.sampled, obj.truncated
                 verdicts[i] = verdict
-        return verdicts  # type: ignore[return-value] - every slot is filled above
+        return self._labelled(verdicts)  # type: ignore[arg-type] - every slot is filled above
 
-    def score_pixels(self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]]) -> list[Verdict]:
-        """Preprocessed views (V, 3, H, W), ``len(labels[k])`` rows for object k -> one verdict per object, for adapters
-        that preprocess elsewhere (the scan's CPU stage: it sets ``views_total`` and ``views_sampled``)."""
-        return object_verdicts(self.score_embeddings(self.embed_pixels(pixels)), self.concepts, labels)
+    def score_pixels(
+        self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]], inputs: dict[str, np.ndarray] | None = None
+    ) -> list[Verdict]:
+        """Preprocessed views (V, 3, H, W) and each detector's prepared inputs (V, ...), ``len(labels[k])`` rows for
+        object k -> one verdict per object, for adapters that preprocess elsewhere (the scan's CPU stage: it sets
+        ``views_total`` and ``views_sampled``)."""
+        detector = self.detectors.score(self.concepts, inputs or {})
+        scores = self.score_embeddings(self.embed_pixels(pixels), detector)
+        return self._labelled(object_verdicts(scores, self.concepts, labels))
 
     def over_view_budget(self, sampled: bool, total: int) -> Verdict | None:
         """The unscorable verdict of an object whose views were sampled when the policy withholds such objects
         (``over_view_budget: unscorable``); None when it is scored."""
         if not sampled or self.concepts.over_view_budget != "unscorable":
             return None
-        return Verdict.failed(
+        failed = Verdict.failed(
             f"{total} views, over max_views={self.limits.max_views}, and the policy withholds what it cannot see "
             "whole (over_view_budget: unscorable)",
             self.concepts.unscorable_action,
             total,
         )
+        return self._labelled([failed])[0]
 
     def check_arrays(self, arrays: Sequence[np.ndarray | Decoded | ImageDecodeError]) -> list[Verdict]:
         """Generated images (uint8 arrays: one view each, as diffusers scores them) or decode errors -> verdicts."""

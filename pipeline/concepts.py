@@ -2,15 +2,17 @@
 
 Rows are the checker's 3 stock special-care concepts, its 17 stock concepts, then any custom concepts (from example
 images or text) and a policy's category concepts. Stock and custom rows decide ``nsfw``; policy rows only feed their
-categories (:func:`add_policy_rows`). A saved concept set holds the custom rows and any threshold overrides of stock
-rows, in one safetensors file with JSON metadata, so it can be applied to any checker with the same embedding width.
+categories (:func:`add_policy_rows`), as do a policy's detector rows (a trained classifier's output against a
+probability threshold: :class:`DetectorRow`). A saved concept set holds the custom rows and any threshold overrides
+of stock rows, in one safetensors file with JSON metadata, so it can be applied to any checker with the same embedding
+width.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,16 @@ class Concept:
     source: str = ""  # the text phrase, or how many example images made it
 
 
+@dataclass(frozen=True)
+class DetectorRow:
+    """A policy row that reads a detector's output: its margin is probability - threshold + adjustment."""
+
+    name: str  # "<category>:<i>", like the category's concept rows
+    detector: str  # the reference it was loaded by (pipeline.detectors.load_detector)
+    output: str  # one of the detector's outputs
+    threshold: float  # probability in [0, 1]
+
+
 @dataclass
 class ConceptSet:
     """Special-care rows first, then concept rows; ``embeds`` is (N, D) L2-normalised float32."""
@@ -49,6 +61,9 @@ class ConceptSet:
     policy_digest: str = ""  # the policy these categories came from
     over_view_budget: str = "sample"  # an object with more than max_views views: "sample" them | "unscorable"
     max_views: int | None = None  # the policy's own view budget (None: the checker's)
+    detector_rows: list[DetectorRow] = field(default_factory=list)  # a policy's detector rows, after the concepts'
+    detectors: dict[str, list[str]] = field(default_factory=dict)  # detectors in force -> their outputs, in order
+    text_rows: list[str] = field(default_factory=list)  # policy rows the CLIP text tower embedded
 
     @classmethod
     def from_checker(cls, model: torch.nn.Module) -> ConceptSet:
@@ -86,10 +101,20 @@ class ConceptSet:
     def special_names(self) -> list[str]:
         return [self.concepts[i].name for i in self.special_rows]
 
+    @property
+    def detector_columns(self) -> list[tuple[str, str]]:
+        """(detector, output) of each column of the detectors' probabilities (``Scores.detector``), in order."""
+        return [(name, output) for name, outputs in self.detectors.items() for output in outputs]
+
+    def detector_row_columns(self) -> list[int]:
+        """For each detector row, its column in :attr:`detector_columns`."""
+        columns = {key: j for j, key in enumerate(self.detector_columns)}
+        return [columns[(r.detector, r.output)] for r in self.detector_rows]
+
     def category_mask(self) -> torch.Tensor:
-        """(C, N) bool: which rows each category takes its maximum over."""
-        mask = torch.zeros((len(self.categories), len(self.concepts)), dtype=torch.bool)
-        row = {c.name: i for i, c in enumerate(self.concepts)}
+        """(C, N + M) bool: which rows (N concept rows, then M detector rows) each category takes its maximum over."""
+        mask = torch.zeros((len(self.categories), len(self.concepts) + len(self.detector_rows)), dtype=torch.bool)
+        row = {c.name: i for i, c in enumerate([*self.concepts, *self.detector_rows])}
         for k, (_, _, names) in enumerate(self.categories):
             mask[k, [row[n] for n in names]] = True
         return mask
@@ -179,6 +204,8 @@ class ConceptSet:
         h.update(json.dumps([self.categories, self.nsfw_action, self.unscorable_action, self.policy_digest]).encode())
         if (self.over_view_budget, self.max_views) != ("sample", None):  # unchanged digest for the defaults
             h.update(json.dumps([self.over_view_budget, self.max_views]).encode())
+        if self.detector_rows:  # unchanged digest without detectors
+            h.update(json.dumps([[r.__dict__ for r in self.detector_rows], self.detectors], sort_keys=True).encode())
         return h.hexdigest()
 
 
@@ -202,18 +229,46 @@ def reference_picks(concepts: ConceptSet, kind: str, ref: Any, category: str) ->
     return [(ref, pool[ref])]
 
 
+def detector_row(
+    category: str, i: int, spec: Any, base_dir: Path, outputs: Callable[[str], Sequence[str]]
+) -> DetectorRow:
+    """A policy's detector row -> :class:`DetectorRow`; ``outputs(ref)`` loads the detector and names its outputs.
+    A relative directory is read relative to the policy file, like example-image folders."""
+    ref = str(spec.detector)
+    if (base_dir / ref).is_dir() and not Path(ref).is_absolute():
+        ref = str((base_dir / ref).resolve())
+    names = list(outputs(ref))
+    output = spec.output if spec.output is not None else (names[0] if len(names) == 1 else None)
+    if output not in names:
+        raise InvalidInput(
+            f"category {category!r}, concept {i}: detector {spec.detector!r} has outputs {names}; "
+            f"`output` must name one of them, got {spec.output!r}"
+        )
+    return DetectorRow(f"{category}:{i}", ref, str(output), float(spec.threshold))
+
+
 def add_policy_rows(
     concepts: ConceptSet,
     policy: Policy,
     text_embeds: dict[tuple[str, int], torch.Tensor],
     embed_images: Callable[[list[Path]], torch.Tensor],
+    detector_outputs: Callable[[str], Sequence[str]] | None = None,
 ) -> None:
     """Add ``policy``'s categories to ``concepts``: stock references (thresholds overridden where given), text rows
-    (``text_embeds`` by (category, concept index)) and example-image sets (``embed_images(files)`` -> (N, D))."""
+    (``text_embeds`` by (category, concept index)), example-image sets (``embed_images(files)`` -> (N, D)) and
+    detector rows (``detector_outputs(ref)`` loads a detector and names its outputs)."""
     for category in policy.categories:
         rows: list[str] = []
         for i, spec in enumerate(category.concepts):
             kind = spec.kind()
+            if kind == "detector":
+                if detector_outputs is None:
+                    raise InvalidInput(f"category {category.name!r}: detector rows need a checker that loads detectors")
+                row = detector_row(category.name, i, spec, policy.base_dir, detector_outputs)
+                concepts.detector_rows.append(row)
+                concepts.detectors.setdefault(row.detector, list(detector_outputs(row.detector)))
+                rows.append(row.name)
+                continue
             if kind in ("stock", "special"):
                 for _, row in reference_picks(concepts, kind, getattr(spec, kind), category.name):
                     if spec.threshold is not None:
@@ -235,6 +290,8 @@ def add_policy_rows(
                 source = f"{len(files)} example images in {directory}"
                 threshold = spec.threshold if spec.threshold is not None else threshold
             concepts.add(Concept(f"{category.name}:{i}", "policy", float(threshold), str(source)), embed)
+            if kind == "text":
+                concepts.text_rows.append(f"{category.name}:{i}")
             rows.append(f"{category.name}:{i}")
         concepts.categories.append((category.name, category.action, rows))
     concepts.nsfw_action = policy.nsfw_action

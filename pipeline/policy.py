@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageFilter
 
+from .detectors import check_reference
 from .errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -41,16 +42,25 @@ POLICY_FALLBACKS: tuple[str, ...] = ("stock",)  # what `policy_fallback` may nam
 
 @dataclass(frozen=True)
 class ConceptSpec:
-    """One concept of a category: exactly one of ``text``, ``images``, ``stock`` or ``special``."""
+    """One row of a category: exactly one of ``text``, ``images``, ``stock``, ``special`` or ``detector``."""
 
     text: str | None = None  # zero-shot phrase for the CLIP text tower
     images: str | None = None  # directory of example images (relative to the policy file)
     stock: int | str | None = None  # a stock concept index, or "all"
     special: int | str | None = None  # a stock special-care index, or "all"
-    threshold: float | None = None  # cosine threshold; stock references default to the weights' own
+    threshold: float | None = None  # cosine threshold (a detector's: a probability); stock: the weights' own
+    detector: str | None = None  # a trained classifier (pipeline.detectors): open_nsfw, or a Hugging Face one
+    output: str | None = None  # the detector's output this row reads (optional when it has only one)
 
     def kind(self) -> str:
-        return next(k for k in ("text", "images", "stock", "special") if getattr(self, k) is not None)
+        return next(k for k in ROW_KINDS if getattr(self, k) is not None)
+
+    def fields(self) -> dict[str, Any]:
+        """The row as written (unset keys left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+ROW_KINDS: tuple[str, ...] = ("text", "images", "stock", "special", "detector")
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class Policy:
             "version": self.version,
             **({"over_view_budget": self.over_view_budget} if self.over_view_budget != "sample" else {}),
             **({"max_views": self.max_views} if self.max_views is not None else {}),
-            "categories": [asdict(c) for c in self.categories],
+            "categories": [_digested(c) for c in self.categories],
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -103,9 +113,42 @@ class Policy:
             "categories": {},
         }
         for c in self.categories:
-            specs = [{k: v for k, v in asdict(s).items() if v is not None} for s in c.concepts]
+            specs = [s.fields() for s in c.concepts]
             data["categories"][c.name] = {"action": c.action, "concepts": specs}
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _digested(category: Category) -> dict[str, Any]:
+    """A category as the digest reads it: detector keys only where set, so older policies keep their digest."""
+    data = asdict(category)
+    for spec in data["concepts"]:
+        for key in ("detector", "output"):
+            if spec[key] is None:
+                del spec[key]
+    return data
+
+
+def _check_row(raw: dict[str, Any], where: str) -> ConceptSpec:
+    """One row of a category as written -> :class:`ConceptSpec`, or an error naming the keys and what is allowed."""
+    unknown = set(raw) - {*ROW_KINDS, "threshold", "output"}
+    kinds = [k for k in ROW_KINDS if k in raw]
+    if unknown or len(kinds) != 1 or ("output" in raw and kinds[0] != "detector"):
+        raise InvalidInput(
+            f"{where}: exactly one of {', '.join(ROW_KINDS)} (plus an optional threshold; a detector row also takes "
+            f"output) is allowed; got keys {sorted(raw)}"
+        )
+    threshold = raw.get("threshold")
+    if kinds[0] == "detector":
+        check_reference(raw["detector"], where)
+        if not (isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 <= threshold <= 1):
+            raise InvalidInput(f"{where}: a detector row needs a threshold, a probability in [0, 1]; got {threshold!r}")
+        if "output" in raw and (not isinstance(raw["output"], str) or not raw["output"]):
+            raise InvalidInput(f"{where}: output must name one of the detector's outputs, got {raw['output']!r}")
+    elif threshold is not None and not (isinstance(threshold, int | float) and -1 <= threshold <= 1):
+        raise InvalidInput(f"{where}: threshold must be a cosine in [-1, 1], got {threshold!r}")
+    if kinds[0] == "text" and threshold is None:
+        raise InvalidInput(f"{where}: text concepts need a threshold")
+    return ConceptSpec(**raw)
 
 
 def _check_action(value: Any, where: str) -> Action:
@@ -141,19 +184,7 @@ def parse_policy(data: Any, base_dir: Path = Path("."), source: str = "policy") 
         for i, raw in enumerate(body["concepts"]):
             if not isinstance(raw, dict):
                 raise InvalidInput(f"{where}, concept {i}: expected a mapping, got {raw!r}")
-            unknown = set(raw) - {"text", "images", "stock", "special", "threshold"}
-            kinds = [k for k in ("text", "images", "stock", "special") if k in raw]
-            if unknown or len(kinds) != 1:
-                raise InvalidInput(
-                    f"{where}, concept {i}: exactly one of text, images, stock, special (plus an optional "
-                    f"threshold) is allowed; got keys {sorted(raw)}"
-                )
-            threshold = raw.get("threshold")
-            if threshold is not None and not (isinstance(threshold, int | float) and -1 <= threshold <= 1):
-                raise InvalidInput(f"{where}, concept {i}: threshold must be a cosine in [-1, 1], got {threshold!r}")
-            if kinds[0] == "text" and threshold is None:
-                raise InvalidInput(f"{where}, concept {i}: text concepts need a threshold")
-            specs.append(ConceptSpec(**raw))
+            specs.append(_check_row(raw, f"{where}, concept {i}"))
         categories.append(Category(str(name), _check_action(body.get("action"), where), tuple(specs)))
     known = {"version", "name", "calibrated", "nsfw_action", "unscorable_action", "policy_fallback", "categories"}
     known |= {"over_view_budget", "max_views"}

@@ -31,6 +31,14 @@ class TextTower:
         self.source = source
         self._loaded: tuple[Any, Any] | None = None
 
+    @property
+    def demo(self) -> bool:
+        """Tiny demo weights: text concept scores are meaningless."""
+        try:
+            return models.resolve(self.source, "text").demo if self.source != models.TINY else True
+        except ModelSourceError:
+            return False
+
     def load(self) -> tuple[Any, Any]:
         """(tower, tokenizer); raises :class:`ModelSourceError` when the source cannot be loaded."""
         if self._loaded is None:

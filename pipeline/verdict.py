@@ -22,6 +22,7 @@ class Verdict:
     nsfw: bool = False
     concept_scores: list[float] = field(default_factory=list)
     special_scores: list[float] = field(default_factory=list)
+    detector_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # detector -> output -> probability
     bad_concepts: list[int] = field(default_factory=list)  # indices into concept_scores
     bad_concept_names: list[str] = field(default_factory=list)
     special_care: bool = False
@@ -35,6 +36,8 @@ class Verdict:
     views_total: int = 1  # views the object has; more than `views` when they were sampled (`views_sampled`)
     views_sampled: bool = False  # over max_views: frames sampled evenly over display time
     view: str | None = None  # the view that decided ("frame 12 @ 1.50 s", "page 2", "over white", "tile 3/3")
+    demo: list[str] = field(default_factory=list)  # parts of the verdict from demo weights (meaningless scores)
+    real: list[str] = field(default_factory=list)  # parts of the verdict from real, trained weights
 
     @classmethod
     def failed(cls, error: str, action: str | None = None, views_total: int = 0) -> Verdict:
@@ -47,11 +50,13 @@ class Verdict:
 
 @dataclass
 class Scores:
-    """Whole-batch scoring output on CPU: (B, C) concept margins, (B, S) special margins, (B, K) category scores."""
+    """Whole-batch scoring output on CPU: (B, C) concept margins, (B, S) special margins, (B, K) category scores,
+    (B, P) detector probabilities (columns: ``ConceptSet.detector_columns``)."""
 
     concept: torch.Tensor
     special: torch.Tensor
     categories: torch.Tensor
+    detector: torch.Tensor | None = None  # None: no detectors in force
 
     @property
     def nsfw(self) -> torch.Tensor:
@@ -71,17 +76,21 @@ class Scores:
         rows = torch.arange(len(owners))
         first = torch.full((n,), len(owners), dtype=torch.long)
         first = first.scatter_reduce(0, owners, torch.where(key == best[owners], rows, len(owners)), "amin")
-        return Scores(amax(self.concept), amax(self.special), amax(self.categories)), first
+        detector = amax(self.detector) if self.detector is not None else None
+        return Scores(amax(self.concept), amax(self.special), amax(self.categories), detector), first
 
 
-def score(embeds: torch.Tensor, concepts: ConceptSet, adjustment: float) -> Scores:
+def score(
+    embeds: torch.Tensor, concepts: ConceptSet, adjustment: float, detector: torch.Tensor | None = None
+) -> Scores:
     """The reference's rule on a whole batch, plus category scores.
 
     ``embeds`` (B, D) float32 image embeddings. Every concept row is compared in one matmul. Special-care rows are
     scored in order and, from the first hit on, the adjustment is raised by 0.01 for the image's remaining special
     rows and its stock/custom rows, exactly as ``StableDiffusionSafetyChecker.forward`` does; every margin is rounded
     to 3 decimals before it is compared with 0. Policy rows take the adjustment but not the special-care bump.
-    A category's score is the maximum margin over its rows.
+    ``detector`` (B, P) are the detectors' probabilities (``concepts.detector_columns``); a detector row's margin is
+    its probability - threshold + adjustment, rounded alike. A category's score is the maximum margin over its rows.
     """
     rows = concepts.embeds  # (N, D) L2-normalised
     cos = torch.nn.functional.normalize(embeds.float()) @ rows.T  # (B, N) cosines, one matmul
@@ -96,9 +105,15 @@ def score(embeds: torch.Tensor, concepts: ConceptSet, adjustment: float) -> Scor
     others = torch.ones_like(bumped)
     others[special_rows] = False
     margins[:, others] = torch.round(margins[:, others] + bump[:, None] * bumped[others], decimals=3)
-    mask = concepts.category_mask()  # (K, N)
+    if concepts.detector_rows:
+        if detector is None or detector.shape != (embeds.shape[0], len(concepts.detector_columns)):
+            raise ValueError(f"detector rows need (B, {len(concepts.detector_columns)}) probabilities")
+        thresholds = torch.tensor([r.threshold for r in concepts.detector_rows], dtype=torch.float32)  # (M,)
+        rows = detector.float()[:, concepts.detector_row_columns()] - thresholds + adjustment  # (B, M)
+        margins = torch.cat([margins, torch.round(rows, decimals=3)], dim=1)  # (B, N + M)
+    mask = concepts.category_mask()  # (K, N + M)
     categories = margins[:, None, :].masked_fill(~mask, float("-inf")).amax(dim=2) if len(mask) else margins[:, :0]
-    return Scores(concept=margins[:, nsfw_rows], special=margins[:, special_rows], categories=categories)
+    return Scores(margins[:, nsfw_rows], margins[:, special_rows], categories, detector if concepts.detectors else None)
 
 
 def verdicts(scores: Scores, concepts: ConceptSet) -> list[Verdict]:
@@ -112,6 +127,8 @@ def verdicts(scores: Scores, concepts: ConceptSet) -> list[Verdict]:
     category = np.round(scores.categories.double().numpy(), 3)
     hits, flagged = concept > 0, category > 0
     special_hit = (special > 0).any(axis=1)
+    columns = concepts.detector_columns
+    detector = np.round(scores.detector.double().numpy(), 4) if scores.detector is not None else None
     policy = bool(cats) or concepts.policy_digest != ""
     out = []
     for i in range(concept.shape[0]):
@@ -123,6 +140,7 @@ def verdicts(scores: Scores, concepts: ConceptSet) -> list[Verdict]:
                 nsfw=bool(bad),
                 concept_scores=concept[i].tolist(),
                 special_scores=special[i].tolist(),
+                detector_scores=_by_detector(columns, detector[i]) if detector is not None else {},
                 bad_concepts=bad,
                 bad_concept_names=[names[j] for j in bad],
                 special_care=bool(special_hit[i]),
@@ -131,6 +149,13 @@ def verdicts(scores: Scores, concepts: ConceptSet) -> list[Verdict]:
                 action=strongest(actions) if policy else None,
             )
         )
+    return out
+
+
+def _by_detector(columns: list[tuple[str, str]], row: np.ndarray) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for (name, output), value in zip(columns, row.tolist(), strict=True):
+        out.setdefault(name, {})[output] = value
     return out
 
 

@@ -1,0 +1,57 @@
+"""Images that the real open_nsfw model scores high, made here against its weights (torch autograd through the ONNX
+graph as a torch module), so that the tests that need a detector hit never ship or fetch such an image.
+
+A seeded 64×64 picture, upsampled to 256×256 (open_nsfw's resize is then the identity and its JPEG round trip keeps
+the low frequencies the optimisation uses), is pushed towards P(nsfw) = 1 for a few dozen Adam steps (~2 s on 2 cores).
+The result is an abstract pattern that fools the classifier (the score through the package's own pipeline is above
+0.95): a stand-in for an unsafe photograph, not one.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+
+
+@functools.cache
+def nsfw_array(seed: int = 0, steps: int = 30) -> np.ndarray:
+    """(256, 256, 3) uint8 RGB that open_nsfw scores above 0.95 (asserted, through the real preprocessing)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.detectors.open_nsfw import MEAN_BGR, OpenNSFW
+
+    detector = OpenNSFW()
+    net = detector.torch_module()
+    generator = torch.Generator().manual_seed(seed)
+    low = (torch.rand(1, 3, 64, 64, generator=generator) * 0.2 + 0.4).requires_grad_(True)  # RGB in [0, 1]
+    optimiser = torch.optim.Adam([low], lr=0.05)
+    mean_rgb = torch.tensor(MEAN_BGR[::-1].copy()).view(1, 3, 1, 1)
+
+    def picture() -> torch.Tensor:  # (1, 3, 256, 256) in [0, 255]
+        return F.interpolate(low.clamp(0, 1), size=(256, 256), mode="bilinear", align_corners=False) * 255
+
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(steps):
+            crop = picture()[:, :, 16:240, 16:240]  # open_nsfw's centre crop of its 256×256 resize
+            nhwc_bgr = (crop - mean_rgb).flip(1).permute(0, 2, 3, 1)
+            loss = -torch.log(net(nhwc_bgr)[0, 1] + 1e-6)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        array = picture()[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+    score = float(detector(detector.prepare([array]))[0, 0])
+    assert score > 0.95, f"the optimised image scores only {score:.3f} through open_nsfw's own preprocessing"
+    return array
+
+
+def nsfw_png(seed: int = 0) -> bytes:
+    """:func:`nsfw_array` as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(nsfw_array(seed)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -49,8 +49,8 @@ class SafetyCheckerDeployment:
             import_factory(self.args.factory)(self.args) if self.args.factory else self.args.spec().load()
         )
         info = self.checker.info()
-        # What a response names besides the fingerprint; fixed for the replica's life, so it rides on each result
-        # and the ingress needs no info() round trip per request.
+        # What a response names besides the fingerprint and the demo/real parts (those follow the policy: read per
+        # batch); fixed for the replica's life, so it rides on each result and the ingress needs no info() round trip.
         self.identity = {"model": info["model"], "demo_weights": info["demo_weights"]}
         self.runtime = CheckerRuntime()
         self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
@@ -112,6 +112,8 @@ class SafetyCheckerDeployment:
                 self.split["images"] += len(items)
                 self.split["views"] += sum(v.views for v in verdicts)
                 fingerprint = self.checker.fingerprint
+                # which parts are demo and which real follows the policy (its text concepts, its detectors)
+                parts = getattr(self.checker, "parts", {})
         except Exception as exc:  # noqa: BLE001 - the batch must not fail its callers with an exception
             log.exception("checker batch of %d failed", len(items))
             return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
@@ -120,7 +122,7 @@ class SafetyCheckerDeployment:
         for v in verdicts:
             for name in v.bad_concept_names + v.flagged_categories:
                 self.flagged.inc(tags={"concept": name})
-        checker = {**self.identity, "fingerprint": fingerprint}
+        checker = {**self.identity, "fingerprint": fingerprint, **parts}
         return [
             {"verdict": v, "batch_size": len(items), "fingerprint": fingerprint, "checker": checker} for v in verdicts
         ]

@@ -357,15 +357,22 @@ class Ingress:
         responses=error_responses(400, 401, 403, 503),
     )
     async def info(self) -> dict[str, Any]:
-        """Models, fingerprints, thresholds, batching and autoscaling settings, and whether demo weights are in use."""
+        """Models, fingerprints, thresholds, detectors, batching and autoscaling settings, and which parts run demo
+        weights (meaningless scores) and which real ones."""
+        from pipeline.moderate import weight_parts
+
         checker = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
         generator = await self._generator_info()
         demo = checker["demo_weights"] or bool(generator and generator["demo_weights"])
+        parts = weight_parts(generator, checker)
+        note = f"demo weights in {', '.join(parts['demo'])}: their scores are meaningless" if parts["demo"] else None
         return {
             "checker": checker,
             "generator": generator,
             "demo_weights": demo,
-            "note": "tiny demo weights: verdicts are meaningless" if demo else None,
+            **parts,
+            "detectors": checker.get("detectors", []),
+            "note": note,
             "policy": checker.get("policy"),
             "limits": self.limits.__dict__,
             "request_limits": {

@@ -93,6 +93,10 @@ class Moderation(BaseModel):
     nsfw: bool = Field(description="a stock concept's margin is > 0")
     concept_scores: list[float] = Field(description="margin per concept (cosine - threshold + adjustment); > 0 hits")
     special_scores: list[float] = Field(description="margin per special-care concept")
+    detector_scores: dict[str, dict[str, float]] = Field(
+        description='detector -> output -> probability in [0, 1] (4 decimals), e.g. `{"open_nsfw": {"nsfw": '
+        "0.93}}`; a policy's detector row turns one into a category margin (probability - threshold + adjustment)"
+    )
     bad_concepts: list[int] = Field(description="indices into concept_scores with a margin > 0")
     bad_concept_names: list[str]
     special_care: bool
@@ -109,6 +113,11 @@ class Moderation(BaseModel):
         description="the view that decided, e.g. `frame 12 @ 1.50 s`, `page 2`, `over white`, `tile 3/3`; null when "
         "the image itself is the only view"
     )
+    demo: list[str] = Field(
+        description="parts of this verdict scored with demo weights (tiny, random): their scores are meaningless, "
+        "e.g. `stock checker`, `text concepts`, a detector's name"
+    )
+    real: list[str] = Field(description="parts of this verdict scored with real, trained weights, e.g. `open_nsfw`")
     batch_size: int = Field(description="images in the checker batch that scored this one (across requests)")
 
 
@@ -129,7 +138,9 @@ class ModelsUsed(BaseModel):
     text_encoder: str | None
     checker: str
     checker_fingerprint: str = Field(description="the policy that scored these very images")
-    demo_weights: bool = Field(description="tiny demo weights: verdicts are meaningless")
+    demo_weights: bool = Field(description="tiny demo weights in the generator or the checker (see `demo`)")
+    demo: list[str] = Field(description="parts with demo weights (meaningless): the checker's, then `generator`")
+    real: list[str] = Field(description="parts with real, trained weights: the checker's, then `generator`")
 
 
 class GenerateResponse(BaseModel):
@@ -189,10 +200,30 @@ class Limits(BaseModel):
     size_multiple: int
 
 
+class DetectorInfo(BaseModel):
+    """A trained image classifier the checker's policy reads (``detector_scores`` in every verdict)."""
+
+    name: str = Field(description="the reference policies use: `open_nsfw`, a hub id, `ID@REVISION` or a directory")
+    source: str = Field(description="where the weights were read from")
+    revision: str | None = Field(description="the package version or hub revision of the weights, when known")
+    sha256: str = Field(description="sha256 of the weights (part of the checker's fingerprint)")
+    licence: str = Field(description="the weights' licence terms")
+    outputs: list[str] = Field(description="the probabilities it produces (the keys of `detector_scores[name]`)")
+    runtime: str = Field(description="what runs it: `onnxruntime` or `torch`")
+    device: str
+    demo: bool = Field(description="tiny demo weights: its scores are meaningless")
+
+
 class InfoResponse(BaseModel):
     checker: dict[str, Any] = Field(description="model, fingerprint, concepts and thresholds, policy, batching")
     generator: dict[str, Any] | None = Field(description="model and fingerprint; null for a moderation-only service")
-    demo_weights: bool
+    demo_weights: bool = Field(description="the generator or the checker runs tiny demo weights (see `demo`)")
+    demo: list[str] = Field(
+        description="parts of this service with demo weights, whose scores are meaningless: `stock checker`, "
+        "`text concepts`, a detector's name, `generator`"
+    )
+    real: list[str] = Field(description="parts with real, trained weights, e.g. `open_nsfw`")
+    detectors: list[DetectorInfo] = Field(description="the detectors the checker's policy reads")
     note: str | None
     policy: dict[str, Any] | None
     limits: Limits

@@ -70,6 +70,18 @@ def moderate(images: list[np.ndarray], verdicts: list[Verdict]) -> list[Moderate
     return out
 
 
+def weight_parts(generator_info: dict[str, Any] | None, checker_info: dict[str, Any]) -> dict[str, list[str]]:
+    """Which parts come from demo weights (meaningless scores) and which from real, trained ones: the checker's parts
+    (``SafetyChecker.parts``; ``stock checker`` by ``demo_weights`` for a checker that lists none), then ``generator``
+    when there is one."""
+    demo, real = list(checker_info.get("demo") or []), list(checker_info.get("real") or [])
+    if not demo and not real:
+        (demo if checker_info["demo_weights"] else real).append("stock checker")
+    if generator_info is not None:
+        (demo if generator_info["demo_weights"] else real).append("generator")
+    return {"demo": demo, "real": real}
+
+
 def model_info(generator_info: dict[str, Any], checker_info: dict[str, Any]) -> dict[str, Any]:
     return {
         "generator": generator_info["model"],
@@ -78,6 +90,7 @@ def model_info(generator_info: dict[str, Any], checker_info: dict[str, Any]) -> 
         "checker": checker_info["model"],
         "checker_fingerprint": checker_info["fingerprint"],
         "demo_weights": bool(generator_info["demo_weights"] or checker_info["demo_weights"]),
+        **weight_parts(generator_info, checker_info),
     }
 
 

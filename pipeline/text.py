@@ -85,13 +85,36 @@ def policy_or_fallback(policy: Policy, tower: TextTower, allowed: str | None) ->
     unchecked = [c.name for c in policy.categories if any(spec.text for spec in c.concepts)]
     log.warning(
         "WARNING: policy %r cannot be used: its text concepts need the CLIP text tower %r (%s). policy_fallback "
-        "is %r, so scoring with the stock policy: only the stock (sexual) concepts are checked; %s are NOT "
-        "checked.",
+        "is %r, so scoring with the stock policy and the policy's detector rows: only the stock (sexual) concepts "
+        "and the detectors are checked; the text concepts of %s are NOT checked.",
         policy.name,
         tower.source,
         reason,
         fallback,
         ", ".join(unchecked),
     )
-    stock = replace(load_policy("stock"), unscorable_action=policy.unscorable_action)
-    return stock, f"policy {policy.name!r} replaced by the stock policy: text tower unavailable ({reason})"
+    return stock_with_detectors(policy), (
+        f"policy {policy.name!r} replaced by the stock policy: text tower unavailable ({reason})"
+    )
+
+
+def stock_with_detectors(policy: Policy) -> Policy:
+    """The stock policy, with ``policy``'s ``unscorable_action`` and its detector rows (they need no text tower) in
+    their categories: what ``policy_fallback: stock`` scores with."""
+    stock = load_policy("stock")
+    categories = {c.name: c for c in stock.categories}
+    for category in policy.categories:
+        rows = tuple(spec for spec in category.concepts if spec.detector is not None)
+        if rows:
+            base = categories.get(category.name)
+            categories[category.name] = (
+                replace(base, concepts=base.concepts + rows) if base else replace(category, concepts=rows)
+            )
+    extra = any(spec.detector for c in policy.categories for spec in c.concepts)
+    return replace(
+        stock,
+        name="stock" + ("+detectors" if extra else ""),
+        categories=tuple(categories.values()),
+        unscorable_action=policy.unscorable_action,
+        base_dir=policy.base_dir,
+    )

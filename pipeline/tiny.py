@@ -27,6 +27,19 @@ TINY_BANNER = (
 )
 
 
+def demo_banner(parts: dict[str, list[str]]) -> str:
+    """The warning for a checker's ``parts`` (``{"demo": [...], "real": [...]}``): what is meaningless, what is real."""
+    if not parts["demo"]:
+        return ""
+    demo = ", ".join(parts["demo"])
+    if not parts["real"]:
+        return f"{TINY_BANNER} ({demo})"
+    return (
+        f"tiny demo weights in use for {demo}: those scores are MEANINGLESS (tests and demos only); "
+        f"real, trained weights: {', '.join(parts['real'])} (those scores are real)"
+    )
+
+
 _TINY_BUILDERS: dict[str, Callable[[Path], None]] = {}
 
 

@@ -63,7 +63,7 @@ async function loadInfo() {
     const info = await call("v1/info");
     showMessage("");
     showKeyForm(Boolean(info.auth && info.auth.required));
-    $("demo-warning").hidden = !info.demo_weights;
+    showWeights(info);
     const limits = info.limits || {};
     setBounds("num_images", 1, limits.max_images);
     setBounds("steps", limits.min_steps, limits.max_steps);
@@ -81,6 +81,18 @@ async function loadInfo() {
   } catch (err) {
     showMessage(err.message);
   }
+}
+
+// The banner names the parts whose weights are demo (tiny, random: their scores are meaningless) and those that are
+// real, so a real detector's verdict is not dismissed along with the demo checker's.
+function showWeights(info) {
+  const demo = Array.isArray(info.demo) ? info.demo.map(String) : [];
+  const real = Array.isArray(info.real) ? info.real.map(String) : [];
+  $("demo-warning").hidden = !(demo.length || info.demo_weights);
+  $("demo-note").textContent = demo.length
+    ? `${demo.join(", ")} — their scores are meaningless.`
+    : "this service runs tiny demo models, so its verdicts are meaningless.";
+  $("real-note").textContent = real.length ? ` Real: ${real.join(", ")}.` : "";
 }
 
 function setBounds(id, min, max) {
@@ -101,6 +113,24 @@ function scoreRows(title, entries) {
       el("span", { class: "value", text: v.toFixed(3) }));
   }
   return grid;
+}
+
+// Detector probabilities in [0, 1], a bar from the left (a policy row's threshold turns one into a category margin).
+function probabilityRows(verdict) {
+  const demo = new Set(verdict.demo || []);
+  const grid = el("div", { class: "scores probability", role: "list", "aria-label": "detector scores" });
+  for (const [detector, outputs] of Object.entries(verdict.detector_scores || {})) {
+    for (const [output, value] of Object.entries(outputs || {})) {
+      const p = Number(value);
+      const name = `${detector}: ${output}${demo.has(detector) ? " (demo)" : ""}`;
+      const bar = el("div", { class: "bar" });
+      bar.style.width = `${Math.min(Math.max(p, 0), 1) * 100}%`;
+      const track = el("div", { class: "track", role: "img", "aria-label": `${name}: probability ${p.toFixed(3)}` }, bar);
+      grid.append(el("span", { class: "name", text: name, role: "listitem" }), track,
+        el("span", { class: "value", text: p.toFixed(3) }));
+    }
+  }
+  return grid.childElementCount ? el("div", { class: "detectors" }, el("p", { class: "caption", text: "detector probabilities" }), grid) : null;
 }
 
 function card({ title, action, verdict, pixels, error }) {
@@ -130,6 +160,8 @@ function card({ title, action, verdict, pixels, error }) {
     }
     const categories = Object.entries(verdict.categories || {});
     if (categories.length) node.append(scoreRows("category scores", categories));
+    const detectors = probabilityRows(verdict);
+    if (detectors) node.append(detectors);
     const concepts = (verdict.concept_scores || []).map((v, i) => [conceptNames.concept[i] || `concept ${i}`, v]);
     const special = (verdict.special_scores || []).map((v, i) => [conceptNames.special[i] || `special ${i}`, v]);
     if (concepts.length || special.length) {

@@ -80,13 +80,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         chunk = inputs[start : start + CHUNK]
         for path, verdict in zip(chunk, checker.check(chunk), strict=True):
             tally.add(verdict)
-            row = {"path": str(path), **verdict.to_dict(), "fingerprint": checker.fingerprint, "demo": checker.demo}
+            row = {"path": str(path), **verdict.to_dict(), "fingerprint": checker.fingerprint}
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
                 print(table_row(row, hits_width), flush=True)
     if not args.json:
-        tag = " (tiny demo weights: meaningless)" if checker.demo else ""
+        parts = checker.parts
+        tag = f" (tiny demo weights, meaningless: {', '.join(parts['demo'])}" if parts["demo"] else ""
+        tag += f"; real: {', '.join(parts['real'])})" if tag and parts["real"] else (")" if tag else "")
         print(f"\n{tally.summary(checker.concepts.unscorable_action)}\nfingerprint {checker.fingerprint}{tag}")
     if tally.unscorable:
         return EXIT_UNREADABLE

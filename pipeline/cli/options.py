@@ -15,7 +15,7 @@ from ..images import (
     DEFAULT_MAX_VIEWS,
     DEFAULT_VIDEO_FPS,
 )
-from ..tiny import TINY, TINY_BANNER
+from ..tiny import TINY, demo_banner
 
 if TYPE_CHECKING:
     from ..checker import SafetyChecker
@@ -125,6 +125,6 @@ def checker_spec(args: argparse.Namespace, model: str | None = None) -> CheckerS
 
 def load_checker(args: argparse.Namespace) -> SafetyChecker:
     checker = checker_spec(args).load()
-    if checker.demo:
-        log.warning("WARNING: %s", TINY_BANNER)
+    if banner := demo_banner(checker.parts):
+        log.warning("WARNING: %s", banner)
     return checker

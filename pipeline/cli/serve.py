@@ -30,8 +30,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.run import check_auth, deploy, load_config, stop_serve, url, wait_healthy
 
-    from ..tiny import TINY_BANNER
-
     schema = load_config(args.config, args.host, args.port)  # bad config -> exit 2 before Ray starts
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
@@ -54,7 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tiny = any("tiny" in str(app.args) for app in schema.applications)
         print(f"diffguard is serving on {base}  (API docs: {base}/docs, health: {base}/healthz)", flush=True)
         if tiny:
-            log.warning("WARNING: %s", TINY_BANNER)
+            log.warning(
+                "WARNING: tiny demo weights in use for the generator, the stock checker and text concepts: those "
+                "scores are MEANINGLESS (tests and demos only). Detectors with real weights (open_nsfw, in the "
+                "default policy) give real scores; GET /v1/info and every result list which parts are demo and real"
+            )
         print(
             f"try: curl -s -X POST {base}/v1/generate -H 'Content-Type: application/json' "
             f'-d \'{{"prompt": "a red bicycle", "seed": 1, "steps": 4}}\'',

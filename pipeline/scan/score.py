@@ -2,12 +2,15 @@
 them as Ray Data stages). The same core as ``check`` and the Serve replicas: :meth:`SafetyChecker.views` rules
 (:func:`pipeline.views.load_views`), the checker's preprocessing, and :meth:`SafetyChecker.score_pixels`.
 
-decode: bytes -> views -> preprocessed pixels, one row per object (its views' pixels as one float32 blob, their labels)
-score: rows of many objects -> their views in shared vision passes -> one result row per object.
+decode: bytes -> views -> preprocessed pixels, one row per object (its views' pixels as one float32 blob, their labels,
+and each detector's prepared inputs as another blob)
+score: rows of many objects -> their views in shared vision passes and one forward per detector -> one result row per
+object.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,11 +32,16 @@ VIEW_COLUMNS = [
     ("views_total", pa.int32()),
     ("views_sampled", pa.bool_()),
     ("pixels", pa.large_binary()),  # float32 (views, 3, crop_h, crop_w), C order; empty when nothing is scored
+    ("detector_inputs", pa.list_(pa.large_binary())),  # per detector in force: float32 (views, *its input shape)
 ]
+Transforms = dict[str, tuple[Callable[[list[np.ndarray]], np.ndarray], tuple[int, ...]]]  # DetectorSet.transforms
 
 
-def decode_stage(batch: pa.Table, preprocess: Preprocess, limits: DecodeLimits) -> pa.Table:
-    """Read rows -> the same rows with their views preprocessed; what cannot be decoded is that row's error."""
+def decode_stage(
+    batch: pa.Table, preprocess: Preprocess, limits: DecodeLimits, detectors: Transforms | None = None
+) -> pa.Table:
+    """Read rows -> the same rows with their views preprocessed, for the checker and for each detector in force
+    (``detectors``: :meth:`DetectorSet.transforms`); what cannot be decoded is that row's error."""
     errors, kinds = batch["error"].to_pylist(), batch["error_kind"].to_pylist()
     readable = [i for i in range(batch.num_rows) if errors[i] is None and kinds[i] is None]
     bodies = batch["data"].to_pylist()
@@ -44,13 +52,16 @@ def decode_stage(batch: pa.Table, preprocess: Preprocess, limits: DecodeLimits) 
         "views_total": [0] * batch.num_rows,
         "views_sampled": [False] * batch.num_rows,
         "pixels": [b""] * batch.num_rows,
+        "detector_inputs": [[] for _ in range(batch.num_rows)],
     }
     for i, obj in zip(readable, objects, strict=True):
         if isinstance(obj, Exception):
             errors[i], kinds[i] = str(obj), "decode"
             continue
         try:
-            pixels = preprocess([v.array for v in obj.views]).numpy()  # (V, 3, H, W) float32
+            arrays = [v.array for v in obj.views]
+            pixels = preprocess(arrays).numpy()  # (V, 3, H, W) float32
+            inputs = [transform(arrays).tobytes() for transform, _ in (detectors or {}).values()]
         except Exception as exc:  # noqa: BLE001 - this object's error, never the batch's
             errors[i], kinds[i] = f"cannot preprocess image: {exc}", "decode"
             continue
@@ -61,6 +72,7 @@ def decode_stage(batch: pa.Table, preprocess: Preprocess, limits: DecodeLimits) 
         )
         columns["view_labels"][i] = [v.label for v in obj.views]
         columns["pixels"][i] = pixels.tobytes()
+        columns["detector_inputs"][i] = inputs
     table = batch.drop_columns(["data", "error", "error_kind", "whole"])
     table = table.append_column("error", pa.array(errors, pa.string()))
     table = table.append_column("error_kind", pa.array(kinds, pa.string()))
@@ -89,8 +101,8 @@ class Scorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        meta = batch.drop_columns(["pixels"]).to_pylist()
-        blobs = batch["pixels"].to_pylist()
+        meta = batch.drop_columns(["pixels", "detector_inputs"]).to_pylist()
+        blobs, inputs = batch["pixels"].to_pylist(), batch["detector_inputs"].to_pylist()
         verdicts: list[Verdict | None] = [None] * len(meta)
         scored = []
         for i, m in enumerate(meta):
@@ -104,7 +116,13 @@ class Scorer:
             ch, cw = self.checker.preprocess.crop
             pixels = np.concatenate([np.frombuffer(blobs[i], np.float32).reshape(-1, 3, ch, cw) for i in scored])
             labels = [meta[i]["view_labels"] for i in scored]
-            for i, verdict in zip(scored, self.checker.score_pixels(torch.from_numpy(pixels), labels), strict=True):
+            shapes = [(ref, self.checker.detectors.get(ref).input_shape) for ref in self.checker.concepts.detectors]
+            prepared = {  # each detector's inputs for every scored view, in the pixels' order
+                ref: np.concatenate([np.frombuffer(inputs[i][k], np.float32).reshape(-1, *shape) for i in scored])
+                for k, (ref, shape) in enumerate(shapes)
+            }
+            results = self.checker.score_pixels(torch.from_numpy(pixels), labels, prepared)
+            for i, verdict in zip(scored, results, strict=True):
                 verdict.views_total, verdict.views_sampled = meta[i]["views_total"], meta[i]["views_sampled"]
                 verdict.truncated = bool(meta[i]["truncated"])
                 verdicts[i] = verdict

@@ -95,6 +95,10 @@ ROW_SCHEMA = pa.schema(
         ("views_total", pa.int32()),  # views the object has (more than `views` when sampled)
         ("views_sampled", pa.bool_()),  # over --max-views: frames sampled evenly over display time
         ("view", pa.string()),  # the view that decided: "frame 12 @ 1.50 s", "page 2", "over white", "tile 3/3"
+        # detector -> output -> probability (the policy's detectors: pipeline.detectors); older rows: null
+        ("detector_scores", pa.map_(pa.string(), pa.map_(pa.string(), pa.float64()))),
+        ("demo", pa.list_(pa.string())),  # parts of the verdict from demo weights (meaningless): "stock checker", ...
+        ("real", pa.list_(pa.string())),  # parts of the verdict from real, trained weights: "open_nsfw", ...
     ]
 )
 

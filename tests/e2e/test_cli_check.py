@@ -135,3 +135,23 @@ def test_object_byte_limit(tmp_path):
     row = json.loads(out.stdout)
     assert out.returncode == 3 and row["action"] == "block" and "over the limit of 10,000 bytes" in row["error"]
     assert run("check", "--json", str(tmp_path / "big.png")).returncode == 0
+
+
+def test_check_blocks_what_open_nsfw_detects_and_says_which_scores_are_real(tmp_path):
+    """The default policy's open_nsfw row (real weights, offline) blocks an image it scores high; the JSON rows carry
+    its scores and which parts of the verdict are demo and which real, and the banner says so."""
+    import skimage.data
+
+    from tests.detected import nsfw_png
+
+    (tmp_path / "detected.png").write_bytes(nsfw_png())
+    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.jpg", format="JPEG")
+    out = run("check", "--json", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    rows = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line) for line in out.stdout.splitlines()}
+    detected, photo = rows["detected.png"], rows["astronaut.jpg"]
+    score = detected["detector_scores"]["open_nsfw"]["nsfw"]
+    assert score > 0.95 and detected["action"] == "block" and detected["categories"]["sexual"] >= round(score - 0.8, 3)
+    assert photo["detector_scores"]["open_nsfw"]["nsfw"] < 0.2
+    assert all(r["real"] == ["open_nsfw"] and r["demo"] == ["stock checker", "text concepts"] for r in rows.values())
+    assert "real, trained weights: open_nsfw" in out.stderr and "MEANINGLESS" in out.stderr

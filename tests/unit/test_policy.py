@@ -10,6 +10,7 @@ import pytest
 from pipeline import InvalidInput, ModelSourceError, SafetyChecker
 from pipeline.evaluate import calibrate, load_labelled, metrics
 from pipeline.policy import load_policy, parse_policy
+from pipeline.text import stock_with_detectors
 from tests.conftest import varied_images
 from tests.labelled import write_labelled, write_policy
 
@@ -85,7 +86,10 @@ def test_policy_fallback_stock_falls_back_loudly(caplog):
     assert [name for name, _, _ in checker.concepts.categories] == ["sexual", "special_care"]
     info = checker.info()["policy_fallback"]
     assert info["allowed"] == "stock" and "'diffguard-default' replaced by the stock policy" in info["active"]
-    assert checker.fingerprint == _load("stock").fingerprint, "the fingerprint names the policy actually scored"
+    scored = stock_with_detectors(load_policy("default"))  # the stock concepts, and open_nsfw: it needs no tower
+    assert [str(s.detector) for s in scored.categories[0].concepts] == ["None", "open_nsfw"]
+    assert checker.fingerprint == _load(scored).fingerprint, "the fingerprint names the policy actually scored"
+    assert checker.concepts.detectors == {"open_nsfw": ["nsfw"]}
     checker.configure(policy="stock")  # the fallback is over once a policy that loads replaces it
     assert checker.info()["policy_fallback"]["active"] is None
     # the same, asked for by the policy file itself

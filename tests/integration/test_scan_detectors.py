@@ -1,0 +1,76 @@
+"""The scan scores the policy's detectors with the same core: real open_nsfw weights decide a quarantine, the rows
+carry detector_scores and which parts of the verdict are demo or real, and scan-results prints them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.policy import DEFAULT_POLICY_FILE
+from tests.detected import nsfw_png
+from tests.integration.scan_support import png, rows_by_key, scan, summary
+
+
+def _photo(name: str, fmt: str) -> bytes:
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def default_detector_policy(path) -> str:
+    """The built-in default policy's own open_nsfw row, alone in `sexual` (the tiny stock checker only flags)."""
+    default = yaml.safe_load(DEFAULT_POLICY_FILE.read_text())
+    row = next(r for r in default["categories"]["sexual"]["concepts"] if "detector" in r)
+    policy = {"version": 1, "name": "open_nsfw-only", "nsfw_action": "flag", "categories": {}}
+    policy["categories"]["sexual"] = {"action": "block", "concepts": [row]}
+    path.write_text(yaml.safe_dump(policy))
+    return str(path)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_default_policys_open_nsfw_row_quarantines_what_it_detects(tmp_path, capsys):
+    src, held, dest = tmp_path / "src", tmp_path / "held", str(tmp_path / "dest")
+    src.mkdir()
+    objects = {
+        "detected.png": nsfw_png(),
+        "astronaut.jpg": _photo("astronaut", "JPEG"),
+        "coffee.png": _photo("coffee", "PNG"),
+        "small.png": png(5),
+    }
+    for key, data in objects.items():
+        (src / key).write_bytes(data)
+    policy = default_detector_policy(tmp_path / "policy.yaml")
+
+    rc, out = scan(capsys, str(src), "--output", dest, "--policy", policy, "--quarantine", str(held), "--apply")
+    assert rc == 0 and out == summary(4, 0, 0, 1, 0, dest)
+    rows = rows_by_key(dest)
+    detected = rows["detected.png"]
+    score = dict(detected["detector_scores"])["open_nsfw"]
+    assert dict(score)["nsfw"] > 0.95
+    assert dict(detected["categories"])["sexual"] == pytest.approx(round(dict(score)["nsfw"] - 0.8, 3), abs=1e-3)
+    assert (detected["action"], detected["flagged"], detected["quarantined_to"]) == (
+        "block",
+        True,
+        str(held / "detected.png"),
+    )
+    assert (held / "detected.png").read_bytes() == objects["detected.png"]
+    for key in ("astronaut.jpg", "coffee.png"):  # real photographs: open_nsfw scores them low, nothing is moved
+        assert dict(dict(rows[key]["detector_scores"])["open_nsfw"])["nsfw"] < 0.2, key
+        assert rows[key]["quarantined_to"] is None and (src / key).exists()
+    assert all(r["real"] == ["open_nsfw"] and r["demo"] == ["stock checker"] for r in rows.values())
+
+    capsys.readouterr()
+    from pipeline.cli import main
+
+    assert main(["scan-results", dest, "--flagged"]) == 0
+    (printed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed["key"] == "detected.png" and printed["detector_scores"]["open_nsfw"]["nsfw"] > 0.95
+
+    rc, out = scan(capsys, str(src), "--output", dest)  # the default policy itself: a new fingerprint, rescored
+    assert rc == 0 and out["scanned"] == 3

@@ -251,6 +251,25 @@ def _tiny_sd_pipeline(directory: Path, *, sd2: bool = False) -> None:
     pipe.save_pretrained(directory)
 
 
+@tiny_builder("classifier")
+def _tiny_classifier(directory: Path) -> None:
+    """A seeded random ViT image classifier with labels ``normal`` and ``nsfw``, and its processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        id2label={0: "normal", 1: "nsfw"},
+        label2id={"normal": 0, "nsfw": 1},
+    )
+    ViTForImageClassification(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
 @tiny_builder("sd")
 def _build_tiny_sd(directory: Path) -> None:
     _tiny_sd_pipeline(directory)

@@ -19,7 +19,6 @@ import torch
 from .. import models
 from ..devices import weights_digest
 from ..errors import ModelSourceError
-from ..tiny import tiny_builder
 
 _LICENCE = re.compile(r"^license:\s*(\S+)", re.MULTILINE)
 
@@ -100,22 +99,3 @@ def _licence(source: models.Source) -> str:
     if card is not None and card.is_file() and (found := _LICENCE.search(card.read_text(errors="replace"))):
         return found.group(1)
     return "tiny demo weights (no licence terms)" if source.demo else "not stated here: see the model card"
-
-
-@tiny_builder("classifier")
-def _tiny_classifier(directory: Path) -> None:
-    """A seeded random ViT image classifier with labels ``normal`` and ``nsfw``, and its processor."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        id2label={0: "normal", 1: "nsfw"},
-        label2id={"normal": 0, "nsfw": 1},
-    )
-    ViTForImageClassification(config).save_pretrained(directory)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)

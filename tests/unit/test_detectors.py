@@ -204,7 +204,6 @@ def test_a_hugging_face_classifier_loads_from_a_directory_and_scores_like_transf
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    import pipeline.detectors.hf  # noqa: F401 - registers the tiny classifier
     from pipeline.tiny import tiny_path
 
     directory = tmp_path / "classifier"

@@ -39,6 +39,12 @@ def test_serve_starts_answers_and_stops(tmp_path):
         r = httpx.post(f"{base}/v1/generate", json={"prompt": "a red bicycle", "seed": 1, "steps": 2}, timeout=120)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         assert "MEANINGLESS" in (tmp_path / "serve.log").read_text()
+        # a real photograph gets a real score offline: open_nsfw's trained weights, marked real in the response
+        r = httpx.post(f"{base}/v1/moderate", content=_photo(), headers={"Content-Type": "image/jpeg"}, timeout=120)
+        assert r.status_code == 200, r.text
+        (result,) = r.json()["results"]
+        assert result["detector_scores"]["open_nsfw"]["nsfw"] < 0.2 and "open_nsfw" in result["real"]
+        assert "stock checker" in result["demo"]
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=120)
@@ -51,6 +57,18 @@ def test_serve_starts_answers_and_stops(tmp_path):
     real = ("tiny demo weights in use", "replicas that have taken more than")
     alarms = [line for line in output.splitlines() if ALARM.search(line) and not any(r in line for r in real)]
     assert alarms == [], "\n".join(alarms)
+
+
+def _photo() -> bytes:
+    """A real photograph (scikit-image's astronaut, in its wheel) as JPEG bytes."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize(

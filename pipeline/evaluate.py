@@ -2,7 +2,8 @@
 
 A labelled folder holds one sub-folder per label: ``safe/`` (negatives) and one per category (``violence/``,
 ``sexual/``, ...; ``self_harm`` matches ``self-harm``). Every view of every object (frames, pages, backgrounds, tiles:
-:mod:`pipeline.views`) is embedded once; thresholds are then explored on the cached embeddings with the checker's own
+:mod:`pipeline.views`) is embedded once, and scored once by the policy's detectors in the same batches; thresholds of
+concept and detector rows alike are then explored on the cached embeddings and probabilities with the checker's own
 scoring function, an object scoring the maximum over its views, so the numbers are those the service would produce.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .checker import SafetyChecker
-from .concepts import reference_picks
+from .concepts import Concept, ConceptSet, DetectorRow, reference_picks
 from .errors import InvalidInput
 from .images import IMAGE_SUFFIXES
 from .policy import ConceptSpec, Policy
@@ -28,7 +29,7 @@ from .views import Viewed
 
 log = logging.getLogger(__name__)
 SAFE = "safe"
-ROUNDING = 0.0005  # margins are rounded to 3 decimals: a hit needs cosine - threshold >= 0.0005
+ROUNDING = 0.0005  # margins are rounded to 3 decimals: a hit needs value - threshold + adjustment >= 0.0005
 
 
 def canonical(label: str) -> str:
@@ -42,6 +43,8 @@ class LabelledSet:
     embeds: torch.Tensor  # (V, D) float32: every view of every object
     skipped: list[dict[str, str]]  # undecodable files, with the reason
     owners: torch.Tensor | None = None  # (V,) the object of each view; None: one view per object
+    detector: torch.Tensor | None = None  # (V, P) float32 probabilities of every view; None: no detectors in force
+    detector_columns: list[tuple[str, str]] = field(default_factory=list)  # (detector, output) of each column
 
     def per_object(self, per_view: torch.Tensor) -> torch.Tensor:
         """(V, k) per view -> (N, k) per object: the maximum over its views (what decides an object)."""
@@ -50,10 +53,33 @@ class LabelledSet:
         out = torch.full((len(self.labels), per_view.shape[1]), float("-inf"), dtype=per_view.dtype)
         return out.scatter_reduce(0, self.owners[:, None].expand(-1, per_view.shape[1]), per_view, "amax")
 
+    def probabilities(self, concepts: ConceptSet) -> torch.Tensor | None:
+        """(V, P) the cached probabilities in ``concepts.detector_columns`` order; None when no detector is in force."""
+        if not concepts.detectors:
+            return None
+        have = {key: j for j, key in enumerate(self.detector_columns)}
+        missing = [key for key in concepts.detector_columns if key not in have]
+        if self.detector is None or missing:
+            raise InvalidInput(
+                f"the policy's detector rows read {missing or concepts.detector_columns}, but these labelled images "
+                f"were scored by {self.detector_columns or 'no detector'}: load them with the checker of this policy"
+            )
+        return self.detector[:, [have[key] for key in concepts.detector_columns]]
+
+    def values(self, concepts: ConceptSet) -> np.ndarray:
+        """(N, rows + M) float32 per object, the maximum over its views: each concept row's cosine, then each detector
+        row's probability (the order of ``concepts.category_mask()``), what each row's threshold is compared with."""
+        per_view = torch.nn.functional.normalize(self.embeds) @ concepts.embeds.T  # (V, rows) cosines
+        probs = self.probabilities(concepts)
+        if concepts.detector_rows and probs is not None:
+            per_view = torch.cat([per_view, probs.float()[:, concepts.detector_row_columns()]], dim=1)  # (V, rows + M)
+        return self.per_object(per_view).numpy()
+
     def scores(self, checker: SafetyChecker) -> Scores:
-        """The checker's scores of every object, each the maximum over its views."""
-        per_view = checker.score_embeddings(self.embeds)
-        return Scores(*(self.per_object(t) for t in (per_view.concept, per_view.special, per_view.categories)))
+        """The checker's scores of every object, each the maximum over its views (as the service combines them)."""
+        per_view = checker.score_embeddings(self.embeds, self.probabilities(checker.concepts))
+        owners = self.owners if self.owners is not None else torch.arange(len(self.labels))
+        return per_view.per_object(owners, len(self.labels), torch.zeros(len(owners)))[0]
 
     def mask(self, label: str) -> np.ndarray:
         return np.array([lab == label for lab in self.labels])
@@ -81,17 +107,33 @@ def load_labelled(root: str | Path, checker: SafetyChecker) -> LabelledSet:
             objects.append(viewed)
     if not objects:
         raise InvalidInput(f"no readable images under {root}")
-    embeds, owners = embed_views(checker, objects)
-    return LabelledSet(paths, labels, embeds, skipped, owners)
+    return labelled_set(checker, paths, labels, objects, skipped)
 
 
-def embed_views(checker: SafetyChecker, objects: list[Viewed]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Objects' views -> ((V, D) embeddings, (V,) the object of each), embedded a batch at a time."""
+def labelled_set(
+    checker: SafetyChecker, paths: list[Any], labels: list[str], objects: list[Viewed], skipped: list[dict[str, str]]
+) -> LabelledSet:
+    """Labelled objects' views -> a :class:`LabelledSet` with their embeddings and detector probabilities cached."""
+    embeds, owners, detector = view_features(checker, objects)
+    return LabelledSet(paths, labels, embeds, skipped, owners, detector, checker.concepts.detector_columns)
+
+
+def view_features(
+    checker: SafetyChecker, objects: list[Viewed]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Objects' views -> ((V, D) embeddings, (V,) the object of each, (V, P) the probabilities of the detectors in
+    force, or None without them), a batch at a time: each batch embedded and scored by every detector, as the
+    checker does."""
     arrays = [v.array for obj in objects for v in obj.views]
     owners = torch.repeat_interleave(torch.arange(len(objects)), torch.tensor([len(o.views) for o in objects]))
-    step = checker.max_batch_size
-    embeds = [checker.embed_pixels(checker.preprocess(arrays[i : i + step])) for i in range(0, len(arrays), step)]
-    return torch.cat(embeds), owners
+    detect = bool(checker.concepts.detectors)
+    embeds, probs = [], []
+    for start in range(0, len(arrays), checker.max_batch_size):
+        chunk = arrays[start : start + checker.max_batch_size]
+        embeds.append(checker.embed_pixels(checker.preprocess(chunk)))
+        if detect:  # one forward per detector per batch
+            probs.append(checker.detectors.score(checker.concepts, checker.detectors.prepare(checker.concepts, chunk)))
+    return torch.cat(embeds), owners, torch.cat(probs) if detect else None
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -139,6 +181,7 @@ def metrics(checker: SafetyChecker, data: LabelledSet) -> dict[str, Any]:
         "policy": checker.info()["policy"],
         "fingerprint": checker.fingerprint,
         "demo_weights": checker.demo,
+        **checker.parts,  # which rows' weights are demo (meaningless scores) and which real
         "images": data.counts(),
         "skipped": data.skipped,
         "unmatched_labels": sorted(set(data.labels) - set(categories) - {SAFE}),
@@ -174,7 +217,7 @@ def plot(checker: SafetyChecker, data: LabelledSet, directory: str | Path) -> li
         ax.axvline(0.0, color="black", linestyle="--", label="threshold (margin 0)")
         demo = " — tiny demo weights: meaningless" if checker.demo else ""
         ax.set_title(f"{cat} ({action}){demo}", fontsize=9)
-        ax.set_xlabel("category score: highest concept margin (cosine − threshold)")
+        ax.set_xlabel("category score: highest row margin (cosine or probability − threshold)")
         ax.set_ylabel("images")
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -186,47 +229,77 @@ def plot(checker: SafetyChecker, data: LabelledSet, directory: str | Path) -> li
 
 
 def calibrate(checker: SafetyChecker, data: LabelledSet, policy: Policy, target_fpr: float) -> Policy:
-    """Per-concept thresholds meeting ``target_fpr`` on safe images per category, greedily maximising recall.
+    """Per-row thresholds (concept rows: cosines; detector rows: probabilities) meeting ``target_fpr`` on safe images
+    per category, greedily maximising recall.
 
-    Concepts are taken best-first (by how well each alone separates the category from safe images); each gets the
-    lowest threshold that keeps the category's false positives within budget given the ones before it. The result is
-    verified with the checker's own scoring and tightened if needed. Categories without labelled images keep theirs.
+    A category's rows are taken best-first (by the recall each alone reaches within the budget, then by how far apart
+    its values on the category's images and on safe images lie); each gets the lowest threshold that keeps the
+    category's false positives within budget given the ones before it. The result is verified with the checker's own
+    scoring and tightened if needed. Categories without labelled images keep theirs.
     """
     if not 0 <= target_fpr < 1:
         raise InvalidInput(f"--target-fpr must be in [0, 1), got {target_fpr}")
     safe = data.mask(SAFE)
     budget = int(np.floor(target_fpr * safe.sum()))
-    concepts = checker.concepts
-    cos = data.per_object(torch.nn.functional.normalize(data.embeds) @ concepts.embeds.T).numpy()  # (N, rows)
-    row = {c.name: i for i, c in enumerate(concepts.concepts)}
+    concepts, adjustment = checker.concepts, checker.adjustment
+    values = data.values(concepts)  # (N, rows + M): cosines, then probabilities
+    rows: list[Concept | DetectorRow] = [*concepts.concepts, *concepts.detector_rows]
+    row = {r.name: i for i, r in enumerate(rows)}
+    lowest = np.array([0.0 if isinstance(r, DetectorRow) else -1.0 for r in rows])  # (rows + M,) a threshold's range
     thresholds: dict[str, float] = {}
-    for name, _, rows in concepts.categories:
+    for name, _, names in concepts.categories:
         positive = data.mask(name)
         if not positive.any():
             log.info("category %s: no labelled images, thresholds kept", name)
             continue
-        idx = [row[r] for r in rows]
-        order = sorted(idx, key=lambda j: -(cos[positive, j].mean() - cos[safe, j].mean()))
+        idx = np.array([row[r] for r in names])
+        alone = _lowest_thresholds(values[safe][:, idx], budget, lowest[idx], adjustment)  # (R,)
+        recall = (values[positive][:, idx] - alone + adjustment >= ROUNDING).mean(axis=0)
+        apart = values[positive][:, idx].mean(axis=0) - (values[safe][:, idx].mean(axis=0) if safe.any() else 0.0)
         covered = np.zeros(len(data.labels), dtype=bool)
-        for j in order:
-            free = np.sort(cos[safe & ~covered, j])[::-1]  # safe images not yet flagged, highest first
+        for k in sorted(range(len(idx)), key=lambda r: (-recall[r], -apart[r])):  # best first
+            j = idx[k]
             allowed = budget - int((covered & safe).sum())
-            t = (free[allowed] if allowed < len(free) else free[-1] - 1.0) + ROUNDING + 1e-6 - checker.adjustment
-            thresholds[concepts.concepts[j].name] = float(min(max(t, -1.0), 1.0))
-            covered |= cos[:, j] - t + checker.adjustment >= ROUNDING
+            t = float(_lowest_thresholds(values[safe & ~covered][:, [j]], allowed, lowest[[j]], adjustment)[0])
+            thresholds[rows[j].name] = t
+            covered |= values[:, j] - t + adjustment >= ROUNDING
     original = checker.concepts
     checker.concepts = trial_concepts = copy.deepcopy(original)
     try:
         for name, t in thresholds.items():
-            trial_concepts.set_threshold(name, t)
+            _set_threshold(trial_concepts, name, t)
         _tighten(checker, data, target_fpr, thresholds)
         return _with_thresholds(policy, checker, data, target_fpr)
     finally:
         checker.concepts = original
 
 
+def _lowest_thresholds(safe: np.ndarray, allowed: int, lowest: np.ndarray, adjustment: float) -> np.ndarray:
+    """(S, R) safe images' values of R rows -> (R,) each row's lowest threshold (at 4 decimals, as a policy is
+    written) that flags at most ``allowed`` of them on its own; ``lowest`` (R,) is the bottom of each row's range."""
+    if allowed >= len(safe):
+        return lowest
+    kept_out = -np.sort(-safe, axis=0)[allowed]  # (R,) the highest value that must not be a hit
+    t = np.ceil((kept_out.astype(np.float64) + ROUNDING + 1e-6 - adjustment) * 1e4) / 1e4
+    return np.clip(t, lowest, 1.0)
+
+
+def _threshold(concepts: ConceptSet, name: str) -> float:
+    return next(r.threshold for r in [*concepts.concepts, *concepts.detector_rows] if r.name == name)
+
+
+def _set_threshold(concepts: ConceptSet, name: str, value: float) -> None:
+    """A concept row's threshold (a cosine) or a detector row's (a probability) by the row's name."""
+    for k, r in enumerate(concepts.detector_rows):
+        if r.name == name:
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInput(f"threshold for detector row {name!r} must be a probability in [0, 1], got {value}")
+            concepts.detector_rows[k] = replace(r, threshold=float(value))
+            return
+    concepts.set_threshold(name, value)
+
+
 def _tighten(trial: SafetyChecker, data: LabelledSet, target_fpr: float, thresholds: dict[str, float]) -> None:
-    row = {c.name: i for i, c in enumerate(trial.concepts.concepts)}
     labelled = {c for c, _, _ in trial.concepts.categories if data.mask(c).any()}
     for _ in range(200):  # verify with the real scoring (special-care bump, rounding) and tighten where needed
         m = metrics(trial, data)["categories"]
@@ -235,14 +308,16 @@ def _tighten(trial: SafetyChecker, data: LabelledSet, target_fpr: float, thresho
             return
         for n in over:
             for r in next(rows for c, _, rows in trial.concepts.categories if c == n):
-                thresholds[r] = min(trial.concepts.concepts[row[r]].threshold + 0.001, 1.0)
-                trial.concepts.set_threshold(r, thresholds[r])
+                thresholds[r] = round(min(_threshold(trial.concepts, r) + 0.001, 1.0), 4)
+                _set_threshold(trial.concepts, r, thresholds[r])
 
 
 def _with_thresholds(policy: Policy, checker: SafetyChecker, data: LabelledSet, target_fpr: float) -> Policy:
-    """The policy with every concept's threshold written out (stock references expanded per concept)."""
+    """The policy with every row's threshold written out (stock references expanded per concept; detector rows as
+    ``{detector, output, threshold}`` with the reference they were loaded by)."""
     concepts = checker.concepts
     by_name = {c.name: c for c in concepts.concepts}
+    detectors = {r.name: r for r in concepts.detector_rows}
     categories = []
     for category in policy.categories:
         specs: list[ConceptSpec] = []
@@ -253,6 +328,9 @@ def _with_thresholds(policy: Policy, checker: SafetyChecker, data: LabelledSet, 
                 specs += [
                     ConceptSpec(**{kind: j}, threshold=round(concepts.concepts[row].threshold, 4)) for j, row in picks
                 ]
+            elif kind == "detector":
+                r = detectors[f"{category.name}:{i}"]
+                specs.append(replace(spec, detector=r.detector, output=r.output, threshold=round(r.threshold, 4)))
             else:
                 images = str((policy.base_dir / spec.images).resolve()) if spec.images else None
                 threshold = round(by_name[f"{category.name}:{i}"].threshold, 4)

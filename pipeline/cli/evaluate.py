@@ -23,7 +23,9 @@ def register(sub: Any) -> None:
     add_checker_options(ev)
     ev.set_defaults(run=cmd_evaluate)
 
-    cal = sub.add_parser("calibrate", help="per-concept thresholds meeting a false-positive rate on safe/")
+    cal = sub.add_parser(
+        "calibrate", help="per-row thresholds (concepts, detectors) meeting a false-positive rate on safe/"
+    )
     cal.add_argument("labelled_dir", type=Path, nargs="?", metavar="LABELLED_DIR")
     _label_options(cal)
     cal.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate on safe/ (default 0.01)")
@@ -58,8 +60,9 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"{'':<18}" + "".join(f"{c[:12]:>13}" for c in columns))
     for label in labels:
         print(f"{label:<18}" + "".join(f"{report['confusion'][label].get(c, 0):>13}" for c in columns))
-    if report["demo_weights"]:
-        print("\n(tiny demo weights: these numbers are meaningless)")
+    if report["demo"]:
+        real = f"; real weights: {', '.join(report['real'])}" if report["real"] else ""
+        print(f"\n(tiny demo weights in {', '.join(report['demo'])}: the numbers they decide are meaningless{real})")
 
 
 def _setup(args: argparse.Namespace):

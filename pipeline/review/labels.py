@@ -16,7 +16,7 @@ import torch
 
 from ..decisions import current_decisions
 from ..errors import DiffguardError, InvalidInput
-from ..evaluate import SAFE, LabelledSet, canonical, embed_views
+from ..evaluate import SAFE, LabelledSet, canonical, labelled_set
 from ..scan.state import read_current
 from ..storage import Version, locate, parse_location, sha256
 
@@ -80,12 +80,14 @@ def load_decision_labels(dest: str, checker: Any, endpoint_url: str | None = Non
         objects.append(viewed)
     if not objects:
         raise InvalidInput(f"--labels {dest}: none of the {len(entries)} decided objects could be read: {skipped[:3]}")
-    embeds, owners = embed_views(checker, objects)
-    return LabelledSet(paths, labels, embeds, skipped, owners)
+    return labelled_set(checker, paths, labels, objects, skipped)
 
 
 def merge(*sets: LabelledSet) -> LabelledSet:
-    """One labelled set from several (a folder and review decisions)."""
+    """One labelled set from several (a folder and review decisions), scored with the same detectors."""
+    columns = sets[0].detector_columns
+    if any(s.detector_columns != columns or (s.detector is None) != (sets[0].detector is None) for s in sets):
+        raise InvalidInput("labelled sets scored with different detectors cannot be merged")
     owners, offset = [], 0
     for s in sets:
         owners.append((s.owners if s.owners is not None else torch.arange(len(s.labels))) + offset)
@@ -96,6 +98,8 @@ def merge(*sets: LabelledSet) -> LabelledSet:
         torch.cat([s.embeds for s in sets]),
         [x for s in sets for x in s.skipped],
         torch.cat(owners),
+        torch.cat([s.detector for s in sets]) if sets[0].detector is not None else None,  # type: ignore[misc]
+        columns,
     )
 
 

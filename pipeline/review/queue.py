@@ -29,7 +29,7 @@ PAGE_MAX = 200
 DETAIL = ("key", "etag", "size", "last_modified", "action", "flagged", "nsfw", "categories", "flagged_categories")
 DETAIL += ("bad_concept_names", "error", "error_kind", "unscorable", "truncated", "quarantined_to", "tagged")
 DETAIL += ("model_fingerprint", "scanned_at", "bucket", "version_id", "sha256")
-DETAIL += ("views", "views_total", "views_sampled", "view")
+DETAIL += ("views", "views_total", "views_sampled", "view", "detector_scores", "real", "demo")
 
 
 def _entries(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -181,6 +181,8 @@ class ReviewQueue:
         for i, row in zip(positions, rows, strict=True):
             state, decision = self.state(i)
             row["categories"] = dict(row["categories"] or [])
+            if row.get("detector_scores") is not None:  # Arrow maps read as (key, value) pairs
+                row["detector_scores"] = {name: dict(outputs or []) for name, outputs in row["detector_scores"]}
             row["score"] = None if math.isinf(self.score[i]) else float(self.score[i])
             for field in ("last_modified", "scanned_at"):
                 row[field] = row[field].isoformat() if row.get(field) is not None else None

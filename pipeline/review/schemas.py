@@ -53,6 +53,9 @@ class ItemOut(BaseModel):
     views_total: int | None = None  # views the object has
     views_sampled: bool | None = None  # more than max_views: sampled over display time
     view: str | None = None  # the view that decided: what the thumbnail shows (null: the image itself)
+    detector_scores: dict[str, dict[str, float]] | None = None  # detector -> output -> probability (null: none, older)
+    demo: list[str] | None = None  # parts of the verdict from demo weights (meaningless scores); null in older tables
+    real: list[str] | None = None  # parts of the verdict from real, trained weights
     quarantined_to: str | None
     tagged: bool | None
     last_modified: str | None

@@ -56,7 +56,7 @@ def test_bad_policy_and_labelled_dir_exit_2(tmp_path):
     assert out.returncode == 2 and "needs a `safe/` sub-folder" in out.stderr
 
 
-def test_missing_text_tower_fails_unless_the_fallback_is_asked_for():
+def test_missing_text_tower_fails_unless_the_fallback_is_asked_for(tmp_path):
     missing = run("check", "--concept-text-model", "./no/such/tower", "examples/shapes.jpg")
     assert missing.returncode == 2 and missing.stdout == ""
     for remedy in (
@@ -82,4 +82,15 @@ def test_missing_text_tower_fails_unless_the_fallback_is_asked_for():
     assert (
         "WARNING: policy 'diffguard-default' cannot be used" in fallback.stderr and "are NOT checked" in fallback.stderr
     )
-    assert json.loads(fallback.stdout)["fingerprint"] == json.loads(stock.stdout)["fingerprint"]
+    # the policy scored: the stock one, keeping the default policy's detector rows (open_nsfw needs no text tower)
+    from pipeline.policy import load_policy
+    from pipeline.text import stock_with_detectors
+
+    scored = tmp_path / "scored.yaml"
+    scored.write_text(stock_with_detectors(load_policy("default")).to_yaml())
+    expected = run(
+        "check", "--json", "--concept-text-model", "./no/such/tower", "--policy", str(scored), "examples/shapes.jpg"
+    )
+    assert expected.returncode == 0, expected.stderr
+    assert json.loads(fallback.stdout)["fingerprint"] == json.loads(expected.stdout.splitlines()[0])["fingerprint"]
+    assert json.loads(fallback.stdout)["fingerprint"] != json.loads(stock.stdout)["fingerprint"]

@@ -72,5 +72,12 @@ def test_the_default_policys_open_nsfw_row_quarantines_what_it_detects(tmp_path,
     (printed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed["key"] == "detected.png" and printed["detector_scores"]["open_nsfw"]["nsfw"] > 0.95
 
+    from tests.integration.review_support import ReviewServer
+
+    with ReviewServer(dest) as review:  # a reviewer sees the detector's probability beside the category scores
+        items = {i["key"]: i for i in review.client.get(f"{review.url}/api/items").json()["items"]}
+    assert items["detected.png"]["detector_scores"]["open_nsfw"]["nsfw"] > 0.95
+    assert items["detected.png"]["real"] == ["open_nsfw"] and items["detected.png"]["categories"]["sexual"] > 0
+
     rc, out = scan(capsys, str(src), "--output", dest)  # the default policy itself: a new fingerprint, rescored
     assert rc == 0 and out["scanned"] == 3

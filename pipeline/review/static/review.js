@@ -135,6 +135,15 @@ function render(item, index) {
     tr.insertCell().textContent = name;
     tr.insertCell().textContent = score.toFixed(3) + (score > 0 ? " > 0 (hit)" : " ≤ 0");
   });
+  const demo = new Set(item.demo || []);
+  Object.entries(item.detector_scores || {}).forEach(([detector, outputs]) => {
+    Object.entries(outputs || {}).forEach(([output, p]) => {  // probabilities: a policy row's threshold decides
+      const tr = table.insertRow();
+      tr.className = "detector";
+      tr.insertCell().textContent = `${detector}: ${output}` + (demo.has(detector) ? " (demo)" : "");
+      tr.insertCell().textContent = "probability " + Number(p).toFixed(3);
+    });
+  });
   body.append(key, meta, table);
   const side = document.createElement("div");
   side.className = "actions";

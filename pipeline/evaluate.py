@@ -330,7 +330,8 @@ def _with_thresholds(policy: Policy, checker: SafetyChecker, data: LabelledSet, 
                 ]
             elif kind == "detector":
                 r = detectors[f"{category.name}:{i}"]
-                specs.append(replace(spec, detector=r.detector, output=r.output, threshold=round(r.threshold, 4)))
+                detector = r.source or r.detector  # a folder as an absolute path, like example-image folders
+                specs.append(replace(spec, detector=detector, output=r.output, threshold=round(r.threshold, 4)))
             else:
                 images = str((policy.base_dir / spec.images).resolve()) if spec.images else None
                 threshold = round(by_name[f"{category.name}:{i}"].threshold, 4)

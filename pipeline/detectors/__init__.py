@@ -112,19 +112,48 @@ class DetectorSet:
     def outputs(self, ref: str) -> tuple[str, ...]:
         return self.get(ref).outputs
 
+    def of(self, concepts: ConceptSet, name: str) -> Detector:
+        """The detector ``concepts`` calls ``name`` (loaded from its source: a folder beside the policy, say)."""
+        return self.get(concepts.detector_sources.get(name, name))
+
     def require(self, concepts: ConceptSet) -> None:
         """Load every detector ``concepts`` names (a worker adopting a driver's rows), checking their outputs."""
         for ref, outputs in concepts.detectors.items():
-            if list(self.get(ref).outputs) != list(outputs):
-                raise InvalidInput(f"detector {ref!r} has outputs {self.get(ref).outputs}; the rows want {outputs}")
+            if list(have := self.of(concepts, ref).outputs) != list(outputs):
+                raise InvalidInput(f"detector {ref!r} has outputs {have}; the rows want {outputs}")
 
     def prepare(self, concepts: ConceptSet, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Views -> each detector's inputs (CPU work)."""
-        return {ref: self.get(ref).prepare(arrays) for ref in concepts.detectors}
+        return {ref: self.of(concepts, ref).prepare(arrays) for ref in concepts.detectors}
+
+    def prepare_each(
+        self, concepts: ConceptSet, arrays: list[np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """:meth:`prepare`, one bad view never failing the others: -> (inputs, {view index: why it could not be
+        prepared}). A failed view's inputs are zeros; its object must be withheld (:meth:`SafetyChecker.unscorable`)."""
+        try:
+            return self.prepare(concepts, arrays), {}
+        except Exception:  # noqa: BLE001 - find the views that fail, one at a time
+            pass
+        import numpy as np
+
+        inputs: dict[str, np.ndarray] = {}
+        failed: dict[int, str] = {}
+        for ref in concepts.detectors:
+            detector = self.of(concepts, ref)
+            out = np.zeros((len(arrays), *detector.input_shape), np.float32)
+            for i, array in enumerate(arrays):
+                try:
+                    out[i] = detector.prepare([array])[0]
+                except Exception as exc:  # noqa: BLE001 - this view's error, never the batch's
+                    failed.setdefault(i, f"detector {ref!r} cannot prepare the image: {type(exc).__name__}: {exc}")
+            inputs[ref] = out
+        return inputs, failed
 
     def transforms(self, concepts: ConceptSet) -> dict[str, tuple[Callable[[list[np.ndarray]], np.ndarray], tuple]]:
         """Each detector's picklable transform and one view's input shape (for a CPU stage elsewhere)."""
-        return {ref: (self.get(ref).transform, tuple(self.get(ref).input_shape)) for ref in concepts.detectors}
+        found = {ref: self.of(concepts, ref) for ref in concepts.detectors}
+        return {ref: (detector.transform, tuple(detector.input_shape)) for ref, detector in found.items()}
 
     def score(self, concepts: ConceptSet, inputs: dict[str, np.ndarray]) -> torch.Tensor | None:
         """Each detector's inputs -> (B, P) probabilities, one forward per detector; None without detectors."""
@@ -134,13 +163,23 @@ class DetectorSet:
 
         if missing := [ref for ref in concepts.detectors if ref not in inputs]:
             raise InvalidInput(f"the policy's detectors {missing} need their prepared inputs (DetectorSet.prepare)")
-        return torch.cat([self.get(ref)(inputs[ref]) for ref in concepts.detectors], dim=1)
+        # (B, P); a non-finite probability (a float16 overflow, a broken graph) is that view's failure: nonfinite()
+        return torch.cat([self.of(concepts, ref)(inputs[ref]) for ref in concepts.detectors], dim=1)
+
+    @staticmethod
+    def nonfinite(probs: torch.Tensor | None) -> list[int]:
+        """Rows of ``probs`` (B, P) with a NaN or infinite probability: never read as "not detected" (fail closed)."""
+        if probs is None:
+            return []
+        import torch
+
+        return torch.nonzero(~torch.isfinite(probs).all(dim=1)).flatten().tolist()
 
     def info(self, concepts: ConceptSet) -> list[dict[str, Any]]:
-        return [self.get(ref).info() for ref in concepts.detectors]
+        return [{**self.of(concepts, ref).info(), "name": ref} for ref in concepts.detectors]
 
     def digest(self, concepts: ConceptSet) -> str:
-        return ",".join(self.get(ref).digest for ref in concepts.detectors)
+        return ",".join(self.of(concepts, ref).digest for ref in concepts.detectors)
 
     def demo(self, concepts: ConceptSet) -> dict[str, bool]:
-        return {ref: self.get(ref).demo for ref in concepts.detectors}
+        return {ref: self.of(concepts, ref).demo for ref in concepts.detectors}

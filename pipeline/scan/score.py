@@ -61,7 +61,7 @@ def decode_stage(
         try:
             arrays = [v.array for v in obj.views]
             pixels = preprocess(arrays).numpy()  # (V, 3, H, W) float32
-            inputs = [transform(arrays).tobytes() for transform, _ in (detectors or {}).values()]
+            inputs = [_prepared(ref, transform, shape, arrays) for ref, (transform, shape) in (detectors or {}).items()]
         except Exception as exc:  # noqa: BLE001 - this object's error, never the batch's
             errors[i], kinds[i] = f"cannot preprocess image: {exc}", "decode"
             continue
@@ -79,6 +79,14 @@ def decode_stage(
     for name, type_ in VIEW_COLUMNS:
         table = table.append_column(name, pa.array(columns[name], type_))
     return table
+
+
+def _prepared(ref: str, transform: Callable[[list[np.ndarray]], np.ndarray], shape: tuple, arrays: list) -> bytes:
+    """One object's views prepared for detector ``ref``, checked to be (views, *shape) float32 (what Scorer reads)."""
+    out = np.ascontiguousarray(transform(arrays), dtype=np.float32)
+    if out.shape != (len(arrays), *shape):
+        raise ValueError(f"detector {ref!r} prepared {out.shape} for {len(arrays)} views, expected (views, *{shape})")
+    return out.tobytes()
 
 
 class Scorer:
@@ -116,11 +124,14 @@ class Scorer:
             ch, cw = self.checker.preprocess.crop
             pixels = np.concatenate([np.frombuffer(blobs[i], np.float32).reshape(-1, 3, ch, cw) for i in scored])
             labels = [meta[i]["view_labels"] for i in scored]
-            shapes = [(ref, self.checker.detectors.get(ref).input_shape) for ref in self.checker.concepts.detectors]
+            concepts = self.checker.concepts
+            shapes = [(ref, self.checker.detectors.of(concepts, ref).input_shape) for ref in concepts.detectors]
             prepared = {  # each detector's inputs for every scored view, in the pixels' order
                 ref: np.concatenate([np.frombuffer(inputs[i][k], np.float32).reshape(-1, *shape) for i in scored])
                 for k, (ref, shape) in enumerate(shapes)
             }
+            if any(len(p) != len(pixels) for p in prepared.values()):  # the decode stage's shapes are checked there
+                raise InvalidInput(f"detector inputs {[len(p) for p in prepared.values()]} for {len(pixels)} views")
             results = self.checker.score_pixels(torch.from_numpy(pixels), labels, prepared)
             for i, verdict in zip(scored, results, strict=True):
                 verdict.views_total, verdict.views_sampled = meta[i]["views_total"], meta[i]["views_sampled"]

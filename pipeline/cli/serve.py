@@ -15,6 +15,26 @@ log = logging.getLogger("diffguard")
 HEALTHY_TIMEOUT_S = 300  # after the applications are RUNNING: until /healthz answers 200 (every replica started)
 
 
+def _weights_banner(base: str) -> str:
+    """What is demo and what is real, as the service's own ``/v1/info`` says (with ``DIFFGUARD_API_KEY`` when set);
+    the tiny banner when it cannot be asked."""
+    import json
+    import urllib.request
+
+    from ..tiny import TINY_BANNER, demo_banner
+
+    request = urllib.request.Request(f"{base}/v1/info")
+    if key := os.environ.get("DIFFGUARD_API_KEY", "").strip():
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the service itself, never a proxy
+        with opener.open(request, timeout=30) as response:
+            info = json.load(response)
+        return demo_banner({"demo": list(info["demo"]), "real": list(info["real"])}) or TINY_BANNER
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{TINY_BANNER}; GET /v1/info lists which parts are demo and which real"
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the HTTP service (Ray Serve) until Ctrl-C")
     p.add_argument("--config", type=Path, help="Serve config file (default: deployments/configs/local.yaml)")
@@ -52,11 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tiny = any("tiny" in str(app.args) for app in schema.applications)
         print(f"diffguard is serving on {base}  (API docs: {base}/docs, health: {base}/healthz)", flush=True)
         if tiny:
-            log.warning(
-                "WARNING: tiny demo weights in use for the generator, the stock checker and text concepts: those "
-                "scores are MEANINGLESS (tests and demos only). Detectors with real weights (open_nsfw, in the "
-                "default policy) give real scores; GET /v1/info and every result list which parts are demo and real"
-            )
+            log.warning("WARNING: %s", _weights_banner(base))
         print(
             f"try: curl -s -X POST {base}/v1/generate -H 'Content-Type: application/json' "
             f'-d \'{{"prompt": "a red bicycle", "seed": 1, "steps": 4}}\'',

@@ -38,7 +38,8 @@ def test_serve_starts_answers_and_stops(tmp_path):
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # ready when it says so, not a bit later
         r = httpx.post(f"{base}/v1/generate", json={"prompt": "a red bicycle", "seed": 1, "steps": 2}, timeout=120)
         assert r.status_code == 200 and len(r.json()["images"]) == 1
-        assert "MEANINGLESS" in (tmp_path / "serve.log").read_text()
+        started = (tmp_path / "serve.log").read_text()  # the banner says what is demo and what real, from /v1/info
+        assert "MEANINGLESS" in started and "real, trained weights: open_nsfw" in started
         # a real photograph gets a real score offline: open_nsfw's trained weights, marked real in the response
         r = httpx.post(f"{base}/v1/moderate", content=_photo(), headers={"Content-Type": "image/jpeg"}, timeout=120)
         assert r.status_code == 200, r.text

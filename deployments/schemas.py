@@ -206,7 +206,10 @@ class DetectorInfo(BaseModel):
     name: str = Field(description="the reference policies use: `open_nsfw`, a hub id, `ID@REVISION` or a directory")
     source: str = Field(description="where the weights were read from")
     revision: str | None = Field(description="the package version or hub revision of the weights, when known")
-    sha256: str = Field(description="sha256 of the weights (part of the checker's fingerprint)")
+    sha256: str = Field(
+        description="sha256 of the weights (a Hugging Face classifier's: of its weights and its preprocessing config); "
+        "part of the checker's fingerprint"
+    )
     licence: str = Field(description="the weights' licence terms")
     outputs: list[str] = Field(description="the probabilities it produces (the keys of `detector_scores[name]`)")
     runtime: str = Field(description="what runs it: `onnxruntime` or `torch`")

@@ -14,7 +14,7 @@ import torch
 
 from . import models
 from .errors import InvalidInput, ModelSourceError
-from .policy import Policy, load_policy
+from .policy import Policy, load_policy, strongest
 
 log = logging.getLogger("pipeline.checker")
 
@@ -100,7 +100,8 @@ def policy_or_fallback(policy: Policy, tower: TextTower, allowed: str | None) ->
 
 def stock_with_detectors(policy: Policy) -> Policy:
     """The stock policy, with ``policy``'s ``unscorable_action`` and its detector rows (they need no text tower) in
-    their categories: what ``policy_fallback: stock`` scores with."""
+    their categories: what ``policy_fallback: stock`` scores with. A category that exists in both takes the stronger
+    of the two actions (the policy's detector rows never act more weakly than the policy says)."""
     stock = load_policy("stock")
     categories = {c.name: c for c in stock.categories}
     for category in policy.categories:
@@ -108,7 +109,9 @@ def stock_with_detectors(policy: Policy) -> Policy:
         if rows:
             base = categories.get(category.name)
             categories[category.name] = (
-                replace(base, concepts=base.concepts + rows) if base else replace(category, concepts=rows)
+                replace(base, action=strongest([base.action, category.action]), concepts=base.concepts + rows)
+                if base
+                else replace(category, concepts=rows)
             )
     extra = any(spec.detector for c in policy.categories for spec in c.concepts)
     return replace(

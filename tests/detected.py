@@ -5,6 +5,9 @@ A seeded 64×64 picture, upsampled to 256×256 (open_nsfw's resize is then the i
 the low frequencies the optimisation uses), is pushed towards P(nsfw) = 1 for a few dozen Adam steps (~2 s on 2 cores).
 The result is an abstract pattern that fools the classifier (the score through the package's own pipeline is above
 0.95): a stand-in for an unsafe photograph, not one.
+
+Beside them, what the detector tests share: real photographs (:func:`photo`) and the default policy's open_nsfw row
+alone (:func:`only_open_nsfw_row`).
 """
 
 from __future__ import annotations
@@ -55,3 +58,25 @@ def nsfw_png(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(nsfw_array(seed)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def photo(name: str) -> np.ndarray:
+    """scikit-image's sample photograph ``name`` (real photographs, in its wheel) as RGB uint8 (H, W, 3)."""
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3]
+
+
+def only_open_nsfw_row(**overrides) -> dict:
+    """A policy with the built-in default policy's own open_nsfw row alone in `sexual` (the tiny stock checker's
+    decision only leads to ``nsfw_action``: ``allow`` unless overridden)."""
+    import yaml
+
+    from pipeline.policy import DEFAULT_POLICY_FILE
+
+    default = yaml.safe_load(DEFAULT_POLICY_FILE.read_text())
+    row = next(r for r in default["categories"]["sexual"]["concepts"] if "detector" in r)
+    return {"version": 1, "name": "open_nsfw-only", "nsfw_action": "allow", **overrides} | {
+        "categories": {"sexual": {"action": "block", "concepts": [row]}}
+    }

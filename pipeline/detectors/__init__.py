@@ -42,7 +42,7 @@ class Detector(Protocol):
     outputs: tuple[str, ...]  # the probabilities it produces, in order
     input_shape: tuple[int, ...]  # one view's prepared input (the scan ships it between stages as float32 bytes)
     demo: bool  # random demo weights (tiny): its scores are meaningless
-    digest: str  # sha256 of its weights: part of the checker's fingerprint
+    digest: str  # sha256 of its weights (and its preprocessing, where configurable): part of the fingerprint
 
     def prepare(self, arrays: list[np.ndarray]) -> np.ndarray:
         """RGB uint8 views (H, W, 3) of any sizes -> (B, *input_shape) float32 inputs (CPU work, no model)."""

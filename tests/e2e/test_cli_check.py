@@ -140,12 +140,10 @@ def test_object_byte_limit(tmp_path):
 def test_check_blocks_what_open_nsfw_detects_and_says_which_scores_are_real(tmp_path):
     """The default policy's open_nsfw row (real weights, offline) blocks an image it scores high; the JSON rows carry
     its scores and which parts of the verdict are demo and which real, and the banner says so."""
-    import skimage.data
-
-    from tests.detected import nsfw_png
+    from tests.detected import nsfw_png, photo
 
     (tmp_path / "detected.png").write_bytes(nsfw_png())
-    Image.fromarray(skimage.data.astronaut()).save(tmp_path / "astronaut.jpg", format="JPEG")
+    Image.fromarray(photo("astronaut")).save(tmp_path / "astronaut.jpg", format="JPEG")
     out = run("check", "--json", str(tmp_path))
     assert out.returncode == 0, out.stderr
     rows = {json.loads(line)["path"].rsplit("/", 1)[1]: json.loads(line) for line in out.stdout.splitlines()}

@@ -10,26 +10,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.policy import DEFAULT_POLICY_FILE
-from tests.detected import nsfw_png
+from tests.detected import nsfw_png, only_open_nsfw_row, photo
 from tests.integration.scan_support import png, rows_by_key, scan, summary
 
 
 def _photo(name: str, fmt: str) -> bytes:
-    import skimage.data
-
     buf = io.BytesIO()
-    Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, format=fmt)
+    Image.fromarray(photo(name)).save(buf, format=fmt)
     return buf.getvalue()
 
 
 def default_detector_policy(path) -> str:
     """The built-in default policy's own open_nsfw row, alone in `sexual` (the tiny stock checker only flags)."""
-    default = yaml.safe_load(DEFAULT_POLICY_FILE.read_text())
-    row = next(r for r in default["categories"]["sexual"]["concepts"] if "detector" in r)
-    policy = {"version": 1, "name": "open_nsfw-only", "nsfw_action": "flag", "categories": {}}
-    policy["categories"]["sexual"] = {"action": "block", "concepts": [row]}
-    path.write_text(yaml.safe_dump(policy))
+    path.write_text(yaml.safe_dump(only_open_nsfw_row(nsfw_action="flag")))
     return str(path)
 
 

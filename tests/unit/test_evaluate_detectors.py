@@ -18,7 +18,7 @@ from pipeline.checker import SafetyChecker
 from pipeline.errors import InvalidInput
 from pipeline.evaluate import LabelledSet, calibrate, load_labelled, metrics
 from pipeline.policy import load_policy, parse_policy
-from tests.detected import nsfw_array
+from tests.detected import nsfw_array, photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")  # open_nsfw: 0.032 at most
 DETECTOR = {"detector": "open_nsfw", "output": "nsfw", "threshold": 0.5}
@@ -37,20 +37,18 @@ def load(policy_or_path) -> SafetyChecker:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    import skimage.data
-
     root = tmp_path_factory.mktemp("detected")
     (root / "safe").mkdir()
     (root / "sexual").mkdir()
     for name in PHOTOS:
-        Image.fromarray(getattr(skimage.data, name)()).save(root / "safe" / f"{name}.png")
+        Image.fromarray(photo(name)).save(root / "safe" / f"{name}.png")
     detected = nsfw_array(0).astype(np.int16)  # one made image (seconds of autograd) and photometric variants of it
     noise = np.random.default_rng(0).integers(-4, 5, detected.shape)
     variants = {"detected": detected, "brighter": detected + 6, "noisier": detected + noise}  # open_nsfw: > 0.97
     for name, array in variants.items():
         Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(root / "sexual" / f"{name}.png")
     contrast = Image.fromarray(np.clip((detected - 128) * 1.05 + 128, 0, 255).astype(np.uint8))
-    first = Image.fromarray(skimage.data.coffee()).resize((256, 256))  # a safe frame, then a detected one
+    first = Image.fromarray(photo("coffee")).resize((256, 256))  # a safe frame, then a detected one
     first.save(root / "sexual" / "animated.png", save_all=True, append_images=[contrast])
     return root
 

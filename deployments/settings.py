@@ -35,6 +35,9 @@ class CheckerRuntime(BaseModel):
     # None: a policy whose text concepts cannot be encoded fails the replica at start (DEPLOY_FAILED, with the fix);
     # "stock": opt in to falling back to the stock concepts, loudly (warning, and info()["policy_fallback"])
     policy_fallback: Literal["stock"] | None = None
+    # named policies a keys file's `policy:` may name (name -> policy file or keyword), held by every replica beside
+    # `policy` (the service's own, for the single DIFFGUARD_API_KEY and keys that name none); one batch scores them all
+    policies: dict[str, str] = Field(default_factory=dict)
 
 
 class CheckerArgs(BaseModel):

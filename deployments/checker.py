@@ -6,18 +6,28 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from collections import Counter as Tally
+from typing import Any, NamedTuple
 
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from pipeline.interface import CheckerCore, checker_core
+from pipeline.errors import InvalidInput
+from pipeline.interface import CheckerCore, checker_core, policy_core
 
 from .settings import MAX_CONCURRENT_BATCHES, CheckerArgs, CheckerRuntime, import_factory
 
 log = logging.getLogger("ray.serve")
 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class Item(NamedTuple):
+    """One image of the shared batch queue, with the policy it is scored under and the tenant it is counted for."""
+
+    image: Any
+    policy: str | None = None  # a name the checker holds (None: its own policy)
+    tenant: str | None = None  # the metrics' tenant tag (None: "default")
 
 
 @serve.deployment(
@@ -58,9 +68,11 @@ class SafetyCheckerDeployment:
             "diffguard_checker_batch_size", description="images per checker batch", boundaries=BATCH_BUCKETS
         )
         self.flagged = Counter(
-            "diffguard_images_flagged", description="images flagged, by concept", tag_keys=("concept",)
+            "diffguard_images_flagged",
+            description="images flagged, by concept and tenant",
+            tag_keys=("concept", "tenant"),
         )
-        self.scored = Counter("diffguard_images_scored", description="images scored by the checker")
+        self.scored = Counter("diffguard_images_scored", description="images scored, by tenant", tag_keys=("tenant",))
         # A batch is decoded into views in a worker thread outside the model lock, so it overlaps the previous
         # batch's vision pass (MAX_CONCURRENT_BATCHES).
         self.split = {"images": 0, "views": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since start
@@ -79,6 +91,7 @@ class SafetyCheckerDeployment:
                     thresholds=runtime.thresholds,
                     concepts=runtime.concepts,
                     policy=runtime.policy,
+                    **({"policies": runtime.policies} if runtime.policies else {}),  # a stand-in may hold none
                 )
             except Exception:
                 if hasattr(self.checker, "policy_fallback"):
@@ -93,58 +106,113 @@ class SafetyCheckerDeployment:
         """Seconds the core has spent preprocessing views (0 for a stand-in that does not count them)."""
         return getattr(self.checker, "preprocess_s", 0.0)
 
-    def _decode(self, items: list[Any]) -> list[Any]:
-        """Runs in a worker thread, outside the model lock: objects -> their views or that item's decode error."""
+    def _decode(self, items: list[Item]) -> tuple[list[Any], dict[str, str]]:
+        """Runs in a worker thread, outside the model lock: items -> their views or that item's decode error (an
+        unknown policy's items: None), and {unknown policy: why}."""
         start = time.perf_counter()
-        objects = self.checker.views(items)
+        names = [item.policy for item in items]
+        unknown = self._unknown(names)
+        ok = [i for i, name in enumerate(names) if name not in unknown]
+        images = [items[i].image for i in ok]
+        if any(names[i] is not None for i in ok):
+            viewed = self.checker.views(images, policies=[names[i] for i in ok])  # type: ignore[call-arg]
+        else:  # the own policy only: the call every stand-in implements
+            viewed = self.checker.views(images)
+        objects: list[Any] = [None] * len(items)
+        for i, obj in zip(ok, viewed, strict=True):
+            objects[i] = obj
         self.split["decode_s"] += time.perf_counter() - start
-        return objects
+        return objects, unknown
 
-    def _score_sync(self, items: list[Any]) -> list[dict[str, Any]]:
-        """Runs in a worker thread. Never raises: a failure becomes every item's ``unavailable`` result."""
+    def _unknown(self, names: list[str | None]) -> dict[str, str]:
+        """The policy names among ``names`` the checker cannot score with -> why (they fail their own items only)."""
+        unknown: dict[str, str] = {}
+        core = policy_core(self.checker)
+        for name in dict.fromkeys(n for n in names if n is not None):
+            if core is None:
+                unknown[name] = f"policy {name!r} is not configured: this checker holds no named policies"
+                continue
+            try:
+                core.fingerprint_for(name)  # resolves it (a keyword is built on first use)
+            except Exception as exc:  # noqa: BLE001 - this policy's items fail, never the batch
+                unknown[name] = str(exc) if isinstance(exc, InvalidInput) else f"policy {name!r} failed to load: {exc}"
+        return unknown
+
+    def _score_sync(self, items: list[Item], objects: list[Any], unknown: dict[str, str]) -> list[dict[str, Any]]:
+        """Runs in a worker thread. Never raises: a failure becomes every item's ``unavailable`` result, an unknown
+        policy its own items'."""
+        ok = [i for i, item in enumerate(items) if item.policy not in unknown]
+        names = [items[i].policy for i in ok]
         try:
             with self._lock:
                 start, preprocess_s = time.perf_counter(), self._preprocess_s()
-                verdicts = self.checker.score_views(items)
+                scoring = [objects[i] for i in ok]
+                if any(name is not None for name in names):
+                    verdicts = self.checker.score_views(scoring, policies=names)  # type: ignore[call-arg]
+                else:
+                    verdicts = self.checker.score_views(scoring)
                 elapsed, preprocessing = time.perf_counter() - start, self._preprocess_s() - preprocess_s
                 self.split["preprocess_s"] += preprocessing
                 self.split["model_s"] += elapsed - preprocessing
-                self.split["images"] += len(items)
+                self.split["images"] += len(scoring)
                 self.split["views"] += sum(v.views for v in verdicts)
-                fingerprint = self.checker.fingerprint
-                # which parts are demo and which real follows the policy (its text concepts, its detectors)
-                parts = getattr(self.checker, "parts", {})
+                # fingerprint and demo/real parts follow each item's policy (its text concepts, its detectors)
+                identity = {name: self._identity(name) for name in dict.fromkeys(names)}
         except Exception as exc:  # noqa: BLE001 - the batch must not fail its callers with an exception
             log.exception("checker batch of %d failed", len(items))
-            return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
+            failed = f"checker failed: {type(exc).__name__}"
+            return [{"unavailable": unknown.get(str(item.policy), failed)} for item in items]
         self.batch_sizes.observe(len(items))
-        self.scored.inc(len(items))
-        for v in verdicts:
-            for name in v.bad_concept_names + v.flagged_categories:
-                self.flagged.inc(tags={"concept": name})
-        checker = {**self.identity, "fingerprint": fingerprint, **parts}
-        return [
-            {"verdict": v, "batch_size": len(items), "fingerprint": fingerprint, "checker": checker} for v in verdicts
-        ]
+        for tenant, n in Tally(items[i].tenant or "default" for i in ok).items():
+            self.scored.inc(n, tags={"tenant": tenant})
+        results: list[dict[str, Any]] = [{"unavailable": unknown.get(str(item.policy))} for item in items]
+        for i, name, v in zip(ok, names, verdicts, strict=True):
+            for concept in v.bad_concept_names + v.flagged_categories:
+                self.flagged.inc(tags={"concept": concept, "tenant": items[i].tenant or "default"})
+            fingerprint, checker = identity[name]
+            results[i] = {
+                "verdict": v,
+                "batch_size": len(items),
+                "fingerprint": fingerprint,
+                "checker": checker,
+                "policy": name,
+            }
+        return results
+
+    def _identity(self, name: str | None) -> tuple[str, dict[str, Any]]:
+        """(fingerprint, the result's ``checker``: identity, fingerprint and demo/real parts) under policy ``name``."""
+        core = policy_core(self.checker)
+        if name is None or core is None:
+            fingerprint, parts = self.checker.fingerprint, getattr(self.checker, "parts", {})
+        else:
+            fingerprint, parts = core.fingerprint_for(name), core.parts_for(name)
+        return fingerprint, {**self.identity, "fingerprint": fingerprint, **parts}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _score(self, items: list[Any]) -> list[dict[str, Any]]:
+    async def _score(self, items: list[Item]) -> list[dict[str, Any]]:
         try:  # decoding overlaps the other batch's vision pass; the model lock keeps passes one at a time
-            objects = await asyncio.to_thread(self._decode, items)
+            objects, unknown = await asyncio.to_thread(self._decode, items)
         except Exception as exc:  # noqa: BLE001 - as in _score_sync: every item's result, never an exception
             log.exception("decoding a checker batch of %d failed", len(items))
             return [{"unavailable": f"checker failed: {type(exc).__name__}"} for _ in items]
-        return await asyncio.to_thread(self._score_sync, objects)
+        return await asyncio.to_thread(self._score_sync, items, objects, unknown)
 
-    async def check_many(self, images: list[Any]) -> list[dict[str, Any]]:
-        """Images (uint8 arrays or encoded bytes) -> results in order; each image joins the shared batch queue."""
-        return list(await asyncio.gather(*(self._score(image) for image in images)))
+    async def check_many(
+        self, images: list[Any], policy: str | None = None, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Images (uint8 arrays or encoded bytes) -> results in order; each image joins the shared batch queue, whose
+        batches mix tenants and policies and are scored in one pass. ``policy``: a name the checker holds (None: its
+        own); ``tenant``: the metrics' tag. An unknown policy's images get ``{"unavailable": why}``."""
+        return list(await asyncio.gather(*(self._score(Item(image, policy, tenant)) for image in images)))
 
-    def info(self) -> dict[str, Any]:
-        """The core's info, with two batch sizes told apart: ``batching`` is the cross-request ``@serve.batch``
-        (objects per batch, batches in flight); ``views_per_model_call`` the core's chunk of views per vision pass,
-        which the core's ``max_batch_size`` field also gives (kept for existing clients: the same figure)."""
-        core = self.checker.info()
+    def info(self, policy: str | None = None) -> dict[str, Any]:
+        """The core's info under ``policy`` (None: its own; unknown: InvalidInput), with two batch sizes told apart:
+        ``batching`` is the cross-request ``@serve.batch`` (objects per batch, batches in flight);
+        ``views_per_model_call`` the core's chunk of views per vision pass, which the core's ``max_batch_size`` field
+        also gives (kept for existing clients: the same figure)."""
+        if policy is not None and policy_core(self.checker) is None:
+            raise InvalidInput(f"policy {policy!r} is not configured: this checker holds no named policies")
+        core = self.checker.info(policy) if policy is not None else self.checker.info()
         batching = self.runtime.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
         return {
             **core,

@@ -4,8 +4,9 @@ One vision pass per image, then every concept row (stock, special-care and custo
 reference's scoring rule as whole-tensor operations; the policy's detectors (:mod:`pipeline.detectors`) score the same
 views in the same batches. Plain Python + torch: no Ray, no HTTP.
 
-long: the one core every adapter holds (about 460 lines): configuration, fingerprint and the hot path share one class
-so that a policy swap is atomic and every adapter scores alike.
+long: the one core every adapter holds (about 560 lines): configuration, fingerprint and the hot path share one class
+so that a policy swap is atomic and every adapter scores alike; what is particular to many policies in one pass (named
+policies, the detectors' union, the shared matmul) lives in :mod:`pipeline.policyset`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .images import (
     load_images,
 )
 from .policy import Policy, check_policy_fallback, load_policy
+from .policyset import Built, DetectorUnion, PolicySet, check_names, score_sets
 from .preprocess import Preprocess, processor_class
 from .text import TextTower, policy_or_fallback
 from .verdict import Scores, Verdict, object_verdicts, score, verdicts
@@ -108,6 +110,7 @@ class SafetyChecker:
         self.concept_text_model = concept_text_model or (models.TINY if demo else models.DEFAULT_TEXT_TOWER)
         self.text_tower = TextTower(self.concept_text_model)
         self.detectors = DetectorSet(self.device, dtype, detector_runtime)  # those the policy's rows name
+        self.policies = PolicySet()  # named policies beside the own one (configure's `policies`; keywords on use)
 
     @classmethod
     def load(
@@ -120,6 +123,7 @@ class SafetyChecker:
         concepts: str | Path | None = None,
         thresholds: dict[str | int, float] | None = None,
         policy: str | Path | Policy | None = "default",
+        policies: dict[str, str | Path | Policy] | None = None,
         **kwargs: Any,
     ) -> SafetyChecker:
         """Load from ``tiny``, a local directory (a checker, or a Stable Diffusion pipeline folder) or a hub id."""
@@ -151,7 +155,9 @@ class SafetyChecker:
             adjustment=adjustment,
             **kwargs,
         )
-        checker.configure(adjustment=adjustment, thresholds=thresholds, concepts=concepts, policy=policy)
+        checker.configure(
+            adjustment=adjustment, thresholds=thresholds, concepts=concepts, policy=policy, policies=policies
+        )
         return checker
 
     # --- configuration ------------------------------------------------------------------------------------------------
@@ -177,21 +183,32 @@ class SafetyChecker:
         thresholds: dict[str | int, float] | None = None,
         concepts: str | Path | None = None,
         policy: str | Path | Policy | None = "default",
+        policies: dict[str, str | Path | Policy] | None = None,
     ) -> None:
         """Replace the whole scoring policy at once: stock concepts, then ``concepts`` (a saved concept set),
         ``policy`` (file or keyword; None: no categories), ``thresholds`` (by concept name or index), ``adjustment``.
+        ``policies``: named policies held beside it (name -> file, keyword or :class:`Policy`), each built the same
+        way; a keyword of :func:`~pipeline.policy.load_policy` not named here is built on first use.
 
         Declarative (the same settings always give the same fingerprint) and atomic: on any error nothing changes.
         """
-        fresh, fallback = copy.deepcopy(self._stock), None
-        if concepts is not None:
-            fresh.apply_file(concepts)
-        if policy is not None:
-            fallback = self._add_policy(fresh, load_policy(policy))
-        for name, value in (thresholds or {}).items():
-            fresh.set_threshold(int(name) if isinstance(name, str) and name.isdigit() else name, value)
+
+        def build(spec: str | Path | Policy | None) -> Built:
+            fresh, fallback = copy.deepcopy(self._stock), None
+            if concepts is not None:
+                fresh.apply_file(concepts)
+            if spec is not None:
+                fallback = self._add_policy(fresh, load_policy(spec))
+            for name, value in (thresholds or {}).items():
+                fresh.set_threshold(int(name) if isinstance(name, str) and name.isdigit() else name, value)
+            return fresh, fallback
+
+        if bad := [name for name in (policies or {}) if not isinstance(name, str) or not name.strip()]:
+            raise InvalidInput(f"policies: a policy name must be a non-empty string, got {bad[0]!r}")
+        own = build(policy)
+        named = {name: build(spec) for name, spec in (policies or {}).items()}
         self.adjustment = adjustment  # validates before anything is replaced
-        self.concepts, self.fallback_reason = fresh, fallback
+        (self.concepts, self.fallback_reason), self.policies = own, PolicySet(named, build)
 
     def adopt(self, concepts: ConceptSet, adjustment: float) -> None:
         """Score with rows another checker resolved (concept sets, policy, thresholds), as a copy.
@@ -237,60 +254,86 @@ class SafetyChecker:
     def load_concepts(self, path: str | Path) -> None:
         self.concepts.apply_file(path)
 
-    @property
-    def limits(self) -> DecodeLimits:
-        """The decode limits in force: the checker's, with the policy's ``max_views`` when it sets a lower one."""
-        policy_views = self.concepts.max_views
+    def concepts_for(self, policy: str | None) -> ConceptSet:
+        """The rows of policy ``policy`` (None: the checker's own, :attr:`concepts`); InvalidInput when unknown."""
+        return self.concepts if policy is None else self.policies.get(policy)
+
+    def limits_for(self, policy: str | None) -> DecodeLimits:
+        """The decode limits of ``policy``: the checker's, with the policy's ``max_views`` when it sets a lower one."""
+        policy_views = self.concepts_for(policy).max_views
         if policy_views is None or policy_views >= self._limits.max_views:
             return self._limits
         return replace(self._limits, max_views=policy_views)
 
     @property
-    def transform(self) -> dict[str, Any]:
+    def limits(self) -> DecodeLimits:
+        """The decode limits in force under the checker's own policy (:meth:`limits_for`)."""
+        return self.limits_for(None)
+
+    def transform_for(self, policy: str | None) -> dict[str, Any]:
         """What turns an object into the model's input (it travels with the weights: both are in the fingerprint)."""
-        return {"preprocess": asdict(self.preprocess), "views": view_rules(self.limits, self.concepts.over_view_budget)}
+        views = view_rules(self.limits_for(policy), self.concepts_for(policy).over_view_budget)
+        return {"preprocess": asdict(self.preprocess), "views": views}
 
     @property
-    def fingerprint(self) -> str:
+    def transform(self) -> dict[str, Any]:
+        return self.transform_for(None)
+
+    def fingerprint_for(self, policy: str | None) -> str:
         """Short stable hash of weights + preprocessing and view rules + concept and detector rows + thresholds +
-        adjustment + the detectors' weights: any change means a new policy."""
-        transform = json.dumps(self.transform, sort_keys=True, default=str)
-        detectors = f"|{self.detectors.digest(self.concepts)}" if self.concepts.detectors else ""
-        rows = f"{self.concepts.digest()}|{self._adjustment!r}{detectors}"
+        adjustment + the detectors' weights, under ``policy`` (None: the own): any change means a new policy."""
+        concepts = self.concepts_for(policy)
+        transform = json.dumps(self.transform_for(policy), sort_keys=True, default=str)
+        detectors = f"|{self.detectors.digest(concepts)}" if concepts.detectors else ""
+        rows = f"{concepts.digest()}|{self._adjustment!r}{detectors}"
         h = hashlib.sha256(f"{self._weights}|{transform}|{rows}".encode())
         return h.hexdigest()[:16]
 
     @property
-    def parts(self) -> dict[str, list[str]]:
-        """Which parts of a verdict come from demo weights (meaningless) and which from real, trained ones."""
+    def fingerprint(self) -> str:
+        return self.fingerprint_for(None)
+
+    def parts_for(self, policy: str | None) -> dict[str, list[str]]:
+        """Which parts of a verdict under ``policy`` come from demo weights (meaningless) and which from real ones."""
+        return self._parts(self.concepts_for(policy))
+
+    def _parts(self, concepts: ConceptSet) -> dict[str, list[str]]:
         parts: dict[str, list[str]] = {"demo": [], "real": []}
         parts["demo" if self.demo else "real"].append("stock checker")
-        if any(c.kind == "text" for c in self.concepts.concepts) or self.concepts.text_rows:
+        if any(c.kind == "text" for c in concepts.concepts) or concepts.text_rows:
             parts["demo" if self.text_tower.demo else "real"].append("text concepts")
-        for name, demo in self.detectors.demo(self.concepts).items():
+        for name, demo in self.detectors.demo(concepts).items():
             parts["demo" if demo else "real"].append(name)
         return parts
 
-    def info(self) -> dict[str, Any]:
+    @property
+    def parts(self) -> dict[str, list[str]]:
+        return self.parts_for(None)
+
+    def info(self, policy: str | None = None) -> dict[str, Any]:
+        """What scores under ``policy`` (None: the checker's own): model, fingerprint, rows, actions, view rules."""
+        concepts = self.concepts_for(policy)
+        fallback = self.fallback_reason if policy is None else self.policies.resolved(policy)[1]
         return {
             "model": self.source,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint_for(policy),
             "demo_weights": self.demo,
-            **self.parts,
-            "detectors": self.detectors.info(self.concepts),
+            **self.parts_for(policy),
+            "detectors": self.detectors.info(concepts),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "adjustment": self.adjustment,
             "max_batch_size": self.max_batch_size,
-            "views": self.transform["views"],
-            "concepts": [{"name": c.name, "kind": c.kind, "threshold": c.threshold} for c in self.concepts.concepts],
+            "views": self.transform_for(policy)["views"],
+            "concepts": [{"name": c.name, "kind": c.kind, "threshold": c.threshold} for c in concepts.concepts],
             "policy": {
-                "nsfw_action": self.concepts.nsfw_action,
-                "unscorable_action": self.concepts.unscorable_action,
-                "over_view_budget": self.concepts.over_view_budget,
-                "categories": {name: action for name, action, _ in self.concepts.categories},
+                "nsfw_action": concepts.nsfw_action,
+                "unscorable_action": concepts.unscorable_action,
+                "over_view_budget": concepts.over_view_budget,
+                "categories": {name: action for name, action, _ in concepts.categories},
             },
-            "policy_fallback": {"allowed": self.policy_fallback, "active": self.fallback_reason},
+            "policy_fallback": {"allowed": self.policy_fallback, "active": fallback},
+            "policies": self.policies.names,  # the named policies held beside the own one (keywords: on first use)
         }
 
     # --- custom concepts ----------------------------------------------------------------------------------------------
@@ -344,55 +387,104 @@ class SafetyChecker:
         with torch.inference_mode():
             return score(embeds, self.concepts, self.adjustment, detector)
 
-    def unscorable(self, error: str) -> Verdict:
+    def unscorable(self, error: str, concepts: ConceptSet | None = None) -> Verdict:
         """The verdict of an image that was read but cannot be scored: ``error`` set, ``unscorable`` true, and the
         policy's ``unscorable_action`` (``block`` unless the policy says otherwise; ``block`` without a policy)."""
-        return self._labelled([Verdict.failed(error, self.concepts.unscorable_action)])[0]
+        concepts = self.concepts if concepts is None else concepts
+        return self._labelled([Verdict.failed(error, concepts.unscorable_action)], concepts)[0]
 
-    def _labelled(self, verdicts: list[Verdict]) -> list[Verdict]:
-        parts = self.parts
+    def _labelled(self, verdicts: list[Verdict], concepts: ConceptSet | None = None) -> list[Verdict]:
+        parts = self._parts(self.concepts if concepts is None else concepts)
         for verdict in verdicts:
             verdict.demo, verdict.real = list(parts["demo"]), list(parts["real"])
         return verdicts
 
-    def views(self, items: Sequence[Any]) -> list[Viewed | ImageDecodeError]:
+    def views(
+        self, items: Sequence[Any], policies: Sequence[str | None] | None = None
+    ) -> list[Viewed | ImageDecodeError]:
         """Objects (encoded bytes of any format read here, paths, PIL images, uint8 arrays) -> their views, or each
-        one's decode error (see :mod:`pipeline.views`). No model work: adapters run it outside the model lock."""
-        return load_views(list(items), self.limits, self.preprocess)
+        one's decode error (see :mod:`pipeline.views`), each under its policy's limits (``policies``: a name per
+        object, None: the own policy). No model work: adapters run it outside the model lock."""
+        items = list(items)
+        names = check_names(policies, len(items))
+        limits = {name: self.limits_for(name) for name in dict.fromkeys(names)}  # InvalidInput for an unknown name
+        out: list[Viewed | ImageDecodeError] = [None] * len(items)  # type: ignore[list-item] - all filled below
+        for budget in dict.fromkeys(limits.values()):  # one decode call per distinct budget
+            at = [i for i, name in enumerate(names) if limits[name] == budget]
+            for i, viewed in zip(at, load_views([items[i] for i in at], budget, self.preprocess), strict=True):
+                out[i] = viewed
+        return out
 
-    def score_views(self, objects: Sequence[Viewed | ImageDecodeError]) -> list[Verdict]:
+    def score_views(
+        self, objects: Sequence[Viewed | ImageDecodeError], policies: Sequence[str | None] | None = None
+    ) -> list[Verdict]:
         """Objects' views -> one verdict per object, in order: every object's views share vision passes (never one
         forward per object); an object scores the maximum over its views, ``view`` names the one that decided. A
-        decode error is :meth:`unscorable`, as is a sampled object under ``over_view_budget: unscorable``."""
+        decode error is :meth:`unscorable`, as is a sampled object under ``over_view_budget: unscorable``.
+
+        ``policies`` (a name per object; None: the own policy): each object is read with its policy, yet the batch
+        takes one vision pass per chunk, one matmul over every involved policy's rows and one forward per detector
+        (:mod:`pipeline.policyset`)."""
+        names = check_names(policies, len(objects))
+        named = {name: k for k, name in enumerate(dict.fromkeys(names))}  # each involved policy, in first-use order
+        sets = [self.concepts_for(name) for name in named]  # InvalidInput for an unknown name, before any work
+        which = [named[name] for name in names]  # (n,) each object's index in sets
         verdicts: list[Verdict | None] = [None] * len(objects)
         scored, where = [], []
         for i, obj in enumerate(objects):
             if isinstance(obj, ImageDecodeError):
-                verdicts[i] = self.unscorable(str(obj))
-            elif (refused := self.over_view_budget(obj.sampled, obj.total)) is not None:
+                verdicts[i] = self.unscorable(str(obj), sets[which[i]])
+            elif (refused := self.over_view_budget(obj.sampled, obj.total, names[i])) is not None:
                 verdicts[i] = refused
             else:
                 scored.append(obj)
                 where.append(i)
         arrays = [v.array for obj in scored for v in obj.views]
+        owner_of = [which[i] for i in where]  # each scored object's policy
+        counts = torch.tensor([len(obj.views) for obj in scored], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.tensor(owner_of, dtype=torch.long), counts)  # (V,) each view's policy
+        union = DetectorUnion(self.detectors, sets)
         embeds, probs, failed = [], [], {}
         for start in range(0, len(arrays), self.max_batch_size):  # the float pixels of every view never exist at once
             chunk = arrays[start : start + self.max_batch_size]
             began = time.perf_counter()
-            pixels, (inputs, bad) = self.preprocess(chunk), self.detectors.prepare_each(self.concepts, chunk)
+            pixels, (inputs, bad) = self.preprocess(chunk), union.prepare(chunk, owner[start : start + len(chunk)])
             self.preprocess_s += time.perf_counter() - began
             failed.update({start + i: why for i, why in bad.items()})
             embeds.append(self.embed_pixels(pixels))
-            probs.append(self.detectors.score(self.concepts, inputs))  # one forward per detector per batch
+            probs.append(union.score(inputs, len(chunk)))  # one forward per detector per batch
         if scored:
-            labels = [[v.label for v in obj.views] for obj in scored]
-            detector = torch.cat(probs) if self.concepts.detectors else None  # type: ignore[arg-type]
-            per_view = self.score_embeddings(torch.cat(embeds), detector)
-            results = self._withhold(object_verdicts(per_view, self.concepts, labels), labels, detector, failed)
-            for i, obj, verdict in zip(where, scored, results, strict=True):
-                verdict.views_total, verdict.views_sampled, verdict.truncated = obj.total, obj.sampled, obj.truncated
+            detector = torch.cat(probs) if union.refs else None  # type: ignore[arg-type]
+            with torch.inference_mode():
+                per_set = score_sets(torch.cat(embeds), sets, owner, self.adjustment, detector, union)
+            for i, verdict in zip(where, self._read(per_set, sets, scored, owner_of, failed), strict=True):
                 verdicts[i] = verdict
-        return self._labelled(verdicts)  # type: ignore[arg-type] - every slot is filled above
+        return verdicts  # type: ignore[return-value] - every slot is filled above
+
+    def _read(
+        self,
+        per_set: list[tuple[torch.Tensor, Scores]],
+        sets: list[ConceptSet],
+        scored: list[Viewed],
+        owner_of: list[int],
+        failed: dict[int, str],
+    ) -> list[Verdict]:
+        """Each policy's views' scores -> the verdicts of ``scored`` (object k under ``sets[owner_of[k]]``)."""
+        out: list[Verdict | None] = [None] * len(scored)
+        for k, (rows, per_view) in enumerate(per_set):
+            mine = [j for j, owner in enumerate(owner_of) if owner == k]  # this policy's objects
+            if not mine:
+                continue
+            labels = [[v.label for v in scored[j].views] for j in mine]
+            local = {int(v): r for r, v in enumerate(rows.tolist())}  # view in the batch -> row in per_view
+            lost = {local[v]: why for v, why in failed.items() if v in local}
+            results = self._withhold(
+                object_verdicts(per_view, sets[k], labels), labels, per_view.detector, lost, sets[k]
+            )
+            for j, verdict in zip(mine, self._labelled(results, sets[k]), strict=True):
+                obj, out[j] = scored[j], verdict
+                verdict.views_total, verdict.views_sampled, verdict.truncated = obj.total, obj.sampled, obj.truncated
+        return out  # type: ignore[return-value] - every object belongs to one policy
 
     def _withhold(
         self,
@@ -400,6 +492,7 @@ class SafetyChecker:
         labels: Sequence[Sequence[str | None]],
         detector: torch.Tensor | None,
         failed: dict[int, str],
+        concepts: ConceptSet | None = None,
     ) -> list[Verdict]:
         """Objects with a view a detector could not prepare (``failed``: view -> why) or scored non-finite ->
         :meth:`unscorable` (withheld by default), the others as they are: one bad view never fails its neighbours."""
@@ -410,7 +503,7 @@ class SafetyChecker:
             return verdicts
         owner = [k for k, views in enumerate(labels) for _ in views]
         why = {owner[v]: reason for v, reason in sorted(failed.items(), reverse=True)}
-        return [self.unscorable(why[k]) if k in why else verdict for k, verdict in enumerate(verdicts)]
+        return [self.unscorable(why[k], concepts) if k in why else verdict for k, verdict in enumerate(verdicts)]
 
     def score_pixels(
         self, pixels: torch.Tensor, labels: Sequence[Sequence[str | None]], inputs: dict[str, np.ndarray] | None = None
@@ -422,31 +515,33 @@ class SafetyChecker:
         scores = self.score_embeddings(self.embed_pixels(pixels), detector)
         return self._labelled(self._withhold(object_verdicts(scores, self.concepts, labels), labels, detector, {}))
 
-    def over_view_budget(self, sampled: bool, total: int) -> Verdict | None:
+    def over_view_budget(self, sampled: bool, total: int, policy: str | None = None) -> Verdict | None:
         """The unscorable verdict of an object whose views were sampled when the policy withholds such objects
         (``over_view_budget: unscorable``); None when it is scored."""
-        if not sampled or self.concepts.over_view_budget != "unscorable":
+        concepts = self.concepts_for(policy)
+        if not sampled or concepts.over_view_budget != "unscorable":
             return None
         failed = Verdict.failed(
-            f"{total} views, over max_views={self.limits.max_views}, and the policy withholds what it cannot see "
-            "whole (over_view_budget: unscorable)",
-            self.concepts.unscorable_action,
+            f"{total} views, over max_views={self.limits_for(policy).max_views}, and the policy withholds what it "
+            "cannot see whole (over_view_budget: unscorable)",
+            concepts.unscorable_action,
             total,
         )
-        return self._labelled([failed])[0]
+        return self._labelled([failed], concepts)[0]
 
     def check_arrays(self, arrays: Sequence[np.ndarray | Decoded | ImageDecodeError]) -> list[Verdict]:
         """Generated images (uint8 arrays: one view each, as diffusers scores them) or decode errors -> verdicts."""
         objects = [Viewed.single(a.array, a.truncated) if isinstance(a, Decoded) else a for a in arrays]
         return self.score_views(self.views(objects))
 
-    def check(self, images: Sequence[Any]) -> list[Verdict]:
-        """Objects of any kind :meth:`views` takes -> one :class:`Verdict` each, in order.
+    def check(self, images: Sequence[Any], policies: Sequence[str | None] | None = None) -> list[Verdict]:
+        """Objects of any kind :meth:`views` takes -> one :class:`Verdict` each, in order (``policies``: a policy
+        name per object, as :meth:`score_views` takes them).
 
         Undecodable inputs get :meth:`unscorable`'s verdict (``error`` set, the policy's ``unscorable_action``); they
         never affect the others. Truncated files are scored on what decodes (``truncated``). Inputs are not mutated.
         """
-        return self.score_views(self.views(images))
+        return self.score_views(self.views(images, policies), policies)
 
     def embed(self, images: Sequence[Any]) -> torch.Tensor:
         """Images -> (N, D) float32 embeddings; raises on the first undecodable image."""

@@ -20,7 +20,8 @@ class CheckerCore(Protocol):
     def fingerprint(self) -> str: ...
 
     def views(self, items: Sequence[Any]) -> list[Any]:
-        """Encoded objects or arrays -> each one's views, or its ``ImageDecodeError`` (no model work)."""
+        """Encoded objects or arrays -> each one's views, or its ``ImageDecodeError`` (no model work). A
+        :class:`PolicyCore` also takes ``policies=``, a policy name per item."""
         ...
 
     def score_views(self, objects: Sequence[Any]) -> list[Verdict]:
@@ -30,6 +31,25 @@ class CheckerCore(Protocol):
     def configure(self, **settings: Any) -> None: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class PolicyCore(CheckerCore, Protocol):
+    """A core that holds named policies beside its own: ``views``, ``score_views`` and ``info`` then also take
+    ``policies`` (a name per object; None entries: the own policy) or ``policy``, and each name has its identity."""
+
+    def fingerprint_for(self, policy: str | None) -> str:
+        """The fingerprint of that policy's scoring (``fingerprint`` for None); InvalidInput for an unknown name."""
+        ...
+
+    def parts_for(self, policy: str | None) -> dict[str, list[str]]:
+        """Which parts of a verdict under that policy come from demo weights and which from real ones."""
+        ...
+
+
+def policy_core(obj: Any) -> PolicyCore | None:
+    """``obj`` if it holds named policies (:class:`PolicyCore`), else None (a stand-in scoring with one policy)."""
+    return obj if isinstance(obj, PolicyCore) else None
 
 
 def checker_core(obj: Any) -> CheckerCore:

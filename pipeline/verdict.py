@@ -80,8 +80,17 @@ class Scores:
         return Scores(amax(self.concept), amax(self.special), amax(self.categories), detector), first
 
 
+def cosines(embeds: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (B, D) and L2-normalised concept rows (N, D) -> (B, N) cosines, one matmul."""
+    return torch.nn.functional.normalize(embeds.float()) @ rows.T
+
+
 def score(
-    embeds: torch.Tensor, concepts: ConceptSet, adjustment: float, detector: torch.Tensor | None = None
+    embeds: torch.Tensor,
+    concepts: ConceptSet,
+    adjustment: float,
+    detector: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
 ) -> Scores:
     """The reference's rule on a whole batch, plus category scores.
 
@@ -91,9 +100,10 @@ def score(
     to 3 decimals before it is compared with 0. Policy rows take the adjustment but not the special-care bump.
     ``detector`` (B, P) are the detectors' probabilities (``concepts.detector_columns``); a detector row's margin is
     its probability - threshold + adjustment, rounded alike. A category's score is the maximum margin over its rows.
+    ``cos`` (B, N): the cosines of ``embeds`` to ``concepts``' rows when the caller computed them already (columns of
+    one matmul against several policies' rows: :mod:`pipeline.policyset`).
     """
-    rows = concepts.embeds  # (N, D) L2-normalised
-    cos = torch.nn.functional.normalize(embeds.float()) @ rows.T  # (B, N) cosines, one matmul
+    cos = cosines(embeds, concepts.embeds) if cos is None else cos  # (B, N)
     margins = cos - concepts.thresholds() + adjustment  # (B, N) float32, as the reference computes with numpy
     special_rows, nsfw_rows = concepts.special_rows, concepts.nsfw_rows
     bump = torch.zeros(embeds.shape[0], dtype=torch.float32)  # (B,) 0.01 once a special-care row hit

@@ -20,27 +20,27 @@ class _FakeChecker:
     def __init__(self, args: Any):
         self.args = args
 
-    def views(self, items: list[Any]) -> list[Any]:
+    def views(self, items: list[Any], policies: Any = None) -> list[Any]:  # one policy: names are ignored
         return list(items)
 
     def configure(self, **settings: Any) -> None:
         self.settings = settings
 
-    def info(self) -> dict[str, Any]:
+    def info(self, policy: str | None = None) -> dict[str, Any]:
         return {"model": "fault-injection", "fingerprint": self.fingerprint, "demo_weights": True, "concepts": []}
 
 
 class RaisingChecker(_FakeChecker):
     """A checker whose every call fails."""
 
-    def score_views(self, objects: list[Any]) -> list[Any]:
+    def score_views(self, objects: list[Any], policies: Any = None) -> list[Any]:
         raise RuntimeError("injected checker failure")
 
 
 class SlowChecker(_FakeChecker):
     """A checker slower than any sane timeout; it would flag nothing, so a leak would be visible."""
 
-    def score_views(self, objects: list[Any]) -> list[Any]:
+    def score_views(self, objects: list[Any], policies: Any = None) -> list[Any]:
         from pipeline import Verdict
 
         time.sleep(3)

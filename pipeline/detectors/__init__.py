@@ -135,20 +135,34 @@ class DetectorSet:
             return self.prepare(concepts, arrays), {}
         except Exception:  # noqa: BLE001 - find the views that fail, one at a time
             pass
-        import numpy as np
-
         inputs: dict[str, np.ndarray] = {}
         failed: dict[int, str] = {}
         for ref in concepts.detectors:
-            detector = self.of(concepts, ref)
-            out = np.zeros((len(arrays), *detector.input_shape), np.float32)
-            for i, array in enumerate(arrays):
-                try:
-                    out[i] = detector.prepare([array])[0]
-                except Exception as exc:  # noqa: BLE001 - this view's error, never the batch's
-                    failed.setdefault(i, f"detector {ref!r} cannot prepare the image: {type(exc).__name__}: {exc}")
-            inputs[ref] = out
+            inputs[ref], bad = self.prepare_one(self.of(concepts, ref), ref, arrays, whole=False)
+            failed.update({i: why for i, why in bad.items() if i not in failed})
         return inputs, failed
+
+    @staticmethod
+    def prepare_one(
+        detector: Detector, name: str, arrays: list[np.ndarray], whole: bool = True
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """One detector's :meth:`prepare_each`: -> (inputs, {view index: why}); a failed view's inputs are zeros.
+        ``whole``: try the whole list in one call first (False: the caller already saw it fail)."""
+        if whole:
+            try:
+                return detector.prepare(arrays), {}
+            except Exception:  # noqa: BLE001 - find the views that fail, one at a time
+                pass
+        import numpy as np
+
+        out = np.zeros((len(arrays), *detector.input_shape), np.float32)
+        failed: dict[int, str] = {}
+        for i, array in enumerate(arrays):
+            try:
+                out[i] = detector.prepare([array])[0]
+            except Exception as exc:  # noqa: BLE001 - this view's error, never the batch's
+                failed[i] = f"detector {name!r} cannot prepare the image: {type(exc).__name__}: {exc}"
+        return out, failed
 
     def transforms(self, concepts: ConceptSet) -> dict[str, tuple[Callable[[list[np.ndarray]], np.ndarray], tuple]]:
         """Each detector's picklable transform and one view's input shape (for a CPU stage elsewhere)."""

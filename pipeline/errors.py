@@ -49,6 +49,12 @@ class Unavailable(DiffguardError):
     status_code = 503
 
 
+class AuditUnavailable(Unavailable):
+    """The audit log could not record a row (its group commit failed): the decision must not be released."""
+
+    status_code = 503
+
+
 class UsageError(DiffguardError):
     """A command line that cannot run as given (the CLI's exit status 2)."""
 
@@ -59,6 +65,25 @@ class Unauthorized(DiffguardError):
     """A request without the API key, or with a wrong one."""
 
     status_code = 401
+
+
+class Forbidden(DiffguardError):
+    """A valid key asking for something it may not do (a route outside its `routes:`)."""
+
+    status_code = 403
+
+
+class TooManyRequests(DiffguardError):
+    """A key over its quota; ``retry_after_s`` says when the request would fit (the ``Retry-After`` header)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after_s))
 
 
 class UnsupportedMediaType(DiffguardError):

@@ -12,7 +12,7 @@ import sys
 
 from .. import raylogs
 from ..errors import DiffguardError
-from . import check, evaluate, generate, models, review, scan, serve
+from . import audit, check, evaluate, generate, models, review, scan, serve
 from .options import EXIT_USAGE
 
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="debug logging on stderr, and Ray's own logs as Ray prints them"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (check, models, generate, serve, evaluate, scan, review):  # cheap imports only
+    for family in (check, models, generate, serve, evaluate, scan, review, audit):  # cheap imports only
         family.register(sub)
     return parser
 

@@ -1,4 +1,10 @@
-"""The ASGI layer in front of the routes: the API key and the request limits, before any route reads a byte.
+"""The ASGI layer in front of the routes: the caller's key, its routes and request quota, and the request limits,
+before any route reads a byte.
+
+The key names the caller (:mod:`deployments.tenancy`): an unknown key is a 401, a route outside the key's `routes:` a
+403, a key over its `requests_per_s` a 429 with ``Retry-After`` (the quota keeper's answer, before the body is read);
+the caller is then in ``request.state.caller`` for the routes, and every response names its tenant
+(``X-Diffguard-Tenant``).
 
 Headers the edge decides on must come once (a duplicate is a 400: Starlette reads the first, a dict the last). An
 unauthenticated client never gets a body read; a keyless service refuses browsers' cross-site requests (403); a body
@@ -12,7 +18,9 @@ parses it (JSON, ``UploadFile``) as the routes declare. Also here: the content-t
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,10 +30,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import PayloadTooLarge, UnsupportedMediaType
 
-from .auth import authorized
+from .tenancy import Callers, route_refusal
 from .uploads import _file_parts, media_type
 
 UNAUTHORIZED = "missing or wrong API key: send `Authorization: Bearer <key>`"
+TENANT_HEADER = b"x-diffguard-tenant"  # on every response to a known caller: its tenant
 # Headers the edge or the routes decide on: each must come once, so every reader sees the same value.
 SINGLE = ("content-type", "content-length", "authorization", "host", "origin", "sec-fetch-site")
 # A keyless service answers only these Sec-Fetch-Site values. `same-site` is refused too: any port of the same host
@@ -37,10 +46,16 @@ OWN_SITE = ("same-origin", "none")
 class EdgeSettings:
     """What the edge enforces; set on ``app.state.edge`` by the Ingress replica at start."""
 
-    api_key: str | None  # None: open (the start-up rule allowed it); browsers' cross-site requests are refused
+    api_key: str | None  # the single key (None: a keys file in ``callers``, or open where the start-up rule allowed it)
     max_body_bytes: int
     max_files: int  # /v1/moderate: file parts per request
     body_read_timeout_s: float = 30.0  # the whole body must arrive within this, else 408
+    callers: Callers = field(default=None)  # type: ignore[assignment] - the keys in force (default: ``api_key``'s)
+    quota: Any = None  # a QuotaClient (deployments.quota): each key's requests_per_s, before its body is read
+
+    def __post_init__(self) -> None:
+        if self.callers is None:
+            object.__setattr__(self, "callers", Callers.single(self.api_key))
 
 
 def duplicated(scope: Scope) -> str | None:
@@ -99,26 +114,40 @@ class Edge:
             message = f"the request carries more than one `{twice}` header; send each of {', '.join(SINGLE)} once"
             return await self._refuse(scope, 400, message)(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not authorized(headers.get("authorization"), settings.api_key):
+        started = time.perf_counter()
+        caller = settings.callers.find(headers.get("authorization"))
+        if caller is None:
             return await self._refuse(scope, 401, UNAUTHORIZED)(scope, receive, send)
-        why = cross_site(headers) if settings.api_key is None else None
+        why = cross_site(headers) if not settings.callers.required else None
         if why is not None:
             message = f"refused a cross-site browser request ({why}): this service has no API key"
             return await self._refuse(scope, 403, message)(scope, receive, send)
+        named = {"X-Diffguard-Tenant": caller.tenant}
+        refusal = route_refusal(caller, path)
+        if refusal is not None:
+            return await self._refuse(scope, 403, refusal, **named)(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["caller"], state["started"] = caller, started  # the routes read them (tenant, policy, latency)
+        if settings.quota is not None and path in ("/v1/generate", "/v1/moderate"):
+            decision = await settings.quota.take(caller.id, caller.limits, requests=1, tenant=caller.tenant)
+            if decision is not None and not decision.allowed:
+                retry = str(max(1, math.ceil(decision.retry_after_s)))
+                refused = self._refuse(scope, 429, decision.reason, **named, **{"Retry-After": retry})
+                return await refused(scope, receive, send)
         limit = settings.max_body_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             message = f"request body is {int(declared)} bytes; the limit is {limit} (`max_body_bytes`)"
-            return await self._refuse(scope, 413, message)(scope, receive, send)
+            return await self._refuse(scope, 413, message, **named)(scope, receive, send)
         try:
             async with asyncio.timeout(settings.body_read_timeout_s):  # for the whole body, not per chunk
                 body = await _read_body(receive, limit)
         except PayloadTooLarge as exc:
-            return await self._refuse(scope, 413, exc.message)(scope, receive, send)
+            return await self._refuse(scope, 413, exc.message, **named)(scope, receive, send)
         except TimeoutError:
             deadline = settings.body_read_timeout_s
             message = f"the request body did not arrive within {deadline:g}s (`body_read_timeout_s`)"
-            return await self._refuse(scope, 408, message, Connection="close")(scope, receive, send)
+            return await self._refuse(scope, 408, message, Connection="close", **named)(scope, receive, send)
         if body is None:  # the client went away
             return None
         kind = headers.get("content-type", "")
@@ -128,7 +157,7 @@ class Edge:
                 refusal = (
                     f"the request carries {sent} files; the limit is {settings.max_files} (`max_files_per_request`)"
                 )
-                return await self._refuse(scope, 413, refusal)(scope, receive, send)
+                return await self._refuse(scope, 413, refusal, **named)(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -138,7 +167,14 @@ class Edge:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: wait for the disconnect, as the server would
 
-        await self.app(scope, replay, send)
+        tenant = caller.tenant.encode("latin-1", "replace")
+
+        async def tagged(message: Message) -> None:  # every response past the key check names the caller's tenant
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (TENANT_HEADER, tenant)]}
+            await send(message)
+
+        await self.app(scope, replay, tagged)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -12,38 +12,36 @@ import asyncio
 import base64
 import html
 import io
+import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, File, Header, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.staticfiles import StaticFiles
-from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Histogram
-from starlette.exceptions import HTTPException
+from ray.serve.metrics import Counter, Histogram
 
 from pipeline.errors import (
     DiffguardError,
     ImageDecodeError,
     InvalidInput,
     PayloadTooLarge,
-    Unauthorized,
+    TooManyRequests,
     Unavailable,
 )
 from pipeline.headers import PAGE_HEADERS
 from pipeline.images import DecodeLimits
 
-from .auth import api_key, auth_info, authorized, require_key_or_loopback
-from .edge import UNAUTHORIZED, Edge, EdgeSettings, json_only, upload_kinds
+from .api import api, authorize, request_id
+from .audit import Auditor, image_row, sha256
+from .auth import auth_info
+from .edge import EdgeSettings, json_only, upload_kinds
 from .health import ReplicaState, http_host
+from .quota import QuotaClient
 from .schemas import (
     RAW_IMAGE_BODY,
     GenerateRequest,
@@ -55,105 +53,19 @@ from .schemas import (
     schema_with_limits,
 )
 from .settings import IngressArgs
+from .tenancy import Callers, caller_info, check_start
 from .uploads import check_request_pixels, listing
-from .validation import describe_validation
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 
-# Swagger UI and ReDoc from the assets fastapi-offline ships (no CDN): /docs and /redoc render with no network.
-api = FastAPIOffline(
-    title="diffguard",
-    description="Moderated text-to-image generation and image moderation. Every image that leaves was scored by "
-    'the safety checker in the same request. Errors are always `{"error", "request_id"}`. The page at `/` '
-    "drives this API.",
-    version="0.1.0",
-)
 
-
-def _error(status: int, message: str, request_id: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {}
-    if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    return JSONResponse({"error": message, "request_id": request_id}, status_code=status, headers=headers)
-
-
-def _request_id(request: Request) -> str:
-    """Serve's own request id (it honours a client's X-Request-ID and returns it in the response header)."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        try:
-            from ray.serve.context import _get_serve_request_context
-
-            rid = _get_serve_request_context().request_id
-        except Exception:  # noqa: BLE001 - outside a replica
-            rid = ""
-        rid = rid or uuid.uuid4().hex
-        request.state.request_id = rid
-    return rid
-
-
-api.add_middleware(Edge, request_id=_request_id)  # the key and the body limits before any route reads the body
-api.mount("/page", StaticFiles(directory=STATIC), name="page")
-
-
-@api.exception_handler(DiffguardError)
-async def _diffguard_error(request: Request, exc: DiffguardError) -> JSONResponse:
-    retry = request.app.state.retry_after_s if exc.status_code == 503 else None
-    message = getattr(exc, "message", None) or str(exc)  # errors re-raised from another replica keep only str()
-    return _error(exc.status_code, message, _request_id(request), retry)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation errors in the one error shape: the field, the value received and what is allowed."""
-    limits = getattr(request.app.state, "limits", None)
-    return _error(422, describe_validation(exc.errors(), limits), _request_id(request))
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Starlette's and FastAPI's own errors (404, 405, a malformed multipart body) in the one error shape."""
-    rid, causes, cause = _request_id(request), [], exc.__cause__ or exc.__context__
-    while cause is not None and len(causes) < 5:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    if any(isinstance(c, RecursionError) for c in causes):  # FastAPI's JSON parse hit the recursion limit
-        return _error(422, "the JSON body is nested too deeply; requests are flat objects of fields", rid)
-    if exc.status_code == 400 and str(request.url.path).endswith("/v1/generate"):  # FastAPI could not parse it
-        why = next((str(c) for c in causes if isinstance(c, ValueError)), "not UTF-8 JSON")
-        return _error(422, f"the body is not valid JSON ({why[:200]})", rid)
-    message = str(exc.detail)
-    if exc.status_code == 400 and message.startswith("Too many files"):  # past starlette's own file cap
-        limit = request.app.state.edge.max_files
-        return _error(413, f"the request carries more than {limit} files (`max_files_per_request`)", rid)
-    if exc.status_code == 400 and str(request.url.path).endswith("/v1/moderate"):
-        message = f"malformed multipart body: {message}"
-    return _error(exc.status_code, message, rid)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    rid = _request_id(request)
-    log.error("request %s failed: %r", rid, exc, exc_info=exc)
-    return _error(500, "internal error; quote the request id when reporting it", rid)
-
-
-_bearer = HTTPBearer(auto_error=False, description="DIFFGUARD_API_KEY, when the service has one (see /v1/info `auth`)")
-
-
-def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """Per route (the Edge middleware already refused wrong keys before reading the body); declares the scheme."""
-    if not authorized(request.headers.get("authorization"), request.app.state.edge.api_key):
-        raise Unauthorized(UNAUTHORIZED)
-
-
-def _png_base64(image: Any) -> str:
+def _png(image: Any) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 @serve.deployment(
@@ -171,6 +83,7 @@ class Ingress:
         generator: DeploymentHandle | None,
         args: dict[str, Any] | None = None,
         image_limits: DecodeLimits | None = None,
+        quota: DeploymentHandle | None = None,
     ):
         from pipeline.requests import GenerationLimits
 
@@ -178,25 +91,78 @@ class Ingress:
         self.checker, self.generator = checker, generator
         self.limits = GenerationLimits(**self.args.limits)
         self.image_limits = image_limits or DecodeLimits()  # the checker's: the edge prices uploads in its views
-        key = api_key(os.environ)  # stripped; empty or whitespace refuses to start
         self.host = http_host()
-        require_key_or_loopback(self.host, key, self.args.allow_unauthenticated)  # else DEPLOY_FAILED, with why
-        self.auth = auth_info(key, self.args.allow_unauthenticated, self.host)
-        api.state.edge = EdgeSettings(
-            key, self.args.max_body_bytes, self.args.max_files_per_request, self.args.body_read_timeout_s
+        self.keys_failures = Counter(
+            "diffguard_keys_reload_failures", description="keys file changes refused (the last good file stays)"
         )
+        # DIFFGUARD_KEYS_FILE (tenants, reloaded live), DIFFGUARD_API_KEY, or none: a malformed file, an empty key or
+        # both set refuse to start, as does no key on a host others can reach (DEPLOY_FAILED, with why)
+        self.callers = Callers.from_environ(os.environ, on_reload=self._keys_reloaded)
+        check_start(self.callers, self.host, self.args.allow_unauthenticated)
+        self.callers.start()
+        self.auth = {**auth_info(None, self.args.allow_unauthenticated, self.host), "required": self.callers.required}
+        self.auth["keys"] = self.callers.kind
+        self.quota = QuotaClient(quota, self.args.quota_timeout_s) if quota is not None else None
+        api.state.edge = EdgeSettings(
+            None,
+            self.args.max_body_bytes,
+            self.args.max_files_per_request,
+            self.args.body_read_timeout_s,
+            callers=self.callers,
+            quota=self.quota,
+        )
+        context = serve.get_replica_context()
+        self.audit_failures = Counter(
+            "diffguard_audit_failures", description="audit rows that could not be written", tag_keys=("route",)
+        )
+        self.auditor = Auditor(
+            self.args.audit_dest,
+            required=self.args.audit_required,
+            replica=context.replica_tag if hasattr(context, "replica_tag") else "",
+            on_failure=lambda route: self.audit_failures.inc(tags={"route": route}),
+        )
+        api.state.on_error = self._failed
         api.state.limits = self.limits
         api.state.retry_after_s = self.args.retry_after_s
         api.openapi_schema = None
         api.openapi = self._openapi  # this deployment's limits as the schema's bounds
-        self.state = ReplicaState(serve.get_replica_context().app_name, self.args.health_timeout_s)
+        self.state = ReplicaState(context.app_name, self.args.health_timeout_s)
         self.generator_info: dict[str, Any] | None = None  # static per replica: fetched once, never behind renders
         self.latency = Histogram(
             "diffguard_moderation_latency_s",
             description="time from receiving images to their verdicts",
             boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-            tag_keys=("route",),
+            tag_keys=("route", "tenant"),
         )
+        self.requests = Counter(
+            "diffguard_requests",
+            description="decision requests answered, by status",
+            tag_keys=("route", "tenant", "status"),
+        )
+
+    def _keys_reloaded(self, error: str | None) -> None:
+        if error is not None:
+            self.keys_failures.inc()
+
+    def _failed(self, request: Request, status: int, message: str) -> None:
+        """The API's error hook: count the refused or failed decision request and record it in the audit log."""
+        path = request.url.path.rstrip("/")
+        route = "generate" if path.endswith("/v1/generate") else "moderate" if path.endswith("/v1/moderate") else None
+        if route is None:
+            return
+        self.requests.inc(tags={"route": route, "tenant": request.state.caller.tenant, "status": str(status)})
+        self.auditor.failure(request, status, message)
+
+    async def _images_quota(self, request: Request, images: int) -> None:
+        """Spend the caller's images_per_min (generated or uploaded); over it: 429 with Retry-After."""
+        if self.quota is None:
+            return
+        caller = request.state.caller
+        decision = await self.quota.take(caller.id, caller.limits, requests=0, images=images, tenant=caller.tenant)
+        if decision is not None and decision.too_large:  # more images than the key may ever take at once
+            raise InvalidInput(decision.reason)
+        if decision is not None and not decision.allowed:
+            raise TooManyRequests(decision.reason, decision.retry_after_s)
 
     def _openapi(self) -> dict[str, Any]:
         if api.openapi_schema is None:
@@ -222,14 +188,24 @@ class Ingress:
             log.warning("%s call failed: %r", what, exc)
             raise Unavailable(f"the {what} is unavailable ({type(exc).__name__}); nothing was released") from None
 
-    async def _check(self, images: list[Any], route: str) -> list[dict[str, Any]]:
+    async def _check(self, images: list[Any], route: str, caller: Any) -> list[dict[str, Any]]:
+        """Each image joins the checker's shared batch queue, scored with the caller's policy."""
         start = time.perf_counter()
-        results = await self._call(self.checker.check_many.remote(images), self.args.checker_timeout_s, "checker")
+        call = self.checker.check_many.remote(images, policy=caller.policy, tenant=caller.tenant)
+        results = await self._call(call, self.args.checker_timeout_s, "checker")
         if len(results) != len(images) or any("unavailable" in r for r in results):
             reason = next((r["unavailable"] for r in results if "unavailable" in r), "wrong number of results")
             raise Unavailable(f"the checker could not score the images ({reason}); nothing was released")
-        self.latency.observe(time.perf_counter() - start, tags={"route": route})
+        self.latency.observe(time.perf_counter() - start, tags={"route": route, "tenant": caller.tenant})
         return results
+
+    async def _answered(self, request: Request, route: str, response: dict[str, Any], **row: Any) -> dict[str, Any]:
+        """The response, once its audit row is durable (503 without pixels when it cannot be, unless configured)."""
+        caller = request.state.caller
+        await self.auditor.decision(request, route, 200, **row)
+        self.requests.inc(tags={"route": route, "tenant": caller.tenant, "status": "200"})
+        response["tenant"], response["policy"] = caller.tenant, caller.policy
+        return response
 
     @api.get("/", include_in_schema=False)
     async def page(self, request: Request) -> HTMLResponse:
@@ -240,9 +216,9 @@ class Ingress:
 
     @api.post(
         "/v1/generate",
-        dependencies=[Depends(_authorize), Depends(json_only)],
+        dependencies=[Depends(authorize), Depends(json_only)],
         response_model=GenerateResponse,
-        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 503),
+        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
     )
     async def generate(self, request: Request, body: GenerateRequest) -> dict[str, Any]:
         """Generate images from a prompt. Every image is scored by the checker in this request and the policy
@@ -250,28 +226,32 @@ class Ingress:
         at all (`image_png_base64` is null). No verdict, no pixels: a 503."""
         from pipeline.moderate import model_info, moderate
 
-        rid = _request_id(request)
+        rid, caller = request_id(request), request.state.caller
         if self.generator is None:
             raise Unavailable("this deployment serves moderation only (no generator configured)")
         body.check(self.limits)  # this deployment's limits (the schema shows them); InvalidInput names each field
+        await self._images_quota(request, body.num_images)
         log.info("request %s: generate %d image(s), %d steps, safety=%s", rid, body.num_images, body.steps, body.safety)
         rendering = await self._call(
             self.generator.render.remote(body.model_dump()), self.args.generator_timeout_s, "generator"
         )
         images = rendering["images"]
         self.generator_info = self.generator_info or rendering["info"]
-        results = await self._check(images, "generate")
+        results = await self._check(images, "generate", caller)
         moderated = moderate(images, [r["verdict"] for r in results])
         models = model_info(rendering["info"], results[0]["checker"])  # the replicas that rendered and scored these
         models["checker_fingerprint"] = results[0]["fingerprint"]  # the policy that scored these very images
-        out = []
+        out, audited = [], []
         for m, r in zip(moderated, results, strict=True):
             row = m.report()  # the core's one shape for a moderated image
             row["moderation"].update(action=m.action, batch_size=r["batch_size"])
-            row["image_png_base64"] = _png_base64(m.image) if m.image is not None else None
+            png = await asyncio.to_thread(_png, m.image) if m.image is not None else None
+            row["image_png_base64"] = base64.b64encode(png).decode() if png is not None else None
             out.append(row)
+            audited.append(image_row(row["moderation"], m.action, sha256(png) if png is not None else None))
         log.info("request %s: %s", rid, [m.action for m in moderated])
-        return {
+        generation = self.auditor.generation(request, body.model_dump(), rendering["seed"])
+        response = {
             "request_id": rid,
             "seed": rendering["seed"],
             "width": rendering["width"],
@@ -281,12 +261,14 @@ class Ingress:
             "images": out,
             "models": models,
         }
+        fields = {"images": audited, "policy_fingerprint": models["checker_fingerprint"], **generation}
+        return await self._answered(request, "generate", response, models=json.dumps(models, default=str), **fields)
 
     @api.post(
         "/v1/moderate",
-        dependencies=[Depends(_authorize), Depends(upload_kinds)],
+        dependencies=[Depends(authorize), Depends(upload_kinds)],
         response_model=ModerateResponse,
-        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 503),
+        responses=error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503),
         openapi_extra=RAW_IMAGE_BODY,
     )
     async def moderate_uploads(
@@ -300,7 +282,7 @@ class Ingress:
         unscorable action); only when every file fails is it a 400."""
         from pipeline.policy import outcome
 
-        rid = _request_id(request)
+        rid, caller = request_id(request), request.state.caller
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             if not files:
@@ -316,7 +298,8 @@ class Ingress:
             names, blobs = [x_filename], [await request.body()]
         # Priced from the headers before anything reaches the checker (a 5 KB 1-bit PNG can decode to 40 MP).
         await asyncio.to_thread(check_request_pixels, blobs, self.image_limits, self.args.max_request_pixels)
-        results = await self._check(blobs, "moderate")
+        await self._images_quota(request, len(blobs))
+        results = await self._check(blobs, "moderate", caller)
         rows = [
             # An unscorable upload carries the policy's unscorable_action (block by default), never null.
             {"filename": name, **outcome(r["verdict"]), "batch_size": r["batch_size"]}
@@ -326,7 +309,16 @@ class Ingress:
             detail = listing([f"{row['filename'] or 'body'}: {row['error']}" for row in rows])
             raise ImageDecodeError(f"no uploaded file could be decoded: {detail}")
         log.info("request %s: moderated %d file(s), %d flagged", rid, len(rows), sum(r["nsfw"] for r in rows))
-        return {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]}
+        response = {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]}
+        digests = (
+            await asyncio.to_thread(lambda: [sha256(b) for b in blobs]) if self.auditor.log else [None] * len(rows)
+        )
+        audited = [
+            image_row(row, row["action"], digest, row["filename"]) for row, digest in zip(rows, digests, strict=True)
+        ]
+        models = json.dumps({"checker": results[0]["checker"]}, default=str)
+        fields = {"images": audited, "policy_fingerprint": results[0]["fingerprint"], "models": models}
+        return await self._answered(request, "moderate", response, **fields)
 
     @api.get(
         "/healthz",
@@ -352,16 +344,20 @@ class Ingress:
 
     @api.get(
         "/v1/info",
-        dependencies=[Depends(_authorize)],
+        dependencies=[Depends(authorize)],
         response_model=InfoResponse,
         responses=error_responses(400, 401, 403, 503),
     )
-    async def info(self) -> dict[str, Any]:
-        """Models, fingerprints, thresholds, detectors, batching and autoscaling settings, and which parts run demo
-        weights (meaningless scores) and which real ones."""
+    async def info(self, request: Request) -> dict[str, Any]:
+        """Models, fingerprints, thresholds, detectors, batching and autoscaling settings, which parts run demo
+        weights (meaningless scores) and which real ones, and the caller's own tenant, policy, routes and limits
+        (never another tenant's)."""
         from pipeline.moderate import weight_parts
 
-        checker = await self._call(self.checker.info.remote(), self.args.health_timeout_s, "checker")
+        caller = request.state.caller
+        call = self.checker.info.remote(policy=caller.policy)
+        checker = await self._call(call, self.args.health_timeout_s, "checker")
+        checker.pop("policies", None)  # the service's policy names: not this caller's business
         generator = await self._generator_info()
         demo = checker["demo_weights"] or bool(generator and generator["demo_weights"])
         parts = weight_parts(generator, checker)
@@ -382,5 +378,7 @@ class Ingress:
                 "max_image_pixels": self.image_limits.max_pixels,
             },
             "auth": self.auth,
+            "caller": caller_info(caller),
+            "audit": {"enabled": self.auditor.log is not None, "required": self.args.audit_required},
             "deployments": await self.state.settings(),
         }

@@ -17,13 +17,24 @@ from pipeline.errors import DeployFailed, InvalidInput
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 
-def load_config(path: str | Path | None = None, host: str | None = None, port: int | None = None) -> Any:
-    """A Serve config file -> validated ``ServeDeploySchema`` (HTTP host/port overridable)."""
+def load_config(
+    path: str | Path | None = None, host: str | None = None, port: int | None = None, audit_dest: str | None = None
+) -> Any:
+    """A Serve config file -> validated ``ServeDeploySchema`` (HTTP host/port and every diffguard app's
+    ``audit_dest`` overridable)."""
     path = Path(path or DEFAULT_CONFIG)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidInput(f"cannot read Serve config {path}: {exc}") from None
+    if audit_dest is not None and "://" not in audit_dest:
+        audit_dest = str(Path(audit_dest).resolve())  # the replicas' working directory is not this one's
+    if audit_dest is not None and isinstance(raw, dict):
+        for app in raw.get("applications") or []:
+            if isinstance(app, dict) and app.get("import_path") == "deployments.app:build_app":
+                args = app.setdefault("args", {}) or {}
+                app["args"] = args
+                args.setdefault("ingress", {})["audit_dest"] = audit_dest
     return config_schema(raw, host, port, where=str(path))
 
 
@@ -60,8 +71,8 @@ def ingress_environment(app: Any, environ: Mapping[str, str]) -> dict[str, str]:
 def check_auth(schema: Any, environ: Mapping[str, str]) -> None:
     """The Ingress replicas' start-up rule (``deployments.auth``), checked before anything is deployed: an empty key,
     or no key on a non-loopback host without ``allow_unauthenticated: true``, fails here with the same message."""
-    from .auth import api_key, require_key_or_loopback
     from .settings import AppArgs
+    from .tenancy import Callers, check_start
 
     for app in schema.applications:
         if app.import_path != "deployments.app:build_app":
@@ -70,8 +81,8 @@ def check_auth(schema: Any, environ: Mapping[str, str]) -> None:
             args = AppArgs(**(app.args or {}))
         except ValueError as exc:
             raise InvalidInput(f"application {app.name!r}: invalid args: {exc}") from None
-        key = api_key(ingress_environment(app, environ))
-        require_key_or_loopback(schema.http_options.host, key, args.ingress.allow_unauthenticated)
+        callers = Callers.from_environ(ingress_environment(app, environ))  # a malformed keys file fails here too
+        check_start(callers, schema.http_options.host, args.ingress.allow_unauthenticated)
 
 
 def deploy(schema: Any, timeout_s: float = 600) -> None:

@@ -154,6 +154,8 @@ class GenerateResponse(BaseModel):
     )
     images: list[GeneratedImage]
     models: ModelsUsed
+    tenant: str = Field(description="the caller's tenant (its key's, in the keys file)")
+    policy: str | None = Field(description="the named policy these images were moderated with; null: the service's own")
 
 
 class ModerationResult(Moderation):
@@ -166,6 +168,8 @@ class ModerateResponse(BaseModel):
     request_id: str
     fingerprint: str = Field(description="the checker policy that scored these files")
     results: list[ModerationResult] = Field(description="one row per file, in the order sent")
+    tenant: str = Field(description="the caller's tenant (its key's, in the keys file)")
+    policy: str | None = Field(description="the named policy these files were moderated with; null: the service's own")
 
 
 class HealthResponse(BaseModel):
@@ -184,6 +188,22 @@ class AuthInfo(BaseModel):
     required: bool = Field(description="`Authorization: Bearer <key>` is needed on every /v1 route")
     allow_unauthenticated: bool
     host: str | None
+    keys: str = Field("none", description="where keys come from: `keys_file` (tenants), `api_key` or `none`")
+
+
+class CallerInfo(BaseModel):
+    """The caller's own key: never another tenant's."""
+
+    key_id: str = Field(description="the key's id in the keys file (`api-key` for DIFFGUARD_API_KEY)")
+    tenant: str
+    policy: str | None = Field(description="the named policy its images are moderated with; null: the service's own")
+    routes: list[str] = Field(description="the decision routes it may call (/v1/info is open to every key)")
+    limits: dict[str, float] | None = Field(description="requests_per_s, burst, images_per_min; null: unlimited")
+
+
+class AuditInfo(BaseModel):
+    enabled: bool = Field(description="every decision is recorded before it is answered (`audit_dest`)")
+    required: bool = Field(description="a decision whose row cannot be written is answered 503")
 
 
 class Limits(BaseModel):
@@ -232,6 +252,8 @@ class InfoResponse(BaseModel):
     limits: Limits
     request_limits: RequestLimits
     auth: AuthInfo
+    caller: CallerInfo
+    audit: AuditInfo
     deployments: dict[str, Any] = Field(description="each deployment's status, replicas, autoscaling, user_config")
 
 
@@ -239,11 +261,13 @@ STATUS_WHEN = {
     400: "an upload could not be decoded (every file; names them), a malformed multipart body, or a duplicate "
     "Content-Type, Content-Length or Authorization header",
     401: "API key missing or wrong (`Authorization: Bearer <key>`)",
-    403: "a keyless service refuses a cross-site browser request (Sec-Fetch-Site, Origin)",
+    403: "a key calling a route outside its `routes:`, or a keyless service refusing a cross-site browser request "
+    "(Sec-Fetch-Site, Origin)",
     408: "the request body did not arrive within body_read_timeout_s",
     413: "body over max_body_bytes; more files than max_files_per_request or more pixels than max_request_pixels",
     415: "wrong content type",
     422: "invalid JSON or parameters (names the field, the value and the allowed range); JSON nested too deeply",
+    429: "the key is over its quota (requests_per_s with its burst, or images_per_min): retry after Retry-After",
     503: "checker or generator unavailable, failing or too slow, or overload: nothing was released; retry later",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
@@ -254,7 +278,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         out[status] = {"model": ErrorResponse, "description": STATUS_WHEN[status]}
-        if status == 503:
+        if status in (429, 503):
             out[status]["headers"] = RETRY_AFTER
     return out
 

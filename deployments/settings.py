@@ -98,9 +98,19 @@ class IngressArgs(BaseModel):
     max_files_per_request: int = Field(64, ge=1, le=1000)  # /v1/moderate: more files -> 413 (a raw body is 1 file)
     # /v1/moderate: more pixels in all (summed from the image headers, before any decoding) -> 413
     max_request_pixels: int = Field(256_000_000, ge=1)
-    # the API key comes from DIFFGUARD_API_KEY in the Ingress replicas' environment; without one, the service starts
-    # only on a loopback host (127.0.0.1, ::1, localhost) unless this is true
+    # keys come from DIFFGUARD_KEYS_FILE (tenants, reloaded live) or DIFFGUARD_API_KEY in the Ingress replicas'
+    # environment; without either, the service starts only on a loopback host (127.0.0.1, ::1, localhost) unless this
+    # is true
     allow_unauthenticated: bool = False
+    # the audit log: a Delta table of every /v1/generate and /v1/moderate decision (a directory or s3://bucket/prefix;
+    # `diffguard serve --audit-dest DEST` sets it); None: no audit log
+    audit_dest: str | None = None
+    # true: a decision whose audit row cannot be written is answered 503 (nothing released); false: answered anyway,
+    # counted in diffguard_audit_failures and logged
+    audit_required: bool = True
+    # the quota keeper's answer is awaited this long; past it (or with the keeper gone) requests are let through,
+    # counted in diffguard_quota_unavailable and logged (quotas fail open: they share capacity, not keep images back)
+    quota_timeout_s: float = Field(0.25, gt=0, le=10)
 
 
 class AppArgs(BaseModel):

@@ -63,6 +63,7 @@ async function loadInfo() {
     const info = await call("v1/info");
     showMessage("");
     showKeyForm(Boolean(info.auth && info.auth.required));
+    showCaller(info.caller);
     showWeights(info);
     const limits = info.limits || {};
     setBounds("num_images", 1, limits.max_images);
@@ -79,8 +80,18 @@ async function loadInfo() {
     };
     if (!info.generator) $("generate-summary").textContent = "This service has no generator: moderation only.";
   } catch (err) {
+    showCaller(null);
     showMessage(err.message);
   }
+}
+
+// Who the key is: its tenant and the policy its images are moderated with (the service's own when it names none).
+function showCaller(caller) {
+  $("caller").hidden = !caller;
+  if (!caller) return;
+  $("caller-tenant").textContent = String(caller.tenant);
+  $("caller-policy").textContent = caller.policy ? String(caller.policy) : "the service's own";
+  $("caller-key").textContent = `(key ${String(caller.key_id)})`;
 }
 
 // The banner names the parts whose weights are demo (tiny, random: their scores are meaningless) and those that are

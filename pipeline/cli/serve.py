@@ -41,6 +41,12 @@ def register(sub: Any) -> None:
     p.add_argument("--host", help="HTTP host (default: the config's)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.add_argument(
+        "--audit-dest",
+        metavar="DEST",
+        help="write every decision to the audit log, a Delta table under DEST (a directory or s3://bucket/prefix); "
+        "sets `audit_dest` of the config's ingress (read it with `diffguard audit DEST`)",
+    )
     p.set_defaults(run=cmd_serve)
 
 
@@ -50,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.run import check_auth, deploy, load_config, stop_serve, url, wait_healthy
 
-    schema = load_config(args.config, args.host, args.port)  # bad config -> exit 2 before Ray starts
+    schema = load_config(args.config, args.host, args.port, args.audit_dest)  # bad config -> exit 2 before Ray starts
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
         check_auth(schema, os.environ)  # (on a cluster we join, the Ingress replicas apply the same rule at start)

@@ -113,3 +113,16 @@ def test_auth_rule_before_deploying(tmp_path):
     with pytest.raises(AuthConfigError, match="empty or whitespace"):
         check_auth(_schema(tmp_path, "127.0.0.1", ingress_env={"DIFFGUARD_API_KEY": "\t"}), {"DIFFGUARD_API_KEY": "k"})
     assert api_key({"DIFFGUARD_API_KEY": "  secret\n"}) == "secret" and api_key({}) is None
+
+
+def test_a_keys_file_is_checked_before_deploying(tmp_path):
+    """A keys file serves on any host; a malformed one, or one set beside the single key, refuses to start (exit 2
+    from `diffguard serve`), naming the entry and the field."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"id": "kids-app", "sha256": "ab" * 32, "tenant": "kids"}]}))
+    check_auth(_schema(tmp_path, "0.0.0.0"), {"DIFFGUARD_KEYS_FILE": str(keys)})
+    keys.write_text(yaml.safe_dump({"keys": [{"id": "kids-app", "sha256": "ab" * 32, "routes": ["delete"]}]}))
+    with pytest.raises(AuthConfigError, match=r"keys\[0\].*routes"):
+        check_auth(_schema(tmp_path, "0.0.0.0"), {"DIFFGUARD_KEYS_FILE": str(keys)})
+    with pytest.raises(AuthConfigError, match="DIFFGUARD_API_KEY"):
+        check_auth(_schema(tmp_path, "0.0.0.0"), {"DIFFGUARD_KEYS_FILE": str(keys), "DIFFGUARD_API_KEY": "k"})

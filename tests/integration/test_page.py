@@ -32,10 +32,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\0" * 24  # a PNG signature, then a corrupt header
 
 
-def _app(name: str, prefix: str, key: str | None) -> dict:
+def _app(name: str, prefix: str, key: str | None, env: dict | None = None) -> dict:
     ingress = {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.05}}
-    if key is not None:
-        ingress["ray_actor_options"]["runtime_env"] = {"env_vars": {"DIFFGUARD_API_KEY": key}}
+    if key is not None or env:
+        env = env or {"DIFFGUARD_API_KEY": key}
+        ingress["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return {
         "name": name,
         "route_prefix": prefix,
@@ -57,14 +58,24 @@ def _app(name: str, prefix: str, key: str | None) -> dict:
     }
 
 
+TENANT_KEY = "kids-page-key"
+
+
 @pytest.fixture(scope="module")
-def service(ray_cluster):
+def service(ray_cluster, tmp_path_factory):
+    import hashlib
+
+    import yaml
     from ray import serve
 
+    keys = tmp_path_factory.mktemp("page-keys") / "keys.yaml"
+    digest = hashlib.sha256(TENANT_KEY.encode()).hexdigest()
+    keys.write_text(yaml.safe_dump({"keys": [{"id": "kids-app", "sha256": digest, "tenant": "kids"}]}))
     port = free_port()
+    tenants = _app("tenants", "/tenants", None, {"DIFFGUARD_KEYS_FILE": str(keys)})
     raw = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [_app("page", "/", KEY), _app("open", "/open", None)],
+        "applications": [_app("page", "/", KEY), _app("open", "/open", None), tenants],
     }
     apply(raw)
     yield f"http://127.0.0.1:{port}"
@@ -95,8 +106,8 @@ def test_openapi_documents_every_body_and_response(openapi):
     assert multipart["required"] == ["files"] and multipart["properties"]["files"]["maxItems"] == 64
     assert multipart["properties"]["files"]["items"]["type"] == "string"  # binary: format or contentMediaType
     expected = {
-        ("/v1/generate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "503"},
-        ("/v1/moderate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "503"},
+        ("/v1/generate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "429", "503"},
+        ("/v1/moderate", "post"): {"200", "400", "401", "403", "408", "413", "415", "422", "429", "503"},
         ("/v1/info", "get"): {"200", "400", "401", "403", "503"},
         ("/healthz", "get"): {"200", "503"},
     }
@@ -107,8 +118,9 @@ def test_openapi_documents_every_body_and_response(openapi):
             ref = response["content"]["application/json"]["schema"]["$ref"]
             if status != "200" and path != "/healthz":
                 assert ref.endswith("/ErrorResponse"), (path, status)
-        if "503" in statuses and path != "/healthz":
-            assert "Retry-After" in responses["503"]["headers"]
+        for status in ("429", "503"):
+            if status in statuses and path != "/healthz":
+                assert "Retry-After" in responses[status]["headers"], (path, status)
     for name in ("GenerateResponse", "ModerateResponse", "ModerationResult", "HealthResponse", "InfoResponse"):
         assert name in schemas
     assert "HTTPValidationError" not in schemas  # validation errors use the one error shape
@@ -238,6 +250,21 @@ def test_page_asks_for_the_key_when_the_service_requires_one(page, service):
     assert page.is_hidden("#message")
     assert page.evaluate("sessionStorage.getItem('diffguard.apiKey')") == KEY
     assert _errors_but_the_first_401(page) == []
+
+
+def test_the_page_shows_the_tenant_and_policy_of_its_key(page, service):
+    """A keys file's key: the banner names its tenant and the policy it is moderated with; the single key's is the
+    default tenant's."""
+    page.goto(f"{service}/tenants/")
+    _enter_key(page, TENANT_KEY)
+    page.wait_for_selector("#caller:not([hidden])")
+    assert page.text_content("#caller-tenant") == "kids"
+    assert page.text_content("#caller-policy") == "the service's own"
+    assert "(key kids-app)" in page.text_content("#caller")
+    page.goto(f"{service}/")
+    _enter_key(page, KEY)
+    page.wait_for_selector("#caller:not([hidden])")
+    page.wait_for_function("document.querySelector('#caller-tenant').textContent === 'default'")
 
 
 def test_wrong_key_shows_the_401_message(page, service):

@@ -134,7 +134,14 @@ def test_health_and_info(client):
     assert info["deployments"]["SafetyChecker"]["max_ongoing_requests"] == 64
     assert info["limits"]["max_images"] == 4
     assert info["generator"]["batching"] == {"max_batch_images": 8, "batch_wait_timeout_s": 0.05}
-    assert info["auth"] == {"required": True, "allow_unauthenticated": False, "host": "127.0.0.1"}
+    assert info["auth"] == {"required": True, "allow_unauthenticated": False, "host": "127.0.0.1", "keys": "api_key"}
+    assert info["caller"] == {
+        "key_id": "api-key",
+        "tenant": "default",
+        "policy": None,
+        "routes": ["generate", "moderate"],
+        "limits": None,
+    }
     assert info["request_limits"]["max_files_per_request"] == 64
     assert info["request_limits"]["max_request_pixels"] == 256_000_000
     assert client.get("/docs", headers={}).status_code == 200
@@ -301,7 +308,12 @@ def test_no_key_serves_on_loopback(service):
     """The fault apps have no key in their environment: on 127.0.0.1 that is allowed, and /v1/info says so."""
     info = httpx.get(f"{service[0]}/broken/v1/info", timeout=60)
     assert info.status_code == 200
-    assert info.json()["auth"] == {"required": False, "allow_unauthenticated": False, "host": "127.0.0.1"}
+    assert info.json()["auth"] == {
+        "required": False,
+        "allow_unauthenticated": False,
+        "host": "127.0.0.1",
+        "keys": "none",
+    }
 
 
 def test_failing_checker_fails_closed(service):

@@ -196,6 +196,7 @@ def served_config(device: str, tiny: bool, port: int, checker: str) -> dict[str,
     if device == "cpu":
         args["checker"]["dtype"] = "float32"
     args["generator"] = {"model": "tiny", "device": "cpu", "dtype": "float32"} if tiny else None
+    args["ingress"].pop("audit_dest", None)  # production's audit bucket is not this machine's
     deployments = []
     for d in app["deployments"]:
         if d["name"] == "Generator" and not tiny:

@@ -9,7 +9,8 @@ Runs in its own process (one Ray per process; the test session has its own)::
 What is changed from ``deployments/configs/production.yaml`` and why: tiny models on the CPU (no real GPU here; the
 ``num_gpus`` reservations are kept, so placement is real), a single HTTP proxy on the head (every simulated node
 shares one machine and one port), smaller CPU reservations (two logical CPUs per node), and short autoscaling delays
-plus a long batch wait, so that load turns into queued checker requests within seconds.
+plus a long batch wait, so that load turns into queued checker requests within seconds; no audit log (production's
+writes to a bucket this machine has none of).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def cluster_config(port: int, max_replicas: int = 4) -> dict[str, Any]:
     app = raw["applications"][0]
     app["args"]["checker"] = dict(TINY)
     app["args"]["generator"] = dict(TINY)
+    app["args"]["ingress"].pop("audit_dest", None)
     deployments = {d["name"]: d for d in app["deployments"]}
     deployments["Ingress"]["ray_actor_options"]["num_cpus"] = 0.25
     deployments["Ingress"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}

@@ -66,6 +66,17 @@ def test_production_config_uses_gpus_and_real_models():
     assert options["Generator"]["num_gpus"] == 1 and 0 < options["SafetyChecker"]["num_gpus"] < 1
 
 
+def test_production_audits_to_a_bucket_and_a_laptop_does_not():
+    """production.yaml's Ingress writes the audit log to S3 (on Kubernetes as the workers' workload identity, and
+    503s a decision it cannot record); local.yaml writes none. Both show the checker's named `policies`."""
+    args = {p.stem: AppArgs(**load_config(p).applications[0].args) for p in CONFIGS}
+    assert args["production"].ingress.audit_dest.startswith("s3://") and args["production"].ingress.audit_required
+    assert args["local"].ingress.audit_dest is None
+    for path in CONFIGS:
+        checker = next(d for d in load_config(path).applications[0].deployments if d.name == "SafetyChecker")
+        assert "policies" in checker.user_config and CheckerRuntime(**checker.user_config).policies == {}, path.name
+
+
 def test_importing_the_app_does_not_load_torch():
     code = "import sys, deployments.app; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -64,9 +64,9 @@ def test_the_issue_paths_are_the_base_manifests():
 @pytest.mark.parametrize(
     "overlay, kinds",
     [
-        ("dev", ["NetworkPolicy", "RayService"]),
+        ("dev", ["NetworkPolicy", "RayService", "ServiceAccount"]),
         ("dev/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
-        ("prod", ["NetworkPolicy", "PersistentVolumeClaim", "RayService"]),
+        ("prod", ["NetworkPolicy", "PersistentVolumeClaim", "RayService", "ServiceAccount"]),
         ("prod/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
     ],
 )
@@ -280,9 +280,15 @@ def test_no_manifest_holds_a_secret_value_nor_a_secret_in_the_environment():
         assert not re.search(r"(?i)(secret_access_key|api_key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}", text), path
 
 
+def secret_mount(container: Resource, path: str) -> Resource:
+    """The one volume mount of ``container`` that holds ``path``."""
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return mount
+
+
 def secret_file(container: Resource, pod: Resource, path: str) -> tuple[str, str, bool]:
     """(Secret name, key, optional) of the Secret volume item that ``path`` in ``container`` is."""
-    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    mount = secret_mount(container, path)
     assert mount.get("readOnly") is True, mount
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
@@ -290,13 +296,73 @@ def secret_file(container: Resource, pod: Resource, path: str) -> tuple[str, str
     return volume["secret"]["secretName"], item["key"], volume["secret"].get("optional", False)
 
 
+KEY_ENVS = {"DIFFGUARD_KEYS_FILE", "DIFFGUARD_API_KEY", "DIFFGUARD_API_KEY_FILE"}
+
+
+def ingress_pods(service: Resource) -> list[tuple[str, Resource]]:
+    """The pods an Ingress replica can land on: every pod whose Ray node offers CPUs (the head offers none)."""
+    (ingress,) = [d for d in serve_app(service)["deployments"] if d["name"] == "Ingress"]
+    assert Fraction(str(ingress["ray_actor_options"]["num_cpus"])) > 0  # so a node with num-cpus 0 never holds one
+    cluster = cluster_spec(service)
+    groups = [("head", cluster["headGroupSpec"]), *((g["groupName"], g) for g in cluster["workerGroupSpecs"])]
+    return [(name, g["template"]["spec"]) for name, g in groups if g["rayStartParams"].get("num-cpus") != "0"]
+
+
 @pytest.mark.parametrize("overlay", ["base", "dev", "prod"])
-def test_api_key_is_a_file_from_its_secret_on_head_and_workers(overlay):
-    for name, pod in pod_specs(one(overlay, "RayService")):
+def test_the_keys_file_is_a_secret_folder_on_every_pod_with_ingress_replicas(overlay):
+    """DIFFGUARD_KEYS_FILE is re-read every second: its Secret is a volume mounted as a folder (a subPath mount is
+    never updated by the kubelet), and the file is the Secret's keys.yaml inside that folder."""
+    service = one(overlay, "RayService")
+    pods = ingress_pods(service)
+    assert [name for name, _ in pods] == [g["groupName"] for g in cluster_spec(service)["workerGroupSpecs"]]
+    for name, pod in pods:
         container = pod["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"]}
-        ref = secret_file(container, pod, env["DIFFGUARD_API_KEY_FILE"])
-        assert ref == ("diffguard-api-key", "api-key", False), name  # not optional: no key, no pod
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        path = env["DIFFGUARD_KEYS_FILE"]
+        mount = secret_mount(container, path)
+        assert "subPath" not in mount and "subPathExpr" not in mount, name
+        assert mount["mountPath"] == "/var/run/secrets/diffguard/keys" and path == mount["mountPath"] + "/keys.yaml"
+        assert secret_file(container, pod, path) == ("diffguard-keys", "keys.yaml", False), name  # no keys, no pod
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_no_container_sets_both_the_keys_file_and_a_single_key(overlay):
+    """The Ingress refuses to start with DIFFGUARD_KEYS_FILE beside DIFFGUARD_API_KEY(_FILE); and the old single-key
+    Secret is gone from every pod."""
+    for resource in rendered(overlay):
+        if resource["kind"] not in RAY_KINDS:
+            continue
+        for container in containers(resource):
+            names = {e["name"] for e in container.get("env", [])} & KEY_ENVS
+            assert len(names) <= 1 and names <= {"DIFFGUARD_KEYS_FILE"}, (overlay, container["name"], names)
+        assert "diffguard-api-key" not in str(resource), overlay
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod"])
+def test_the_audit_log_is_a_bucket_written_as_the_workers_workload_identity(overlay):
+    service = one(overlay, "RayService")
+    ingress = serve_app(service)["args"]["ingress"]
+    assert re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S*", ingress["audit_dest"]), ingress
+    assert ingress.get("audit_required", True) is True  # no decision leaves without its row
+    # The replicas that write it: every pod an Ingress can land on runs as the endpoint's workload identity.
+    for name, pod in ingress_pods(service):
+        assert pod["serviceAccountName"] == "diffguard-endpoint", name
+        assert "AWS_" not in str(pod), name  # no key: the identity's own credentials
+    (account,) = [
+        r for r in rendered(overlay) if r["kind"] == "ServiceAccount" and r["metadata"]["name"] == "diffguard-endpoint"
+    ]
+    assert account["automountServiceAccountToken"] is False
+    if overlay == "prod":  # the workload identity placeholders, for EKS (IRSA) and GKE
+        annotations = account["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+
+
+def test_dev_has_no_audit_bucket_and_no_cloud_identity():
+    service = one("dev", "RayService")
+    assert serve_app(service)["args"]["ingress"].get("audit_dest") is None  # local.yaml: nothing to write to
+    (account,) = [r for r in rendered("dev") if r["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == "diffguard-endpoint" and "annotations" not in account["metadata"]
 
 
 @pytest.mark.parametrize("overlay", ["base", "prod", "prod/scan"])
@@ -319,8 +385,10 @@ def test_prod_scan_needs_no_credentials_but_its_service_account(overlay):
     assert "AWS_" not in text and "diffguard-s3" not in text
     for name, pod in pod_specs(job):
         assert pod["serviceAccountName"] == "diffguard-scan", name
-    (account,) = [r for r in rendered(overlay) if r["kind"] == "ServiceAccount"]
-    assert account["metadata"]["name"] == "diffguard-scan" and account["automountServiceAccountToken"] is False
+    (account,) = [
+        r for r in rendered(overlay) if r["kind"] == "ServiceAccount" and r["metadata"]["name"] == "diffguard-scan"
+    ]
+    assert account["automountServiceAccountToken"] is False
     if overlay == "prod/scan":  # the workload identity placeholders, for EKS (IRSA) and GKE
         annotations = account["metadata"]["annotations"]
         assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")

@@ -7,8 +7,9 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.unit.k8s_support import OVERLAYS, RAY_KINDS, Resource, cluster_spec, pod_templates, rendered
+from tests.unit.k8s_support import OVERLAYS, RAY_KINDS, Resource, cluster_spec, one, pod_templates, rendered
 
 APP = "app.kubernetes.io/name"
 COMPONENT = "app.kubernetes.io/component"
@@ -160,6 +161,20 @@ def test_egress_is_the_workload_dns_and_https(overlay):
                 }
             )
         assert rules == expected, where
+
+
+@pytest.mark.parametrize("overlay", ["base", "prod"])
+def test_the_audit_log_writers_reach_s3(overlay):
+    """The Ingress replicas on the endpoint's workers write the audit log (audit_dest, s3://) over HTTPS, and get
+    their workload identity's credentials from STS (443 too): some egress rule lets their pods out on TCP 443."""
+    service = one(overlay, "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["ingress"]["audit_dest"].startswith("s3://")
+    for group in cluster_spec(service)["workerGroupSpecs"]:
+        labels = group["template"]["metadata"]["labels"]
+        rules = [rule for p in policies_for(overlay, labels, "Egress") for rule in p["spec"].get("egress", [])]
+        https = [r for r in rules if port_matches(r, 443) and {"ipBlock": {"cidr": "0.0.0.0/0"}} in r.get("to", [])]
+        assert https, (overlay, group["groupName"], rules)
 
 
 def test_the_policy_evaluator_sees_what_a_bad_policy_opens():

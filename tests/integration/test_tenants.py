@@ -234,6 +234,30 @@ def test_audit_rows_name_the_caller_the_bytes_and_the_verdict(service):
     assert gen["images"][0]["sha256"] == expected
 
 
+def test_the_decision_metrics_carry_the_tenant(service):
+    """Ray's metrics endpoint: the requests, latency, scored and flagged series of every tenant that called, each
+    labelled with its tenant (exported every few seconds)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {
+        ("ray_diffguard_requests_total", "kids"),
+        ("ray_diffguard_requests_total", "art"),
+        ("ray_diffguard_moderation_latency_s_count", "ops"),
+        ("ray_diffguard_images_scored_total", "kids"),
+        ("ray_diffguard_images_flagged_total", "art"),
+    }
+    deadline, seen = time.monotonic() + 60, set()
+    while not wanted <= seen:
+        assert time.monotonic() < deadline, f"never exported: {wanted - seen}"
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            for name, tenant in wanted:
+                if line.startswith(name + "{") and f'tenant="{tenant}"' in line:
+                    seen.add((name, tenant))
+        time.sleep(1)
+
+
 def test_an_unwritable_audit_log_withholds_unless_configured(service):
     base = service[0]
     r = moderate(base, "ops", png(2), app_name="unwritable")

@@ -16,9 +16,8 @@ The format is a contract (the review app reads ``id``, ``reviewer`` and ``sha256
       kids: {log_prompt_text: false}  # the audit log keeps a prompt's text only when true (default: only its SHA-256)
 
 Other fields of an entry are ignored (room to grow). A tenant's settings are on each of its keys
-(``Key.log_prompt_text``) and by name (``KeyRing.tenant_settings``). A file that cannot be read or is malformed is
-refused, naming the file, the entry, the field, the value and what is allowed. A key is found by hashing the bearer
-token and comparing against every entry's digest in constant time.
+(``Key.log_prompt_text``) and by name (``KeyRing.tenant_settings``). A malformed file is refused, naming the file, the
+entry, the field, the value and what is allowed. A key is found by its hash, compared in constant time.
 
 :class:`KeysFile` holds the last good ring of a file that may change while the service runs (a Kubernetes Secret
 volume): ``poll()`` re-reads it, swaps in a new ring when its content changed, and keeps the last good ring when the
@@ -163,18 +162,18 @@ class KeyRing:
 
 
 def ring_for_single(key: str) -> KeyRing:
-    """The single ``DIFFGUARD_API_KEY`` as a ring: id ``api-key``, tenant ``default``, the service's own policy, every
-    route, no limits."""
+    """The single ``DIFFGUARD_API_KEY``: id ``api-key``, tenant ``default``, own policy, every route, no limits."""
     digest = hashlib.sha256(key.encode()).digest()
     return KeyRing([Key(id=SINGLE_ID, reviewer=SINGLE_ID, sha256=digest, tenant=SINGLE_TENANT)], "the API key")
 
 
-def load_keys(path: str | Path) -> KeyRing:
-    """The keys file at ``path``; :class:`AuthConfigError` naming the file, the entry and the field when it is wrong."""
-    return parse_keys(_read(path), str(path))
+def load_keys(path: str | Path, *, service: bool = True) -> KeyRing:
+    """The keys file at ``path`` (AuthConfigError naming the file, entry and field when wrong); ``service=False`` (the
+    review app) reads only ``id``, ``reviewer`` and ``sha256``, leaving the service's fields to the service."""
+    return parse_keys(_read(path), str(path), service=service)
 
 
-def parse_keys(data: bytes | str, path: str) -> KeyRing:
+def parse_keys(data: bytes | str, path: str, *, service: bool = True) -> KeyRing:
     """The keys file's content ``data`` (read from ``path``, named in messages)."""
     import yaml
 
@@ -189,8 +188,10 @@ def parse_keys(data: bytes | str, path: str) -> KeyRing:
         )
     keys: list[Key] = []
     for i, entry in enumerate(doc["keys"]):
+        if not service and isinstance(entry, dict):  # the review app: the service's fields are the service's to check
+            entry = {k: entry[k] for k in ("id", "reviewer", "sha256") if k in entry}
         keys.append(_entry(path, i, entry, keys))
-    tenants = _tenants(path, doc.get("tenants"), keys)
+    tenants = _tenants(path, doc.get("tenants") if service else None, keys)
     keys = [replace(k, log_prompt_text=tenants.get(k.tenant, TenantSettings()).log_prompt_text) for k in keys]
     return KeyRing(keys, f"keys file {path!r}", tenants)
 
@@ -345,6 +346,7 @@ def _entry(path: str, i: int, entry: Any, seen: list[Key]) -> Key:
 def _routes(where: str, value: Any) -> frozenset[str]:
     if not isinstance(value, list) or not value or not all(isinstance(r, str) for r in value):
         raise AuthConfigError(f"{where}: `routes` must be a non-empty list of {', '.join(ROUTES)}, got {value!r}")
+    value = [r.removeprefix("/v1/") for r in value]  # the route's path names it too: /v1/moderate is moderate
     unknown = [r for r in value if r not in ROUTES]
     if unknown:
         raise AuthConfigError(f"{where}: unknown route {', '.join(map(repr, unknown))} in `routes`; allowed: {ROUTES}")

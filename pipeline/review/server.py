@@ -35,7 +35,7 @@ def review_auth(
             f"both a keys file ({path!r}) and {ENV if environ.get(ENV) is not None else FILE_ENV} are set: "
             f"set only one (with a keys file, every key is one of its entries and names its reviewer)"
         )
-    keys = load_keys(path) if path is not None else None
+    keys = load_keys(path, service=False) if path is not None else None
     if key is None and keys is None and not is_loopback(host):
         raise AuthConfigError(
             f"refusing to serve the review app without an API key on host {host!r}, which is not loopback: "

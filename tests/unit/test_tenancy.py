@@ -78,3 +78,17 @@ def test_a_route_outside_a_keys_routes_is_refused_naming_them(tmp_path):
     assert route_refusal(moderator, "/v1/generate") == "key 'm-app' may not call /v1/generate (its routes: moderate)"
     assert route_refusal(moderator, "/v1/moderate") is None and route_refusal(moderator, "/v1/info") is None
     assert caller_info(moderator)["limits"] == {"images_per_min": 3}
+
+
+def test_the_review_app_reads_only_its_fields_and_routes_may_be_paths(tmp_path):
+    """The review app (service=False) ignores the service's fields, right or wrong (the service checks them); the
+    service takes a route by its name or its path."""
+    from pipeline.keys import load_keys
+
+    path = tmp_path / "keys.yaml"
+    _write(path, [_entry("a", routes=["/v1/moderate"]), _entry("b", reviewer="Bob", limits={"rps": 5})])
+    assert load_keys(path, service=False).find("Bearer b").reviewer == "Bob"
+    with pytest.raises(AuthConfigError, match=r"keys\[1\].*unknown limit rps"):
+        load_keys(path)
+    _write(path, [_entry("a", routes=["/v1/moderate"])])
+    assert load_keys(path).find("Bearer a").routes == frozenset({"moderate"})

@@ -40,8 +40,11 @@ def warnings(ray_cluster):
     serve.start()  # Serve sets up the driver's "ray.serve" logger when it starts: add the handler after that
     handler, logger = Captured(), logging.getLogger("ray.serve")
     logger.addHandler(handler)
-    yield handler.messages
-    logger.removeHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        serve.shutdown()  # the next module starts Serve with its own HTTP options (a running Serve keeps its port)
 
 
 def test_the_keeper_counts_a_burst_refuses_and_takes_both_or_nothing(ray_cluster, warnings):

@@ -322,7 +322,7 @@ def test_a_rate_limited_key_is_held_to_its_rate_across_replicas(service):
 
     async def run():
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=200)) as c:
-            unloaded = await quiet_latencies(c, 15)
+            unloaded = await quiet_latencies(c, 10)
             statuses: list[int] = []
             retry_after: set[str] = set()
 
@@ -339,13 +339,13 @@ def test_a_rate_limited_key_is_held_to_its_rate_across_replicas(service):
             for i in range(1000):  # 50/s for 20 s, open loop
                 await asyncio.sleep(max(0.0, start + i / 50 - time.monotonic()))
                 tasks.append(asyncio.create_task(one()))
+            elapsed = time.monotonic() - start  # the offered window (longer than 20 s if this machine lagged)
             await asyncio.gather(*tasks)
-            elapsed = time.monotonic() - start
             return unloaded, await loaded_task, statuses, retry_after, elapsed
 
     unloaded, loaded, statuses, retry_after, elapsed = asyncio.run(run())
     accepted = statuses.count(200)
-    per_s = accepted / 20
+    per_s = accepted / elapsed
     assert set(statuses) <= {200, 429}, set(statuses)
     assert 4 <= per_s <= 6.5, (accepted, elapsed)
     assert retry_after and all(v.isdigit() and int(v) >= 1 for v in retry_after)

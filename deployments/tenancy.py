@@ -90,11 +90,13 @@ class Callers:
         source = self.source
         assert isinstance(source, KeysFile)
         while not self._stop.wait(self.poll_s):
-            before = source.ring
+            before, failures = source.ring, source.failures
             try:
                 error = source.poll()
             except Exception as exc:  # noqa: BLE001 - the poller must outlive any surprise; the last good ring stays
                 error = f"{type(exc).__name__}: {exc}"
+            else:
+                error = error if source.failures > failures else None  # a refused change: said once, not each poll
             if error is not None:
                 log.warning(
                     "keys file %s not reloaded, keeping the last good one (%d keys): %s",

@@ -48,6 +48,8 @@ def test_the_poller_swaps_in_a_good_change_and_keeps_the_last_good_on_a_bad_one(
         _until(lambda: any(r is not None for r in reports))
         assert callers.find("Bearer b") is not None
         assert "keys file" in next(r for r in reports if r is not None)
+        time.sleep(0.3)  # fifteen more polls of the same bad content: said (and counted) once
+        assert sum(r is not None for r in reports) == 1
     finally:
         callers.stop()
 

@@ -6,14 +6,17 @@ the low frequencies the optimisation uses), is pushed towards P(nsfw) = 1 for a 
 The result is an abstract pattern that fools the classifier (the score through the package's own pipeline is above
 0.95): a stand-in for an unsafe photograph, not one.
 
-Beside them, what the detector tests share: real photographs (:func:`photo`) and the default policy's open_nsfw row
-alone (:func:`only_open_nsfw_row`).
+Beside them, what the detector tests share: real photographs (:func:`photo`), the default policy's open_nsfw row
+alone (:func:`only_open_nsfw_row`) and a count of a detector's forwards (:func:`counting_forwards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -80,3 +83,23 @@ def only_open_nsfw_row(**overrides) -> dict:
     return {"version": 1, "name": "open_nsfw-only", "nsfw_action": "allow", **overrides} | {
         "categories": {"sexual": {"action": "block", "concepts": [row]}}
     }
+
+
+@contextlib.contextmanager
+def counting_forwards(detectors: Any, name: str = "open_nsfw") -> Iterator[list[int]]:
+    """Within the block, each forward of the checker's detector ``name`` records its batch size in the list yielded."""
+    detector, calls = detectors.get(name), []
+
+    class Counting:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(detector, attr)
+
+        def __call__(self, inputs: Any) -> Any:
+            calls.append(len(inputs))
+            return detector(inputs)
+
+    detectors.loaded[name] = Counting()
+    try:
+        yield calls
+    finally:
+        detectors.loaded[name] = detector

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.checker import SafetyChecker
 from pipeline.errors import InvalidInput, ModelSourceError
 from pipeline.policy import load_policy, parse_policy
-from tests.detected import nsfw_array, nsfw_png, only_open_nsfw_row, photo
+from tests.detected import counting_forwards, nsfw_array, nsfw_png, only_open_nsfw_row, photo
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera")
 PHOTOS += ("coins", "moon")  # scikit-image's sample photographs (real photos, in its wheel)
@@ -118,22 +118,8 @@ def test_a_category_mixes_stock_text_image_and_detector_rows(tmp_path):
 
 
 def test_one_forward_per_detector_per_batch(only_row):
-    detector = only_row.detectors.get("open_nsfw")
-    calls = []
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(detector, name)
-
-        def __call__(self, inputs):
-            calls.append(len(inputs))
-            return detector(inputs)
-
-    only_row.detectors.loaded["open_nsfw"] = Counting()
-    try:
+    with counting_forwards(only_row.detectors) as calls:
         only_row.check([photo("coffee"), photo("rocket"), nsfw_png(), b"not an image"])
-    finally:
-        only_row.detectors.loaded["open_nsfw"] = detector
     assert calls == [3]  # three scorable images, one forward; the undecodable one never reaches the model
 
 

@@ -14,7 +14,7 @@ from pipeline import policyset
 from pipeline.checker import SafetyChecker
 from pipeline.errors import InvalidInput
 from tests.conftest import varied_images
-from tests.detected import nsfw_array, only_open_nsfw_row, photo
+from tests.detected import counting_forwards, nsfw_array, only_open_nsfw_row, photo
 
 # every image is hit by a text row at threshold -1: the whole batch is blurred under it (never an action of `stock`)
 LOW = {
@@ -97,24 +97,10 @@ def test_the_detectors_union_is_scored_once_and_each_policy_reads_its_own(tmp_pa
     lenient = only_open_nsfw_row()
     lenient["categories"]["sexual"]["concepts"][0]["threshold"] = 0.999  # the same detector, read differently
     checker = _load("stock", policies={"strict": strict, "lenient": _write(tmp_path, "lenient", lenient)})
-    detector = checker.detectors.get("open_nsfw")
-    calls = []
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(detector, name)
-
-        def __call__(self, inputs):
-            calls.append(len(inputs))
-            return detector(inputs)
-
     images = [photo("coffee"), nsfw_array(), nsfw_array(), photo("rocket"), nsfw_array()]
     names = ["strict", "strict", "lenient", None, None]
-    checker.detectors.loaded["open_nsfw"] = Counting()
-    try:
+    with counting_forwards(checker.detectors) as calls:
         mixed = checker.check(images, policies=names)
-    finally:
-        checker.detectors.loaded["open_nsfw"] = detector
     assert calls == [3]  # one forward, on the views of the policies that read it (not the stock policy's)
     assert mixed[1].action == "block" and mixed[1].detector_scores["open_nsfw"]["nsfw"] > 0.95
     assert mixed[2].action == "allow" and mixed[2].categories["sexual"] < 0  # 0.95 < 0.999: not flagged

@@ -111,13 +111,9 @@ class Auditor:
                     "the audit log cannot be written, so no decision is answered; nothing was released"
                 ) from None
 
-    def failure(self, request: Any, status: int, message: str) -> None:
+    def failure(self, request: Any, route: str, status: int, message: str) -> None:
         """Record a refused or failed decision request in the background (its error response does not wait)."""
         if self.log is None:
-            return
-        path = request.url.path.rstrip("/")
-        route = "generate" if path.endswith("/v1/generate") else "moderate" if path.endswith("/v1/moderate") else None
-        if route is None:
             return
         row = self.row(request, route, status, error=message[:500])
         task = asyncio.get_running_loop().create_task(self._quietly(row))

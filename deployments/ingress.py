@@ -53,7 +53,7 @@ from .schemas import (
     schema_with_limits,
 )
 from .settings import IngressArgs
-from .tenancy import Callers, caller_info, check_start
+from .tenancy import Callers, caller_info, check_start, decision_route
 from .uploads import check_request_pixels, listing
 
 log = logging.getLogger("ray.serve")
@@ -118,7 +118,7 @@ class Ingress:
         self.auditor = Auditor(
             self.args.audit_dest,
             required=self.args.audit_required,
-            replica=context.replica_tag if hasattr(context, "replica_tag") else "",
+            replica=context.replica_tag,
             on_failure=lambda route: self.audit_failures.inc(tags={"route": route}),
         )
         api.state.on_error = self._failed
@@ -146,12 +146,11 @@ class Ingress:
 
     def _failed(self, request: Request, status: int, message: str) -> None:
         """The API's error hook: count the refused or failed decision request and record it in the audit log."""
-        path = request.url.path.rstrip("/")
-        route = "generate" if path.endswith("/v1/generate") else "moderate" if path.endswith("/v1/moderate") else None
+        route = decision_route(request.url.path)
         if route is None:
             return
         self.requests.inc(tags={"route": route, "tenant": request.state.caller.tenant, "status": str(status)})
-        self.auditor.failure(request, status, message)
+        self.auditor.failure(request, route, status, message)
 
     async def _images_quota(self, request: Request, images: int) -> None:
         """Spend the caller's images_per_min (generated or uploaded); over it: 429 with Retry-After."""

@@ -110,6 +110,12 @@ class Callers:
                 self.on_reload(error)
 
 
+def decision_route(path: str) -> str | None:
+    """``generate`` or ``moderate`` for a decision route's path (under any route prefix), else None."""
+    path = path.rstrip("/")
+    return next((route for suffix, route in ROUTES.items() if path.endswith(suffix)), None)
+
+
 def route_refusal(caller: Key, path: str) -> str | None:
     """Why ``caller`` may not call ``path``, or None when it may."""
     route = ROUTES.get(path)
@@ -139,4 +145,4 @@ def check_start(callers: Callers, host: str | None, allow_unauthenticated: bool)
         require_key_or_loopback(host, None, allow_unauthenticated)
 
 
-__all__ = ["ANONYMOUS", "ROUTES", "AuthConfigError", "Callers", "check_start", "route_refusal"]
+__all__ = ["ANONYMOUS", "ROUTES", "decision_route", "AuthConfigError", "Callers", "check_start", "route_refusal"]

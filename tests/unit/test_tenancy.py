@@ -44,7 +44,9 @@ def test_the_poller_swaps_in_a_good_change_and_keeps_the_last_good_on_a_bad_one(
         _write(path, [_entry("b")])
         _until(lambda: reports == [None])  # the hook hears of a reload after the swap
         assert callers.find("Bearer b") is not None and callers.find("Bearer a") is None
-        path.write_text("keys: [ {id: broken")  # a malformed change: the last good ring stays, the hook hears why
+        broken = path.with_suffix(".tmp")  # replaced whole, as a Secret volume swaps: never seen half-written
+        broken.write_text("keys: [ {id: broken")
+        os.replace(broken, path)  # a malformed change: the last good ring stays, the hook hears why
         _until(lambda: any(r is not None for r in reports))
         assert callers.find("Bearer b") is not None
         assert "keys file" in next(r for r in reports if r is not None)

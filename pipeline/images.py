@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .color import to_srgb
 from .errors import ImageDecodeError
+from .fastdecode import fast_frame
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # the global stays off: truncation is tolerated per call (see decode)
 
@@ -147,7 +148,11 @@ def check_pixels(width: int, height: int, limits: DecodeLimits) -> None:
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> sRGB uint8 (H, W, 3): its colour profile applied, any alpha composited over white."""
-    arr = np.asarray(to_srgb(im), dtype=np.uint8)
+    return _over_white(np.asarray(to_srgb(im), dtype=np.uint8))
+
+
+def _over_white(arr: np.ndarray) -> np.ndarray:
+    """sRGB uint8 (H, W, 3) or (H, W, 4) -> (H, W, 3), any alpha composited over white."""
     if arr.shape[2] == 3:
         return arr
     rgb, alpha = arr[..., :3].astype(np.uint16), arr[..., 3:].astype(np.uint16)
@@ -288,6 +293,8 @@ def decode(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded:
     Scoring goes through :func:`pipeline.views.load_views`, which sees every frame, both backgrounds and the whole
     length; this is the one-array form for callers that need a single picture (thumbnails, concept examples).
     """
+    if (arr := fast_frame(data, limits)) is not None:  # a plain PNG or JPEG: Pillow's pixels, decoded without Pillow
+        return Decoded(_over_white(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)))
     im, truncated = decode_pil(data, limits)
     return Decoded(_to_rgb(im), truncated)
 

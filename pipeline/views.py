@@ -16,7 +16,8 @@ What a viewer shows is more than the first 224×224 of the first frame Pillow de
   the first view: an opaque single-frame image of ordinary aspect ratio is one view, exactly as diffusers scores it.
   A uint8 array (a generated image) is composed pixels: one view, scored whole (two when it has translucent pixels).
 - **formats**: whatever Pillow opens (PNG, JPEG, GIF, WebP, TIFF, BMP, ICO, MPO, AVIF, and HEIC/HEIF and JPEG XL
-  through their plugins), SVG rasterised in a sandboxed renderer (:mod:`pipeline.svg`), video through PyAV.
+  through their plugins), SVG rasterised in a sandboxed renderer (:mod:`pipeline.svg`), video through PyAV. A plain
+  PNG or JPEG is decoded by libspng or libjpeg-turbo instead, to Pillow's exact pixels (:mod:`pipeline.fastdecode`).
 
 The frames of a multi-frame object are kept at the checker's scale as they decode (:meth:`Preprocess.resize`, the
 checker's own kernel, so scoring them equals scoring the full frames), at most ``KEPT_FRAMES`` × ``max_views`` of them
@@ -41,6 +42,7 @@ from PIL import Image, ImageOps
 
 from .color import to_srgb
 from .errors import ImageDecodeError
+from .fastdecode import fast_frame
 from .images import DecodeLimits, check_pixels, decode_pil, from_array, open_image, read_path
 from .preprocess import Preprocess
 
@@ -160,6 +162,8 @@ def _budget(frames: int, width: int, height: int, limits: DecodeLimits, what: st
 
 def _image_frames(data: bytes, limits: DecodeLimits, geometry: Preprocess) -> tuple[list[_Frame], bool]:
     """Encoded image bytes -> its frames (sRGB) and whether the file was truncated."""
+    if (arr := fast_frame(data, limits)) is not None:  # a plain PNG or JPEG: Pillow's pixels, decoded without Pillow
+        return [_frame(arr, None, 0.0, 0.0, None)], False
     return _frames_of(open_image(data, limits), data, limits, geometry)
 
 

@@ -73,7 +73,11 @@ def is_svg(data: bytes) -> bool:
             data = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[:SNIFF_BYTES], SNIFF_BYTES)
         except zlib.error:
             return False
-    text = data[:SNIFF_BYTES].removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")
+    data = data[:SNIFF_BYTES].removeprefix(b"\xef\xbb\xbf")
+    head = data[:1024].decode("utf-8", "replace").lstrip()  # what \s* skips, then the first character
+    if len(head) > 8 and head[0] != "<":  # no prolog or root can start here: a PNG or JPEG costs no 64 KiB decode
+        return False
+    text = data.decode("utf-8", "replace")
     pos = 0
     while match := _PROLOG.match(text, pos):  # the XML declaration, comments, processing instructions, a DOCTYPE svg
         pos = match.end()

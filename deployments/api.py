@@ -122,7 +122,7 @@ _bearer = HTTPBearer(
 )
 
 
-def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
     """Per route: the Edge middleware found the caller (and refused wrong keys before reading the body); declares
     the scheme in the OpenAPI document."""
     if getattr(request.state, "caller", None) is None:

@@ -194,7 +194,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 # Content-type rules, as route dependencies: they run before FastAPI validates the body.
-def json_only(request: Request) -> None:
+async def json_only(request: Request) -> None:
     """application/json only. A body without a Content-Type is refused too: a cross-site ``fetch`` in ``no-cors`` mode
     with a Blob body sends exactly that, without a preflight."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -203,7 +203,7 @@ def json_only(request: Request) -> None:
         raise UnsupportedMediaType(f"/v1/generate takes `Content-Type: application/json`; got {got}")
 
 
-def upload_kinds(request: Request) -> None:
+async def upload_kinds(request: Request) -> None:
     """Before FastAPI validates the form: a urlencoded `files=x` is a wrong content type, not a bad field."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("multipart/form-data", "application/octet-stream", "") and not kind.startswith("image/"):

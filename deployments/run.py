@@ -15,6 +15,12 @@ import yaml
 from pipeline.errors import DeployFailed, InvalidInput
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
+# Ray's system settings for a serving cluster, read from the environment when Ray starts (`diffguard serve` sets them
+# on the Ray it starts; k8s/base/rayservice.yaml on every Ray container). max_direct_call_object_size: task arguments
+# and results below 2 MiB travel inline in the call instead of through the object store (a put, the raylet's pinning,
+# a fetch), so a 512x512 PNG upload (~400 KB) reaches the checker in one message: 2.2 instead of 5.7 CPU-ms of Ray's
+# own processes per image, and the checker 13 instead of 19 (docs/BENCHMARKS.md, "CPU per image outside the model").
+SERVING_RAY_ENV = {"RAY_max_direct_call_object_size": str(2 * 1024 * 1024)}
 
 
 def load_config(

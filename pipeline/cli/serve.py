@@ -54,12 +54,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.run import check_auth, deploy, load_config, stop_serve, url, wait_healthy
+    from deployments.run import SERVING_RAY_ENV, check_auth, deploy, load_config, stop_serve, url, wait_healthy
 
     schema = load_config(args.config, args.host, args.port, args.audit_dest)  # bad config -> exit 2 before Ray starts
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
         check_auth(schema, os.environ)  # (on a cluster we join, the Ingress replicas apply the same rule at start)
+    if not address:  # a Ray of our own: its serving settings, unless this environment already sets them
+        for name, value in SERVING_RAY_ENV.items():
+            os.environ.setdefault(name, value)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

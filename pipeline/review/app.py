@@ -187,7 +187,7 @@ def create_app(
     """
     state = ReviewApp(dest, endpoint_url, reviewer)
 
-    def authorize(request: Request) -> None:  # the edge checked the key and named its reviewer: never without it
+    async def authorize(request: Request) -> None:  # the edge checked the key and named its reviewer: never without it
         if getattr(request.state, "reviewer", None) is None:
             raise Unauthorized(UNAUTHORIZED)
 

@@ -436,3 +436,18 @@ def test_model_cache_init_containers_fetch_what_the_scan_loads(overlay):
         (init,) = pod["initContainers"]
         assert set(model_cache.parse_args(init["args"]).model) == wanted
         assert_fills_the_cache_the_pod_reads(init, pod)
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_serving_ray_container_sets_the_serving_ray_environment(overlay):
+    """Ray reads its system settings when it starts: every Ray container of the RayService (head and workers) sets
+    what `diffguard serve` sets on the Ray it starts (deployments/run.py SERVING_RAY_ENV), with HAProxy as the front."""
+    from deployments.run import SERVING_RAY_ENV
+
+    for resource in rendered(overlay):
+        if resource["kind"] != "RayService":
+            continue
+        for group, pod in pod_specs(resource):
+            env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}  # the Ray container
+            assert {k: env.get(k) for k in SERVING_RAY_ENV} == SERVING_RAY_ENV, (overlay, group)
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", (overlay, group)

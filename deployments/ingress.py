@@ -43,6 +43,7 @@ from .edge import EdgeSettings, json_only, upload_kinds
 from .health import ReplicaState, http_host
 from .quota import QuotaClient
 from .schemas import (
+    MEDIA_TYPES,
     RAW_IMAGE_BODY,
     GenerateRequest,
     GenerateResponse,
@@ -60,11 +61,16 @@ log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 
 
-def _png(image: Any) -> bytes:
+def _encode(image: Any, fmt: str, args: IngressArgs) -> bytes:
+    """A released image (uint8 RGB) as the request's ``image_format``: PNG at ``png_compress_level``, or JPEG / WebP
+    at ``image_quality``. Runs in a worker thread: a 512x512 PNG at level 1 is ~30 ms of CPU, a JPEG ~2 ms."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    if fmt == "png":
+        Image.fromarray(image).save(buf, format="PNG", compress_level=args.png_compress_level)
+    else:
+        Image.fromarray(image).save(buf, format=fmt.upper(), quality=args.image_quality)
     return buf.getvalue()
 
 
@@ -232,7 +238,9 @@ class Ingress:
         await self._images_quota(request, body.num_images)
         log.info("request %s: generate %d image(s), %d steps, safety=%s", rid, body.num_images, body.steps, body.safety)
         rendering = await self._call(
-            self.generator.render.remote(body.model_dump()), self.args.generator_timeout_s, "generator"
+            self.generator.render.remote(body.model_dump(exclude={"image_format"})),
+            self.args.generator_timeout_s,
+            "generator",
         )
         images = rendering["images"]
         self.generator_info = self.generator_info or rendering["info"]
@@ -244,10 +252,14 @@ class Ingress:
         for m, r in zip(moderated, results, strict=True):
             row = m.report()  # the core's one shape for a moderated image
             row["moderation"].update(action=m.action, batch_size=r["batch_size"])
-            png = await asyncio.to_thread(_png, m.image) if m.image is not None else None
-            row["image_png_base64"] = base64.b64encode(png).decode() if png is not None else None
+            fmt = body.image_format
+            data = await asyncio.to_thread(_encode, m.image, fmt, self.args) if m.image is not None else None
+            encoded = base64.b64encode(data).decode() if data is not None else None
+            row["image_png_base64"] = encoded if fmt == "png" else None
+            row["image_base64"] = encoded if fmt != "png" else None
+            row["media_type"] = MEDIA_TYPES[fmt] if data is not None else None
             out.append(row)
-            audited.append(image_row(row["moderation"], m.action, sha256(png) if png is not None else None))
+            audited.append(image_row(row["moderation"], m.action, sha256(data) if data is not None else None))
         log.info("request %s: %s", rid, [m.action for m in moderated])
         generation = self.auditor.generation(request, body.model_dump(), rendering["seed"])
         response = {
@@ -307,7 +319,9 @@ class Ingress:
         if all(row["error"] for row in rows):
             detail = listing([f"{row['filename'] or 'body'}: {row['error']}" for row in rows])
             raise ImageDecodeError(f"no uploaded file could be decoded: {detail}")
-        log.info("request %s: moderated %d file(s), %d flagged", rid, len(rows), sum(r["nsfw"] for r in rows))
+        # DEBUG: Serve's access log already has a line per request, the audit log each decision; a second INFO line
+        # cost ~6% of the Ingress replica's CPU per upload (docs/BENCHMARKS.md, "CPU per image outside the model")
+        log.debug("request %s: moderated %d file(s), %d flagged", rid, len(rows), sum(r["nsfw"] for r in rows))
         response = {"request_id": rid, "results": rows, "fingerprint": results[0]["fingerprint"]}
         digests = (
             await asyncio.to_thread(lambda: [sha256(b) for b in blobs]) if self.auditor.log else [None] * len(rows)

@@ -111,6 +111,11 @@ class IngressArgs(BaseModel):
     # the quota keeper's answer is awaited this long; past it (or with the keeper gone) requests are let through,
     # counted in diffguard_quota_unavailable and logged (quotas fail open: they share capacity, not keep images back)
     quota_timeout_s: float = Field(0.25, gt=0, le=10)
+    # zlib level of the PNG a /v1/generate response releases (0-9): 1 costs a 512x512 photo ~3.6x less CPU than
+    # Pillow's default 6 for ~13% more bytes (docs/BENCHMARKS.md, "CPU per image outside the model")
+    png_compress_level: int = Field(1, ge=0, le=9)
+    # quality (1-100) of the jpeg or webp a /v1/generate request may ask for (`image_format`)
+    image_quality: int = Field(90, ge=1, le=100)
 
 
 class AppArgs(BaseModel):

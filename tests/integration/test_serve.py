@@ -172,6 +172,30 @@ def test_generate_round_trip(client):
             assert png.size == (64, 64)
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_generate_releases_jpeg_or_webp_when_asked(client, fmt):
+    """`image_format`: the released images in `image_base64` as that format (the PNG field null); blocked ones in
+    neither; the same verdicts as the PNG request of the same seed (encoding happens after scoring)."""
+    for seed in range(40):  # the first seed whose images the policy (partly) releases: deterministic, tiny models
+        request = {"prompt": "a red bicycle", "num_images": 4, "steps": 2, "seed": seed}
+        png = client.post("/v1/generate", json=request).json()["images"]
+        if any(i["action"] != "block" for i in png):
+            break
+    r = client.post("/v1/generate", json={**request, "image_format": fmt})
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert [i["moderation"]["concept_scores"] for i in images] == [i["moderation"]["concept_scores"] for i in png]
+    assert any(i["action"] != "block" for i in images)  # something released, or this test shows nothing
+    for image, as_png in zip(images, png, strict=True):
+        assert image["image_png_base64"] is None
+        if image["action"] == "block":
+            assert image["image_base64"] is None and image["media_type"] is None
+            continue
+        assert image["media_type"] == f"image/{fmt}" and as_png["media_type"] == "image/png"
+        released = Image.open(io.BytesIO(base64.b64decode(image["image_base64"])))
+        assert (released.format, released.size) == (fmt.upper(), (64, 64))
+
+
 def test_moderate_multipart_and_raw(client):
     files = [("files", ("a.png", _tiny_png(1), "image/png")), ("files", ("b.png", _tiny_png(2), "image/png"))]
     files.append(("files", ("notes.txt", b"just text", "text/plain")))
@@ -262,6 +286,7 @@ def test_concurrent_compatible_generations_share_a_pipeline_call(service):
         ({"json": {"prompt": "a", "width": 100}}, 422, "`width` must be a multiple of 8"),
         ({"json": {"steps": 3}}, 422, "`prompt` is required"),
         ({"json": {"prompt": "a", "num_images": "four"}}, 422, "`num_images`"),
+        ({"json": {"prompt": "a", "image_format": "gif"}}, 422, "`image_format`"),
         ({"content": b"prompt=a", "headers": {"Content-Type": "text/plain"}}, 415, "application/json"),
         ({"content": b"x" * 1_000_100, "headers": {"Content-Type": "application/json"}}, 413, "limit"),
     ],

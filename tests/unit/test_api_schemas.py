@@ -36,6 +36,8 @@ def test_moderation_models_carry_every_verdict_field():
         "action",
         "flagged_categories",
         "image_png_base64",
+        "image_base64",
+        "media_type",
         "moderation",
     }
 
@@ -61,7 +63,8 @@ def test_info_and_models_say_which_parts_are_demo_and_which_real():
 
 
 def test_generate_request_is_the_core_request_with_its_limits_as_bounds():
-    assert set(GenerateRequest.model_fields) == set(GenerationRequest.model_fields)
+    # the core's request, and how the released images are encoded (an ingress matter: never sent to the generator)
+    assert set(GenerateRequest.model_fields) == set(GenerationRequest.model_fields) | {"image_format"}
     schema = GenerateRequest.model_json_schema()
     props = schema["properties"]
     assert schema["additionalProperties"] is False and schema["required"] == ["prompt"]

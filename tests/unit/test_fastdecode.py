@@ -339,3 +339,13 @@ def test_an_object_over_the_byte_limit_goes_to_pillow():
     data = eligible()["png-rgb-noise"]
     assert fast_frame(data, DecodeLimits(max_bytes=len(data) - 1)) is None
     assert fast_frame(b"", LIMITS) is None
+
+
+def test_the_operator_switch_sends_everything_to_pillow(monkeypatch):
+    data = next(iter(eligible().values()))
+    assert fast_frame(data, LIMITS) is not None
+    monkeypatch.setenv("DIFFGUARD_FAST_DECODE", "0")
+    assert fast_frame(data, LIMITS) is None  # read per call: no restart of the process
+    switched = _viewed(data)
+    _pillow_only(monkeypatch)
+    assert switched == _viewed(data)

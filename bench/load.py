@@ -17,6 +17,29 @@ import numpy as np
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 
+def start_serving_ray(namespace: str = "bench", num_cpus: int | None = None) -> None:
+    """A fresh local Ray with the serving settings `diffguard serve` and the k8s manifests give it
+    (deployments.run.SERVING_RAY_ENV; a value already in the environment wins), the environment restored after."""
+    import os
+
+    import ray
+
+    from deployments.run import SERVING_RAY_ENV
+
+    saved = {k: os.environ.get(k) for k in SERVING_RAY_ENV}
+    for k, v in SERVING_RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        cpus = num_cpus or os.cpu_count()
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, namespace=namespace, log_to_driver=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a benchmark's own Serve instance."""
     with socket.socket() as s:

@@ -68,7 +68,7 @@ def _child(variant: str, plan: ProxyPlan, out: Path) -> None:
     from pipeline.images import load_images
 
     from . import models
-    from .load import free_port, run_handle_load, run_load
+    from .load import free_port, run_handle_load, run_load, start_serving_ray
     from .service import ServicePlan, serve_config
 
     port = free_port()
@@ -77,7 +77,7 @@ def _child(variant: str, plan: ProxyPlan, out: Path) -> None:
     raw["applications"] = [a for a in raw["applications"] if a["name"] == "batched"]
     bodies = models.pngs(models.images(plan.images, seed=3, size=plan.size))
     rows: list[dict[str, Any]] = []
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench", log_to_driver=False)
+    start_serving_ray()  # with the serving settings `diffguard serve` gives its Ray
     try:
         deploy(config_schema(raw), timeout_s=600)
         url = f"http://127.0.0.1:{port}/batched/v1/moderate"

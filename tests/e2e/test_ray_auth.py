@@ -92,7 +92,7 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
             time.sleep(1)
         yield {"address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard, "tmp": tmp}
     finally:
-        with_signal = [(signal.SIGTERM, 60), (signal.SIGKILL, 10)]
+        with_signal = [(signal.SIGTERM, 10), (signal.SIGKILL, 10)]  # a throwaway cluster: no long wait on its drain
         for sig, wait in with_signal:
             if head.poll() is None:
                 os.killpg(head.pid, sig)

@@ -1,4 +1,4 @@
-"""The scan under faults (drivers in ``tests/reliability/scan_faults.py``): SIGKILLed at random points over six
+"""The scan under faults (drivers in ``tests/reliability/scan_faults.py``): SIGKILLed at random points over ten
 trials and rerun, and run through a proxy injecting transient S3 faults. After each: one current row per object,
 every object present exactly once (quarantine included), every object scored with the in-process verdict."""
 
@@ -28,11 +28,11 @@ def corpus(checker):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_sigkill_at_random_points_then_rerun(s3, s3_endpoint, corpus):
-    result = sigkill_trials(s3, s3_endpoint, *corpus, trials=5, scoring_trials=1)
+    result = sigkill_trials(s3, s3_endpoint, *corpus, trials=9, scoring_trials=1)
     print({k: v for k, v in result.items() if k != "records"})
     for r in result["records"]:
         print(r["trial"], r["phase"], [(k["at_request"], k["killed_on"], k["left"]) for k in r["kills"]])
-    assert result["mutating_requests_per_run"] >= 20 and result["trials"] == 6
+    assert result["mutating_requests_per_run"] >= 20 and result["trials"] == 10
     for r in result["records"]:
         kill = r["kills"][0]
         assert kill["rc"] == -9 and kill["killed_on"], kill  # really killed, mid-run

@@ -60,8 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
     if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
         check_auth(schema, os.environ)  # (on a cluster we join, the Ingress replicas apply the same rule at start)
-    if not address:  # a Ray of our own: its serving settings, unless this environment already sets them
-        for name, value in SERVING_RAY_ENV.items():
+        for name, value in SERVING_RAY_ENV.items():  # a Ray of our own: its serving settings, unless already set
             os.environ.setdefault(name, value)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

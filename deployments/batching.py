@@ -31,6 +31,8 @@ class GenerationBatcher:
     compatible company (or until its batch is full), then renders with whatever compatible requests queued behind
     it, so no request waits behind an incompatible queue for longer than the batches ahead of it take to render.
     ``render_many(requests)`` runs in a worker thread and returns one result per request, in order.
+    ``on_depth(queued_images, inflight_images)`` is told each time either changes: images of the requests waiting in
+    the queue, and of the batch being rendered (a failed batch's requests count until their retries end).
 
     >>> batcher = GenerationBatcher(generator.render_many, generator.batch_key, max_batch_images=8)
     >>> rendering, batch_images = await batcher.submit(request)
@@ -44,10 +46,13 @@ class GenerationBatcher:
         max_batch_images: int = 8,
         batch_wait_timeout_s: float = 0.05,
         on_batch: Callable[[int, int], None] | None = None,
+        on_depth: Callable[[int, int], None] | None = None,
     ):
-        self.render_many, self.key, self.on_batch = render_many, key, on_batch
+        self.render_many, self.key, self.on_batch, self.on_depth = render_many, key, on_batch, on_depth
         self.configure(max_batch_images, batch_wait_timeout_s)
         self._pending: list[_Pending] = []
+        self.inflight_images = 0  # images of the batch being rendered now
+        self._told = (0, 0)  # the depth on_depth was last told
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
 
@@ -67,9 +72,22 @@ class GenerationBatcher:
             self._worker = loop.create_task(self._run())
         item = _Pending(request, self.key(request), request.num_images, loop.time(), loop.create_future())
         self._pending.append(item)
+        item.future.add_done_callback(self._depth)  # a caller that gives up while queued leaves the queue's count
+        self._depth()
         assert self._arrived is not None
         self._arrived.set()
         return await item.future
+
+    @property
+    def queued_images(self) -> int:
+        """Images of the requests waiting in the queue (not rendering yet; callers that gave up not counted)."""
+        return sum(p.images for p in self._pending if not p.future.done())
+
+    def _depth(self, _: object = None) -> None:
+        depth = (self.queued_images, self.inflight_images)
+        if self.on_depth is not None and depth != self._told:
+            self._told = depth
+            self.on_depth(*depth)
 
     def _group(self, head: _Pending) -> list[_Pending]:
         """The head and the compatible requests behind it, in arrival order, while they fit the batch."""
@@ -111,7 +129,18 @@ class GenerationBatcher:
             await self._render(group)
 
     async def _render(self, group: list[_Pending]) -> None:
+        """Render a batch taken off the queue; its images count as in flight until every request of it is settled
+        (or the worker is cancelled)."""
         images = sum(p.images for p in group)
+        self.inflight_images += images
+        self._depth()
+        try:
+            await self._render_now(group, images)
+        finally:
+            self.inflight_images -= images
+            self._depth()
+
+    async def _render_now(self, group: list[_Pending], images: int) -> None:
         try:
             results = await asyncio.to_thread(self.render_many, [p.request for p in group])
         except Exception as exc:  # noqa: BLE001 - one request's failure must not fail the others
@@ -120,7 +149,7 @@ class GenerationBatcher:
                 return
             log.warning("generation batch of %d requests failed (%r); rendering each alone", len(group), exc)
             for p in group:
-                await self._render([p])
+                await self._render_now([p], p.images)
             return
         if self.on_batch is not None:
             self.on_batch(len(group), images)

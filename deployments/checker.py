@@ -6,20 +6,17 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter as Tally
 from typing import Any, NamedTuple
 
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
 
 from pipeline.errors import InvalidInput
 from pipeline.interface import CheckerCore, checker_core, policy_core
 
+from .metrics import CheckerMetrics
 from .settings import MAX_CONCURRENT_BATCHES, CheckerArgs, CheckerRuntime, import_factory
 
 log = logging.getLogger("ray.serve")
-
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 class Item(NamedTuple):
@@ -64,15 +61,7 @@ class SafetyCheckerDeployment:
         self.identity = {"model": info["model"], "demo_weights": info["demo_weights"]}
         self.runtime = CheckerRuntime()
         self._lock = threading.Lock()  # a batch is scored under one policy; reconfigure waits for it
-        self.batch_sizes = Histogram(
-            "diffguard_checker_batch_size", description="images per checker batch", boundaries=BATCH_BUCKETS
-        )
-        self.flagged = Counter(
-            "diffguard_images_flagged",
-            description="images flagged, by concept and tenant",
-            tag_keys=("concept", "tenant"),
-        )
-        self.scored = Counter("diffguard_images_scored", description="images scored, by tenant", tag_keys=("tenant",))
+        self.metrics = CheckerMetrics()  # batch sizes; per tenant: scored, flagged, actions, unscorable by reason
         # A batch is decoded into views in a worker thread outside the model lock, so it overlaps the previous
         # batch's vision pass (MAX_CONCURRENT_BATCHES).
         self.split = {"images": 0, "views": 0, "decode_s": 0.0, "preprocess_s": 0.0, "model_s": 0.0}  # since start
@@ -162,13 +151,9 @@ class SafetyCheckerDeployment:
             log.exception("checker batch of %d failed", len(items))
             failed = f"checker failed: {type(exc).__name__}"
             return [{"unavailable": unknown.get(str(item.policy), failed)} for item in items]
-        self.batch_sizes.observe(len(items))
-        for tenant, n in Tally(items[i].tenant or "default" for i in ok).items():
-            self.scored.inc(n, tags={"tenant": tenant})
+        self.metrics.decided(len(items), [items[i].tenant for i in ok], verdicts)
         results: list[dict[str, Any]] = [{"unavailable": unknown.get(str(item.policy))} for item in items]
         for i, name, v in zip(ok, names, verdicts, strict=True):
-            for concept in v.bad_concept_names + v.flagged_categories:
-                self.flagged.inc(tags={"concept": concept, "tenant": items[i].tenant or "default"})
             fingerprint, checker = identity[name]
             results[i] = {
                 "verdict": v,

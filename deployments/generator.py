@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
 
 from .batching import GenerationBatcher
+from .metrics import GeneratorMetrics
 from .settings import GeneratorArgs, GeneratorRuntime, import_factory
-
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 
 @serve.deployment(
@@ -42,30 +40,20 @@ class GeneratorDeployment:
                 text_encoder=self.args.text_encoder,
                 limits=self.limits,
             )
-        self.generated = Counter("diffguard_images_generated", description="images generated")
-        self.batch_images = Histogram(
-            "diffguard_generator_batch_images", description="images per generation call", boundaries=BATCH_BUCKETS
-        )
-        self.batch_requests = Histogram(
-            "diffguard_generator_batch_requests", description="requests per generation call", boundaries=BATCH_BUCKETS
-        )
+        self.metrics = GeneratorMetrics()  # per pipeline call, and the batch queue's images waiting and rendering
         self.runtime = GeneratorRuntime()
         self.batcher = GenerationBatcher(
             _render_many(self.generator),
             _batch_key(self.generator),
             max_batch_images=self.runtime.max_batch_images,
             batch_wait_timeout_s=self.runtime.batch_wait_timeout_s,
-            on_batch=self._observe,
+            on_batch=self.metrics.batch,
+            on_depth=self.metrics.depth,
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.runtime = GeneratorRuntime(**(user_config or {}))
         self.batcher.configure(self.runtime.max_batch_images, self.runtime.batch_wait_timeout_s)
-
-    def _observe(self, requests: int, images: int) -> None:
-        self.batch_requests.observe(requests)
-        self.batch_images.observe(images)
-        self.generated.inc(images)
 
     async def render(self, request: dict[str, Any]) -> dict[str, Any]:
         """A validated request's fields -> uint8 images (through the object store), seed, size, warnings, and the

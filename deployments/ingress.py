@@ -23,7 +23,6 @@ from fastapi import Depends, File, Header, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Histogram
 
 from pipeline.errors import (
     DiffguardError,
@@ -41,6 +40,7 @@ from .audit import Auditor, image_row, sha256
 from .auth import auth_info
 from .edge import EdgeSettings, json_only, upload_kinds
 from .health import ReplicaState, http_host
+from .metrics import IngressMetrics
 from .quota import QuotaClient
 from .schemas import (
     MEDIA_TYPES,
@@ -54,7 +54,7 @@ from .schemas import (
     schema_with_limits,
 )
 from .settings import IngressArgs
-from .tenancy import Callers, caller_info, check_start, decision_route
+from .tenancy import ANONYMOUS, Callers, caller_info, check_start, decision_route
 from .uploads import check_request_pixels, listing
 
 log = logging.getLogger("ray.serve")
@@ -98,9 +98,7 @@ class Ingress:
         self.limits = GenerationLimits(**self.args.limits)
         self.image_limits = image_limits or DecodeLimits()  # the checker's: the edge prices uploads in its views
         self.host = http_host()
-        self.keys_failures = Counter(
-            "diffguard_keys_reload_failures", description="keys file changes refused (the last good file stays)"
-        )
+        self.metrics = IngressMetrics()  # decision requests, their latency, audit and keys failures
         # DIFFGUARD_KEYS_FILE (tenants, reloaded live), DIFFGUARD_API_KEY, or none: a malformed file, an empty key or
         # both set refuse to start, as does no key on a host others can reach (DEPLOY_FAILED, with why)
         self.callers = Callers.from_environ(os.environ, on_reload=self._keys_reloaded)
@@ -109,6 +107,7 @@ class Ingress:
         self.auth = {**auth_info(None, self.args.allow_unauthenticated, self.host), "required": self.callers.required}
         self.auth["keys"] = self.callers.kind
         self.quota = QuotaClient(quota, self.args.quota_timeout_s) if quota is not None else None
+        self._declare_tenants()
         api.state.edge = EdgeSettings(
             None,
             self.args.max_body_bytes,
@@ -118,14 +117,11 @@ class Ingress:
             quota=self.quota,
         )
         context = serve.get_replica_context()
-        self.audit_failures = Counter(
-            "diffguard_audit_failures", description="audit rows that could not be written", tag_keys=("route",)
-        )
         self.auditor = Auditor(
             self.args.audit_dest,
             required=self.args.audit_required,
             replica=context.replica_tag,
-            on_failure=lambda route: self.audit_failures.inc(tags={"route": route}),
+            on_failure=lambda route: self.metrics.audit_failures.inc(tags={"route": route}),
         )
         api.state.on_error = self._failed
         api.state.limits = self.limits
@@ -134,28 +130,27 @@ class Ingress:
         api.openapi = self._openapi  # this deployment's limits as the schema's bounds
         self.state = ReplicaState(context.app_name, self.args.health_timeout_s)
         self.generator_info: dict[str, Any] | None = None  # static per replica: fetched once, never behind renders
-        self.latency = Histogram(
-            "diffguard_moderation_latency_s",
-            description="time from receiving images to their verdicts",
-            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-            tag_keys=("route", "tenant"),
-        )
-        self.requests = Counter(
-            "diffguard_requests",
-            description="decision requests answered, by status",
-            tag_keys=("route", "tenant", "status"),
-        )
 
     def _keys_reloaded(self, error: str | None) -> None:
         if error is not None:
-            self.keys_failures.inc()
+            self.metrics.keys_failures.inc()
+        else:
+            self._declare_tenants()
+
+    def _declare_tenants(self) -> None:
+        """Every tenant's alerted series at 0 from the start (deployments.metrics.declare)."""
+        ring = self.callers.ring
+        tenants = {key.tenant for key in ring.keys} if ring is not None else {ANONYMOUS.tenant}
+        self.metrics.tenants(tenants)
+        if self.quota is not None:
+            self.quota.declare(tenants)
 
     def _failed(self, request: Request, status: int, message: str) -> None:
         """The API's error hook: count the refused or failed decision request and record it in the audit log."""
         route = decision_route(request.url.path)
         if route is None:
             return
-        self.requests.inc(tags={"route": route, "tenant": request.state.caller.tenant, "status": str(status)})
+        self.metrics.requests.inc(tags={"route": route, "tenant": request.state.caller.tenant, "status": str(status)})
         self.auditor.failure(request, route, status, message)
 
     async def _images_quota(self, request: Request, images: int) -> None:
@@ -201,14 +196,14 @@ class Ingress:
         if len(results) != len(images) or any("unavailable" in r for r in results):
             reason = next((r["unavailable"] for r in results if "unavailable" in r), "wrong number of results")
             raise Unavailable(f"the checker could not score the images ({reason}); nothing was released")
-        self.latency.observe(time.perf_counter() - start, tags={"route": route, "tenant": caller.tenant})
+        self.metrics.latency.observe(time.perf_counter() - start, tags={"route": route, "tenant": caller.tenant})
         return results
 
     async def _answered(self, request: Request, route: str, response: dict[str, Any], **row: Any) -> dict[str, Any]:
         """The response, once its audit row is durable (503 without pixels when it cannot be, unless configured)."""
         caller = request.state.caller
         await self.auditor.decision(request, route, 200, **row)
-        self.requests.inc(tags={"route": route, "tenant": caller.tenant, "status": "200"})
+        self.metrics.requests.inc(tags={"route": route, "tenant": caller.tenant, "status": "200"})
         response["tenant"], response["policy"] = caller.tenant, caller.policy
         return response
 

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ray import serve
-from ray.serve.metrics import Counter
 
 from pipeline.keys import Limits
 from pipeline.quota import Decision, Quotas
+
+from .metrics import declare, quota_unavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -60,11 +61,11 @@ class QuotaClient:
         self.clock = clock
         self.unavailable = 0  # takes allowed without the keeper, since start (the metric's count in this process)
         self._warned_at = -float("inf")
-        self._metric = Counter(
-            "diffguard_quota_unavailable",
-            description="requests allowed without a quota check: the quota keeper was gone, failing or slow",
-            tag_keys=("tenant",),
-        )
+        self._metric = quota_unavailable()
+
+    def declare(self, tenants: set[str]) -> None:
+        """Each tenant's series at 0, so the first fail-open take shows as an increase."""
+        declare(self._metric, *({"tenant": t} for t in sorted(tenants)))
 
     async def take(
         self, key_id: str, limits: Limits, requests: int = 1, images: int = 0, *, tenant: str | None = None

@@ -234,28 +234,46 @@ def test_audit_rows_name_the_caller_the_bytes_and_the_verdict(service):
     assert gen["images"][0]["sha256"] == expected
 
 
-def test_the_decision_metrics_carry_the_tenant(service):
-    """Ray's metrics endpoint: the requests, latency, scored and flagged series of every tenant that called, each
-    labelled with its tenant (exported every few seconds)."""
+def exported(*wanted: tuple[str, ...]) -> None:
+    """Wait until Ray's metrics endpoint has a sample of each (series, 'label="value"', ...) (exported every few s)."""
     import ray
 
     port = ray._private.worker.global_worker.node.metrics_export_port
-    wanted = {
-        ("ray_diffguard_requests_total", "kids"),
-        ("ray_diffguard_requests_total", "art"),
-        ("ray_diffguard_moderation_latency_s_count", "ops"),
-        ("ray_diffguard_images_scored_total", "kids"),
-        ("ray_diffguard_images_flagged_total", "art"),
-    }
     deadline, seen = time.monotonic() + 60, set()
-    while not wanted <= seen:
-        assert time.monotonic() < deadline, f"never exported: {wanted - seen}"
+    while not set(wanted) <= seen:
+        assert time.monotonic() < deadline, f"never exported: {set(wanted) - seen}"
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         for line in text.splitlines():
-            for name, tenant in wanted:
-                if line.startswith(name + "{") and f'tenant="{tenant}"' in line:
-                    seen.add((name, tenant))
+            seen.update(w for w in wanted if line.startswith(w[0] + "{") and all(label in line for label in w[1:]))
         time.sleep(1)
+
+
+def test_the_decision_metrics_carry_the_tenant(service):
+    """The requests, latency, scored and flagged series of every tenant that called, each labelled with its tenant."""
+    exported(
+        ("ray_diffguard_requests_total", 'tenant="kids"'),
+        ("ray_diffguard_requests_total", 'tenant="art"'),
+        ("ray_diffguard_moderation_latency_s_count", 'tenant="ops"'),
+        ("ray_diffguard_images_scored_total", 'tenant="kids"'),
+        ("ray_diffguard_images_flagged_total", 'tenant="art"'),
+    )
+
+
+def test_actions_unscorable_reasons_and_generator_depth_are_exported(service):
+    """A corrupt upload beside a good one counts its action and its reason (``corrupt``) under its tenant; the
+    generator replica's queue and in-flight gauges are exported from its start."""
+    files = [("files", ("good.png", png(11), "image/png")), ("files", ("cut.png", png(12)[:60], "image/png"))]
+    r = httpx.post(f"{service[0]}/tenants/v1/moderate", files=files, headers=auth("art"), timeout=60)
+    assert r.status_code == 200, r.text
+    good, cut = r.json()["results"]
+    assert good["error"] is None and "corrupt or truncated" in cut["error"]  # a PNG cut off in its first chunk
+    exported(
+        ("ray_diffguard_image_actions_total", f'action="{good["action"]}"', 'tenant="art"'),
+        ("ray_diffguard_image_actions_total", f'action="{cut["action"]}"', 'tenant="art"'),
+        ("ray_diffguard_images_unscorable_total", 'reason="corrupt"', 'tenant="art"'),
+        ("ray_diffguard_generator_queue_images", 'application="tenants"'),
+        ("ray_diffguard_generator_inflight_images", 'application="tenants"'),
+    )
 
 
 def test_an_unwritable_audit_log_withholds_unless_configured(service):

@@ -175,3 +175,107 @@ def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails(gen):
 def test_batcher_refuses_bad_settings(gen):
     with pytest.raises(ValueError, match="max_batch_images must be >= 1"):
         GenerationBatcher(gen.render_many, gen.batch_key, max_batch_images=0)
+
+
+# --- the queue and in-flight gauges (diffguard_generator_queue_images / _inflight_images) ---------------------------
+class Job:
+    """A request as the batcher sees it: its images, and a name the fake render answers with."""
+
+    def __init__(self, name: str, num_images: int = 1):
+        self.name, self.num_images = name, num_images
+
+
+class Gated:
+    """A fake render_many (the batcher is under test, not the renders): it says when it starts, waits for its gate,
+    then answers each job's name, or raises for a batch holding a job named "boom"."""
+
+    def __init__(self):
+        self.started, self.gate, self.calls = threading.Event(), threading.Event(), []
+
+    def __call__(self, jobs):
+        self.calls.append([j.name for j in jobs])
+        self.started.set()
+        self.gate.wait(30)
+        if any(j.name == "boom" for j in jobs):
+            raise RuntimeError("out of memory")
+        return [j.name for j in jobs]
+
+
+def depth_batcher(render, max_batch_images: int) -> tuple[GenerationBatcher, list[tuple[int, int]]]:
+    told: list[tuple[int, int]] = []
+    batcher = GenerationBatcher(
+        render,
+        lambda job: "one shape",
+        max_batch_images=max_batch_images,
+        batch_wait_timeout_s=30,  # only full batches start: no test depends on a timer
+        on_depth=lambda queued, inflight: told.append((queued, inflight)),
+    )
+    return batcher, told
+
+
+async def until(condition) -> None:
+    """Let the loop run until ``condition()`` holds (a hang, not a timing bound, is what the 30 s guard catches)."""
+
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), 30)
+
+
+def test_gauges_count_images_queued_then_rendering_then_none():
+    """A batch of 2 images renders (held on the gate) while 1 + 1 more queue behind it; when it ends they become
+    the next batch; every change is told once, and both counts end at 0."""
+    render = Gated()
+    batcher, told = depth_batcher(render, max_batch_images=2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(Job("a", 2)))
+        await asyncio.to_thread(render.started.wait, 30)
+        later = [asyncio.ensure_future(batcher.submit(Job(name))) for name in ("b", "c")]
+        await until(lambda: batcher.queued_images == 2)
+        assert (batcher.queued_images, batcher.inflight_images) == (2, 2)
+        render.gate.set()
+        return await asyncio.gather(first, *later)
+
+    assert asyncio.run(main()) == [("a", 2), ("b", 2), ("c", 2)]
+    assert render.calls == [["a"], ["b", "c"]]
+    assert told == [(2, 0), (0, 2), (1, 2), (2, 2), (2, 0), (0, 2), (0, 0)]
+    assert (batcher.queued_images, batcher.inflight_images) == (0, 0)
+
+
+def test_a_failed_batch_counts_in_flight_until_its_retries_end_then_none():
+    render = Gated()
+    render.gate.set()
+    batcher, told = depth_batcher(render, max_batch_images=2)
+
+    async def main():
+        return await asyncio.gather(batcher.submit(Job("ok")), batcher.submit(Job("boom")), return_exceptions=True)
+
+    ok, boom = asyncio.run(main())
+    assert ok == ("ok", 1) and isinstance(boom, RuntimeError)
+    assert render.calls == [["ok", "boom"], ["ok"], ["boom"]]  # the batch, then each request alone
+    assert told == [(1, 0), (2, 0), (0, 2), (0, 0)]
+
+
+def test_callers_that_give_up_leave_the_queue_at_once_and_the_render_when_it_ends():
+    """Cancelled while queued: out of the queue's count now. Cancelled while rendering: the images are still being
+    rendered (a worker thread cannot be stopped), so they count until the render ends, then 0."""
+    render = Gated()
+    batcher, told = depth_batcher(render, max_batch_images=1)
+
+    async def main():
+        rendering = asyncio.ensure_future(batcher.submit(Job("a")))
+        await asyncio.to_thread(render.started.wait, 30)
+        queued = asyncio.ensure_future(batcher.submit(Job("b", 3)))
+        await until(lambda: batcher.queued_images == 3)
+        queued.cancel()
+        rendering.cancel()
+        await until(lambda: batcher.queued_images == 0)
+        assert batcher.inflight_images == 1
+        render.gate.set()
+        await until(lambda: batcher.inflight_images == 0)
+
+    asyncio.run(main())
+    assert render.calls == [["a"]]  # the cancelled queued request never rendered
+    assert told == [(1, 0), (0, 1), (3, 1), (0, 1), (0, 0)]

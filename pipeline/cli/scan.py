@@ -33,6 +33,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {value}")
+    return value
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("scan", help="score every image under s3://bucket/prefix or a directory; Parquet results")
     p.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix or a local directory")
@@ -77,6 +87,13 @@ def register(sub: Any) -> None:
         "--break-lock",
         action="store_true",
         help="take DEST's lock from the scan holding it: only when that scan is dead (one scan per DEST at a time)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="start this scan's own Ray with its Prometheus metrics (ray_diffguard_scan_*) on PORT, for a local "
+        "Prometheus; refused when the scan joins a cluster (RAY_ADDRESS), whose nodes export them on their own port",
     )
     p.add_argument("--json", action="store_true", help="one JSON summary object on stdout")
     p.set_defaults(run=cmd_scan)
@@ -133,6 +150,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         list_parallelism=args.list_parallelism,
         shard_rows=args.shard_rows,
         break_lock=args.break_lock,
+        metrics_port=args.metrics_port,
     )
     with stdout_reserved():
         try:

@@ -2,7 +2,8 @@
 
 ``plan`` (what to read, no Ray; stores are :mod:`pipeline.storage`), ``state`` (DEST's layout and current view),
 ``shards`` and ``commit`` (the plan and the commit cut by a hash of the key), ``actions`` (quarantine and tags),
-``job`` (the driver, its Ray tasks and the Ray Data job: the only module here that uses Ray).
+``job`` (the driver, its Ray tasks and the Ray Data job) and ``progress`` (the metrics' holder actor): the only modules
+here that use Ray.
 Names are imported lazily, so ``import pipeline.scan`` imports neither Ray nor torch.
 
 >>> from pipeline.scan import ScanConfig, read_current, run_scan

@@ -20,8 +20,11 @@ at most one small ranged read per object that is not an image, once. What was re
 over ``--max-pixels`` or ``--max-object-bytes``, unsupported) gets the checker's :meth:`unscorable` verdict and is
 withheld like a flagged image; read errors stay retryable errors, never acted on.
 
+The run's progress is exported as Prometheus series while it runs (:mod:`pipeline.scan.progress`, whose holder
+actor is the scan's one other use of Ray).
+
 long: every Ray stage of the scan (inventory files, read, decode, score) and the driver that runs them live here, the
-only module of the scan that imports Ray.
+only module of the scan that imports Ray but for its metrics' holder (:mod:`pipeline.scan.progress`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -63,6 +67,7 @@ from .listing import (
 )
 from .lock import DestLock
 from .plan import LISTING_SCHEMA, ScanConfig, ScanSummary, layout, list_source, listing_table
+from .progress import ScanProgress
 from .release import JOURNAL as RELEASE_JOURNAL
 from .release import ReleaseReport, recover_releases, release
 from .score import Scorer, decode_stage
@@ -167,6 +172,8 @@ COUNTS = pa.schema(
         ("sampled", pa.int64()),  # objects with more views than --max-views: frames sampled over display time
         ("flagged", pa.int64()),  # withheld by the policy (or unscorable)
         ("reported", pa.int64()),  # released with the policy's `flag` action
+        ("read", pa.int64()),  # read whole (sha256 set): scored, or unscorable after reading
+        ("bytes", pa.int64()),  # their sizes
     ]
 )
 
@@ -177,7 +184,7 @@ def write_part(batch: pa.Table, parts: WorkerParts) -> pa.Table:
     Unlike the other stages it returns one row per batch, not per object: only these counts reach the driver. A
     failed write raises (after the store's own retries), which fails the job: the rows stay uncommitted, and the
     rerun scores them."""
-    kinds = batch["error_kind"]
+    kinds, fetched = batch["error_kind"], pc.is_valid(batch["sha256"])  # sha256: of the bytes read whole
     counts = {
         "part": parts.commit(batch),
         "rows": batch.num_rows,
@@ -188,6 +195,8 @@ def write_part(batch: pa.Table, parts: WorkerParts) -> pa.Table:
         "sampled": pc.sum(pc.fill_null(batch["views_sampled"], False)).as_py() or 0,
         "flagged": pc.sum(pc.fill_null(batch["flagged"], False)).as_py() or 0,
         "reported": pc.sum(pc.equal(batch["action"], "flag")).as_py() or 0,
+        "read": pc.sum(fetched).as_py() or 0,
+        "bytes": pc.sum(pc.if_else(fetched, batch["size"], 0)).as_py() or 0,
     }
     return pa.Table.from_pylist([counts], schema=COUNTS)
 
@@ -197,16 +206,37 @@ def _us(t: datetime) -> int:
 
 
 # --- the driver ---------------------------------------------------------------------------------------------------
-def ensure_ray() -> bool:
-    """Connect to $RAY_ADDRESS, or start a local Ray. Returns True when this call started it."""
+def ensure_ray(metrics_port: int | None = None) -> bool:
+    """Connect to $RAY_ADDRESS, or start a local Ray (its metrics agent on ``metrics_port``: only for a Ray started
+    here). Returns True when this call started it."""
     import ray
 
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or "local"
     filter_stderr()  # at the CLI's default verbosity: Ray's known noise on fd 2 (pipeline.raylogs.NOISE) dropped
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    port = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **port)
     return True
+
+
+def metrics_refusal(metrics_port: int | None) -> str | None:
+    """Why a scan cannot start its own Ray with its metrics on ``metrics_port`` (None: it can, or no port asked)."""
+    if metrics_port is None:
+        return None
+    if address := os.environ.get("RAY_ADDRESS"):
+        return (
+            f"--metrics-port {metrics_port}: this scan joins the Ray cluster at RAY_ADDRESS={address}, whose nodes "
+            "export the scan's metrics on their own port (8080 on KubeRay); drop --metrics-port or unset RAY_ADDRESS"
+        )
+    if ray_running():
+        node = getattr(sys.modules["ray"]._private.worker.global_worker, "node", None)  # None: a Ray Client
+        where = f"http://127.0.0.1:{node.metrics_export_port}/metrics" if node is not None else "the cluster's nodes"
+        return (
+            f"--metrics-port {metrics_port}: Ray already runs in this process and the scan uses it; its metrics are "
+            f"on its own port, {where}; drop --metrics-port"
+        )
+    return None
 
 
 class RayRunner(Runner):
@@ -247,7 +277,9 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     rows live in the shard tasks (:mod:`pipeline.scan.shards`) and the Ray Data stream, except for a small scan
     (:data:`LOCAL_ROWS` objects at most, no Ray running), planned and committed in this process. One scan per DEST at
     a time: the run holds DEST's lock throughout (:mod:`pipeline.scan.lock`; :class:`DestBusy` when another scan
-    holds it)."""
+    holds it). The run's progress is exported as metrics while it runs (:mod:`pipeline.scan.progress`)."""
+    if refusal := metrics_refusal(cfg.metrics_port):
+        raise InvalidInput(refusal)
     with DestLock.acquire(layout(cfg)[1], break_lock=cfg.break_lock) as lock:
         return _run(cfg, lock)
 
@@ -269,16 +301,25 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
     writer = PartWriter(dest, summary.run)
     action = "quarantine" if quarantine is not None else "tag" if cfg.tag else None
     owned = not ray_running()  # a Ray this run starts (for listing, planning or scoring) is shut down at its end
+    # metrics only where they can be scraped: a cluster (joined, or running here) or --metrics-port; else no actor
+    scraped = not owned or bool(os.environ.get("RAY_ADDRESS")) or cfg.metrics_port is not None
+    progress = ScanProgress(str(dest), enabled=scraped)
     started = time.monotonic()
     try:
+        if cfg.metrics_port is not None:  # metrics from the start: the Ray with them on a known port, up first
+            ensure_ray(cfg.metrics_port)
+            log.info("scan metrics (Prometheus): http://127.0.0.1:%d/metrics", cfg.metrics_port)
+        progress.start()  # running 1 until the finally below: a killed driver leaves it at 1 (the alert's case)
         recovered, pending, refused = _recover(dest, source, quarantine, meta, writer, cfg)
         pieces, listed = _list(cfg, source, exclude, summary)
+        progress.listed(listed)
         if recovered:
             meta = load_meta(dest)
         recorded = sum(max(rows, 0) for _, rows in meta.files)
         shards = shard_count(max(listed, recorded), (sharded_files(meta.files) or (1, {}))[0], cfg.shard_rows)
         if shards > 1 or max(listed, recorded) > LOCAL_ROWS:  # the shards' rows stay in tasks and the object store
             ensure_ray()
+            progress.flush()
             runner: Runner = RayRunner()
             pieces = [p if not isinstance(p, pa.Table) else runner.put(p) for p in pieces]
         else:  # a small scan: its rows fit in the driver, and tasks would cost more than they spread
@@ -304,7 +345,7 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
         )
         if total["todo"]:
             bucket = source.store.bucket if isinstance(source.store, S3Store) else source.store.root  # type: ignore[attr-defined]
-            _score(cfg, todo, total["todo"], source.store, bucket, checker, writer, summary)
+            _score(cfg, todo, total["todo"], source.store, bucket, checker, writer, summary, progress)
         del checker, todo
         restored, decisions = _reviews(cfg, dest, source, quarantine, writer, summary)
         meta = load_meta(dest)  # the staged parts now include this run's
@@ -320,7 +361,7 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
         ]
         parts = writer.workers() if action else None
         finishing = (dest, summary.run, shards, inputs.rewrite, source, quarantine, action, cfg.apply, parts)
-        results = _finish(runner, FinishSpec(*finishing, decisions, restored), inputs, listing, finish)
+        results = _finish(runner, FinishSpec(*finishing, decisions, restored), inputs, listing, finish, progress)
         summary.actions = ActionReport(action, cfg.apply, recovered=recovered, pending=pending, refused=refused)
         for r in results.values():
             for name in ("eligible", "done", "failed"):
@@ -345,6 +386,7 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
             time.monotonic() - started,
         )
     finally:
+        progress.end()  # running 0, before the Ray this run owns (and its holder) goes
         if owned and ray_running():
             import ray
 
@@ -391,10 +433,16 @@ def _plan(runner: Runner, spec: PlanSpec, inputs: Any, listing: list[list[Any]])
 
 
 def _finish(
-    runner: Runner, spec: FinishSpec, inputs: Any, listing: list[list[Any]], shards: list[int]
+    runner: Runner,
+    spec: FinishSpec,
+    inputs: Any,
+    listing: list[list[Any]],
+    shards: list[int],
+    progress: ScanProgress,
 ) -> dict[int, dict[str, Any]]:
-    """Finish the given shards (a task each): their actions and their new table files. Not retried by Ray: a finish
-    that died mid-action is resumed by the next run, from the journal and the parts it committed."""
+    """Finish the given shards (a task each): their actions and their new table files, counted in ``progress`` as
+    each shard finishes. Not retried by Ray: a finish that died mid-action is resumed by the next run, from the journal
+    and the parts it committed."""
     ref = runner.put(spec)
     refs = [
         runner.call(
@@ -410,7 +458,24 @@ def _finish(
         )
         for s in shards
     ]
-    return dict(zip(shards, runner.get(refs), strict=True))
+    results = {}
+    for i, result in _as_completed(runner, refs):
+        results[shards[i]] = result
+        progress.acted(result["report"])
+    return {s: results[s] for s in shards}
+
+
+def _as_completed(runner: Runner, refs: list[Any]) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each of ``refs`` as it completes (Ray tasks), or in order (run in this process)."""
+    if not runner.remote:
+        yield from enumerate(runner.get(refs))
+        return
+    import ray
+
+    index, pending = {ref: i for i, ref in enumerate(refs)}, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield index[done[0]], runner.get(done[0])
 
 
 def _recover(dest: Location, source: Location, quarantine: Location | None, meta, writer: PartWriter, cfg: ScanConfig):  # noqa: ANN001, ANN202
@@ -577,13 +642,14 @@ def counted(fn: Any, *args: Any) -> tuple[pa.Table, int]:
     return table, table.num_rows
 
 
-def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  # noqa: ANN001
+def _score(cfg, todo, rows, store, bucket, checker, writer, summary, progress) -> None:  # noqa: ANN001
     """Read, decode, score and commit ``rows`` objects: ``todo`` holds the shards' work items (tables, or
-    references to them in the object store)."""
+    references to them in the object store). Each part's counts go to ``summary`` and ``progress`` as it arrives."""
     import ray
     import ray.data
 
     ensure_ray()
+    progress.flush()  # what was counted before Ray ran (a small scan plans in the driver) is exported from now on
     quiet_ray_data()
     max_actors = cfg.max_actors or _default_actors(cfg.num_gpus)
     max_actors = max(1, min(max_actors, math.ceil(rows / cfg.batch_size)))
@@ -638,7 +704,9 @@ def _score(cfg, todo, rows, store, bucket, checker, writer, summary) -> None:  #
     committed, logged, recorded = 0, time.monotonic(), summary.skipped_non_image  # non-images recorded earlier
     try:
         for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # one small row per part
-            committed += _add_counts(summary, counts)
+            total = _add_counts(summary, counts)
+            progress.committed(total)
+            committed += total["rows"]
             if time.monotonic() - logged >= PROGRESS_EVERY_S or committed == rows:
                 log.info(  # in the summary table's words (docs/CLI.md, Words)
                     "%d of %d objects read and committed: %d scanned (%d scored, %d unscorable, %d read errors), "
@@ -674,14 +742,14 @@ def _part_rows(cfg: ScanConfig) -> int:
     return cfg.part_rows if cfg.part_rows < cfg.batch_size else cfg.part_rows // cfg.batch_size * cfg.batch_size
 
 
-def _add_counts(summary: ScanSummary, counts: pa.Table) -> int:
-    """Add the workers' per-part counts to the run's summary; returns the rows they committed."""
+def _add_counts(summary: ScanSummary, counts: pa.Table) -> dict[str, int]:
+    """Add the workers' per-part counts to the run's summary; returns them summed (:data:`COUNTS` but ``part``)."""
     total = {name: pc.sum(counts[name]).as_py() or 0 for name in COUNTS.names if name != "part"}
     summary.skipped_non_image += total["not_image"]
     summary.scanned += total["rows"] - total["not_image"]
     for name in ("errors", "unscorable", "truncated", "sampled", "flagged", "reported"):
         setattr(summary, name, getattr(summary, name) + total[name])
-    return total["rows"]
+    return total
 
 
 def _default_threads(actors: int) -> int:

@@ -52,8 +52,11 @@ class ScanConfig:
     list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
     shard_rows: int = SHARD_ROWS  # objects per shard: what one plan or finish task holds (pipeline.scan.shards)
     break_lock: bool = False  # take DEST's lock even from a live holder (pipeline.scan.lock: one scan per DEST)
+    metrics_port: int | None = None  # start a local Ray with its metrics agent on this port (not with RAY_ADDRESS)
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not (isinstance(self.metrics_port, int) and 0 < self.metrics_port < 65536):
+            raise InvalidInput(f"metrics_port must be a TCP port, 1-65535 (or None), got {self.metrics_port!r}")
         if not (isinstance(self.shard_rows, int) and self.shard_rows >= 1):
             raise InvalidInput(f"shard_rows must be an integer >= 1, got {self.shard_rows!r}")
         if self.list_parallelism is not None and not (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY_MODULES = {"pipeline.scan.job", "pipeline.cli.serve"}  # the scan's Ray Data job and `diffguard serve`
+RAY_MODULES = {"pipeline.scan.job", "pipeline.scan.progress", "pipeline.cli.serve"}  # the scan, its metrics, serve
 MAX_LINES = 400
 
 

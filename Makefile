@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile k8s/checkov-requirements.txt
+$(VENV)/.installed: pyproject.toml Makefile k8s/checkov-requirements.txt k8s/tools/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile k8s/checkov-requirements.txt
 	# checkov (tests/unit/test_k8s_checkov.py) pins boto3, packaging and networkx far below the project's: its own venv.
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet -r k8s/checkov-requirements.txt
+	# the prometheus-operator CRDs' schemas, for the monitoring manifests (tests/unit/test_k8s_monitoring.py)
+	npm ci --prefix k8s/tools --no-audit --no-fund --loglevel=error
 	touch $@
 
 serve: setup ## the README main command: the HTTP service on tiny CPU models, until Ctrl-C

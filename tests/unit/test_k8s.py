@@ -43,7 +43,12 @@ GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 
 # --- parsing and rendering ---
 def test_every_yaml_file_parses_and_every_resource_is_named():
-    files = sorted(f for f in K8S.rglob("*.yaml") if f.name != "checkov-skips.yaml")  # that one: test_k8s_checkov.py
+    files = sorted(
+        f
+        for f in K8S.rglob("*.yaml")
+        if f.name != "checkov-skips.yaml"  # that one: test_k8s_checkov.py
+        and "node_modules" not in f.parts  # npm's (k8s/tools), not ours
+    )
     assert {"rayservice.yaml", "rayjob-scan.yaml"} <= {f.name for f in files if f.parent == K8S}
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -53,7 +58,7 @@ def test_every_yaml_file_parses_and_every_resource_is_named():
                 assert all({"op", "path"} <= set(op) for op in doc), path
             else:
                 assert {"apiVersion", "kind"} <= set(doc), path
-                assert doc["kind"] == "Kustomization" or doc["metadata"]["name"], path
+                assert doc["kind"] in ("Kustomization", "Component") or doc["metadata"]["name"], path
 
 
 def test_the_issue_paths_are_the_base_manifests():
@@ -66,7 +71,12 @@ def test_the_issue_paths_are_the_base_manifests():
     [
         ("dev", ["NetworkPolicy", "RayService", "ServiceAccount"]),
         ("dev/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
-        ("prod", ["NetworkPolicy", "PersistentVolumeClaim", "RayService", "ServiceAccount"]),
+        # + k8s/monitoring: the PodMonitors (endpoint Ray, HAProxy, scan), the alerts, the Grafana dashboard
+        (
+            "prod",
+            ["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "PodMonitor", "PodMonitor"]
+            + ["PrometheusRule", "RayService", "ServiceAccount"],
+        ),
         ("prod/scan", ["NetworkPolicy", "RayJob", "ServiceAccount"]),
     ],
 )

@@ -1,6 +1,7 @@
-"""The core Kubernetes resources of every overlay (NetworkPolicy, PersistentVolumeClaim, ServiceAccount) and every
-Ray pod template taken as a Pod validate against Kubernetes' own OpenAPI schemas (the kubernetes-validate package),
-strictly: an unknown or misspelt field fails. The Ray resources themselves: test_k8s_crds.py."""
+"""The core Kubernetes resources of every overlay (NetworkPolicy, PersistentVolumeClaim, ServiceAccount, ConfigMap)
+and every Ray pod template taken as a Pod validate against Kubernetes' own OpenAPI schemas (the kubernetes-validate
+package), strictly: an unknown or misspelt field fails. The Ray resources themselves: test_k8s_crds.py; the
+prometheus-operator ones (PodMonitor, PrometheusRule): test_k8s_monitoring.py."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
 
 def core_resources(overlay: str) -> list[Resource]:
-    """Everything kubectl would send to the API server but the Ray resources, plus the Pods KubeRay makes."""
+    """Everything kubectl would send to the API server but the Ray resources, plus the Pods KubeRay makes. The
+    prometheus-operator kinds (k8s/monitoring) are not Kubernetes' own: test_k8s_monitoring.py validates them."""
     out = []
     for resource in rendered(overlay):
+        if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
         out += as_pods(resource) if resource["kind"] in RAY_KINDS else [resource]
     return out
 

@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
+
 log = logging.getLogger("diffguard")
 
 HEALTHY_TIMEOUT_S = 300  # after the applications are RUNNING: until /healthz answers 200 (every replica started)
@@ -42,6 +44,13 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default: the config's)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the local Ray's Prometheus metrics (every ray_diffguard_* and ray_serve_* series) on PORT "
+        "(default: a free port, printed at start; on a cluster you join, the cluster's own metrics port)",
+    )
+    p.add_argument(
         "--audit-dest",
         metavar="DEST",
         help="write every decision to the audit log, a Delta table under DEST (a directory or s3://bucket/prefix); "
@@ -58,6 +67,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     schema = load_config(args.config, args.host, args.port, args.audit_dest)  # bad config -> exit 2 before Ray starts
     address = os.environ.get("RAY_ADDRESS")  # join a running cluster (KubeRay), else start a new local one
+    if address and args.metrics_port is not None:
+        raise UsageError(
+            f"--metrics-port {args.metrics_port}: this command joins the Ray cluster at RAY_ADDRESS={address}, whose "
+            "nodes export metrics on their own port (8080 on KubeRay); drop --metrics-port or unset RAY_ADDRESS"
+        )
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise UsageError(f"--metrics-port {args.metrics_port}: a TCP port is 1-65535")
     if not address:  # the replicas get this process's environment: refuse an open service before starting Ray
         check_auth(schema, os.environ)  # (on a cluster we join, the Ingress replicas apply the same rule at start)
         for name, value in SERVING_RAY_ENV.items():  # a Ray of our own: its serving settings, unless already set
@@ -71,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=None if address else args.num_cpus,
         include_dashboard=False,
         log_to_driver=True,
+        **({"_metrics_export_port": args.metrics_port} if args.metrics_port is not None else {}),
     )
     try:
         deploy(schema)
@@ -86,6 +103,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f'-d \'{{"prompt": "a red bicycle", "seed": 1, "steps": 4}}\'',
             flush=True,
         )
+        if not address:  # Prometheus scrapes this (docs/OPERATIONS.md); on a cluster, each node's own port
+            port = ray._private.worker.global_worker.node.metrics_export_port
+            print(f"metrics (Prometheus): http://127.0.0.1:{port}/metrics", flush=True)
+            # a scan joins it (its series then leave through the same port); Ray's token auth needs the mode said
+            auth = "" if os.environ.get("RAY_AUTH_MODE") == "disabled" else "RAY_AUTH_MODE=token "
+            gcs = ray.get_runtime_context().gcs_address
+            print(f"ray: {auth}RAY_ADDRESS={gcs} (for `diffguard scan` or `ray status` in this cluster)", flush=True)
         print("press Ctrl-C to stop", flush=True)
         stop.wait()
         print("shutting down...", flush=True)

@@ -158,7 +158,8 @@ def sections(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
             for r in g["first_runs"]
         ]
         title = "Scan first runs over real tiny images (8x8 PNG, tiny checker), end to end incl. Ray start"
-        out.append((title, table(["input", "objects", "seconds", "images/s", "driver peak MiB"], rows)))
+        if rows:  # the quick run has none (its scan section is a first run)
+            out.append((title, table(["input", "objects", "seconds", "images/s", "driver peak MiB"], rows)))
     if "generate" in results:
         g = results["generate"]
         rows = [

@@ -109,10 +109,6 @@ def test_quick_benchmark_runs_every_section(tmp_path):
     growth = results["growth"]
     assert [r["objects"] for r in growth["reruns"]] == [1_000]
     assert all(r["seconds"] > 0 and r["driver_peak_rss_mib"] > 0 for r in growth["reruns"])
-    assert [(r["input"], r["objects"]) for r in growth["first_runs"]] == [
-        ("local directory, first run", 64),
-        ("moto bucket, first run", 64),
-    ]
-    assert all(r["images_per_s"] > 0 for r in growth["first_runs"])
+    assert growth["first_runs"] == []  # the full run's (`make bench`); the quick run's first run is the scan section
     assert results["targets"] and results["machine"]["versions"]["torch"]
     assert [k for k, v in results["section_seconds"].items() if v > 0] == list(QUICK_SECTIONS)

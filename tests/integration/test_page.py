@@ -186,7 +186,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(service, ope
         f"--checks={checks},response_headers_conformance",
         f"--header=Authorization: Bearer {KEY}",
         "--max-examples=10",  # per operation and phase; the schema's own bounds keep bodies small
-        "--max-time=60",  # the whole run's budget, coverage and fuzzing phases together
+        "--max-time=40",  # the whole run's budget, coverage and fuzzing phases together
         "--mode=all",
         "--request-timeout=60",
         "--workers=1",

@@ -151,7 +151,10 @@ class SafetyCheckerDeployment:
             log.exception("checker batch of %d failed", len(items))
             failed = f"checker failed: {type(exc).__name__}"
             return [{"unavailable": unknown.get(str(item.policy), failed)} for item in items]
-        self.metrics.decided(len(items), [items[i].tenant for i in ok], verdicts)
+        try:  # the metrics never fail a batch that was scored
+            self.metrics.decided(len(items), [items[i].tenant for i in ok], verdicts)
+        except Exception:  # noqa: BLE001
+            log.exception("checker metrics of a batch of %d failed", len(items))
         results: list[dict[str, Any]] = [{"unavailable": unknown.get(str(item.policy))} for item in items]
         for i, name, v in zip(ok, names, verdicts, strict=True):
             fingerprint, checker = identity[name]

@@ -135,7 +135,10 @@ class Ingress:
         if error is not None:
             self.metrics.keys_failures.inc()
         else:
-            self._declare_tenants()
+            try:  # on the keys poller's thread: a failure here must not stop the reloads
+                self._declare_tenants()
+            except Exception:  # noqa: BLE001
+                log.exception("declaring the tenants' series after a keys reload failed")
 
     def _declare_tenants(self) -> None:
         """Every tenant's alerted series at 0 from the start (deployments.metrics.declare)."""

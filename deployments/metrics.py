@@ -24,7 +24,8 @@ from pipeline.unscorable import unscorable_reason
 if TYPE_CHECKING:
     from pipeline.verdict import Verdict
 
-LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]  # s, receive -> verdicts
+# s, the checker call's; 15 and 20 bound the latency alert's threshold (checker_timeout_s / 2) without interpolating
+LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30]
 CHECKER_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]  # images per checker batch
 GENERATOR_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]  # images or requests per pipeline call
 GAUGE_REFRESH_S = 5.0  # Ray's agent drops a gauge not recorded for two export intervals (~20 s): record it this often
@@ -52,7 +53,7 @@ class IngressMetrics:
         )
         self.latency = Histogram(
             "diffguard_moderation_latency_s",
-            description="time from receiving images to their verdicts",
+            description="seconds of the checker call: from sending the images to their verdicts",
             boundaries=LATENCY_BUCKETS_S,
             tag_keys=("route", "tenant"),
         )
@@ -142,7 +143,7 @@ class GeneratorMetrics:
             description="images waiting in the generator replica's batch queue, not rendering yet",
         )
         self.inflight = Gauge("diffguard_generator_inflight_images", description="images the replica is rendering now")
-        self._depth = (0, 0)
+        self._depth, self._lock = (0, 0), threading.Lock()  # the event loop sets them; the refresher re-records
         self.depth(0, 0)  # exported from the start, not from the first request
         # and kept exported while nothing changes (an idle generator's 0 is a value, not a missing series)
         threading.Thread(target=self._refresh, name="generator-gauges", daemon=True).start()
@@ -150,7 +151,9 @@ class GeneratorMetrics:
     def _refresh(self) -> None:
         while True:
             time.sleep(GAUGE_REFRESH_S)
-            self.depth(*self._depth)
+            with self._lock:  # the current values, never an older pair written back over a newer one
+                self.queue.set(self._depth[0])
+                self.inflight.set(self._depth[1])
 
     def batch(self, requests: int, images: int) -> None:
         """A pipeline call that rendered ``requests`` requests of ``images`` images in all."""
@@ -160,6 +163,7 @@ class GeneratorMetrics:
 
     def depth(self, queued: int, inflight: int) -> None:
         """The batcher's images waiting and rendering (:class:`deployments.batching.GenerationBatcher`'s on_depth)."""
-        self._depth = (queued, inflight)
-        self.queue.set(queued)
-        self.inflight.set(inflight)
+        with self._lock:
+            self._depth = (queued, inflight)
+            self.queue.set(queued)
+            self.inflight.set(inflight)

@@ -111,12 +111,11 @@ def rows() -> list[tuple[str, list[timeseries.Panel | stat.Panel]]]:
         single(
             "5xx share",
             "percentunit",
-            "Decision requests answered 5xx (503: the checker was unavailable).",
+            "Decision requests answered 5xx: 503 when nothing could be released (checker or generator "
+            "unavailable or slow, audit row not written, back pressure).",
             target(f"sum({rate(REQ, ERR5)}) / sum({rate(REQ, TEN)})", "5xx"),
         ),
-        single(
-            "p99 moderation latency", "s", "Receive to verdicts, all routes.", target(quantile(0.99, LAT, TEN), "p99")
-        ),
+        single("p99 moderation latency", "s", "The checker call, all routes.", target(quantile(0.99, LAT, TEN), "p99")),
         single(
             "Unscorable share",
             "percentunit",
@@ -140,7 +139,7 @@ def rows() -> list[tuple[str, list[timeseries.Panel | stat.Panel]]]:
         series(
             "Latency percentiles by route",
             "s",
-            "Moderation latency (receive to verdicts) p50, p95 and p99, by route.",
+            "The checker call (images sent to verdicts back) p50, p95 and p99, by route.",
             *[target(quantile(q, LAT, TEN, "route"), f"p{round(q * 100)} {{{{route}}}}") for q in PCT],
         ),
         series(
@@ -262,11 +261,11 @@ def rows() -> list[tuple[str, list[timeseries.Panel | stat.Panel]]]:
             ),
         ),
         single(
-            "Scan objects per stage, this run",
+            "Scan objects per stage, totals",
             "short",
-            "Objects listed, read, scored and flagged (withheld) so far.",
+            "Objects listed, read, scored and flagged (withheld) by destination: every run of it on this cluster.",
             *[
-                target(f"sum(ray_diffguard_scan_objects_{stage}_total{{{DEST}}})", stage)
+                target(f"sum by (dest) (ray_diffguard_scan_objects_{stage}_total{{{DEST}}})", stage + " {{dest}}")
                 for stage in ("listed", "read", "scored", "flagged")
             ],
             span=12,

@@ -306,8 +306,9 @@ def _run(cfg: ScanConfig, lock: DestLock) -> ScanSummary:
     progress = ScanProgress(str(dest), enabled=scraped)
     started = time.monotonic()
     try:
-        if cfg.metrics_port is not None:  # metrics from the start: the Ray with them on a known port, up first
+        if scraped:  # metrics from the start (a long listing is watched too): the Ray that exports them, up first
             ensure_ray(cfg.metrics_port)
+        if cfg.metrics_port is not None:
             log.info("scan metrics (Prometheus): http://127.0.0.1:%d/metrics", cfg.metrics_port)
         progress.start()  # running 1 until the finally below: a killed driver leaves it at 1 (the alert's case)
         recovered, pending, refused = _recover(dest, source, quarantine, meta, writer, cfg)

@@ -39,7 +39,7 @@ COUNTERS = {  # name -> description (each tagged dest; errors also kind)
     "objects_read": "Objects read whole (bytes fetched) and committed: scored, or unscorable after reading",
     "objects_scored": "Objects read, decoded and given a verdict",
     "objects_flagged": "Objects withheld by the policy (flagged, or unscorable and withheld): what quarantine acts on",
-    "errors": "Objects not scored: kind=read (retried next run) or kind=unscorable (read but not scorable)",
+    "errors": "Objects not scored: kind=read (retried next run) or kind=unscorable (not scorable, read or too large)",
     "bytes_read": "Bytes of the objects read whole",
     "quarantine_failures": "Quarantine moves or tags (--apply) that failed",
 }

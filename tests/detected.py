@@ -7,7 +7,8 @@ The result is an abstract pattern that fools the classifier (the score through t
 0.95): a stand-in for an unsafe photograph, not one.
 
 Beside them, what the detector tests share: real photographs (:func:`photo`), the default policy's open_nsfw row
-alone (:func:`only_open_nsfw_row`) and a count of a detector's forwards (:func:`counting_forwards`).
+alone (:func:`only_open_nsfw_row`), a count of a detector's forwards (:func:`counting_forwards`) and a detector that
+fails on purpose (:class:`Faulty`).
 """
 
 from __future__ import annotations
@@ -103,3 +104,25 @@ def counting_forwards(detectors: Any, name: str = "open_nsfw") -> Iterator[list[
         yield calls
     finally:
         detectors.loaded[name] = detector
+
+
+class Faulty:
+    """The real open_nsfw, except that it cannot prepare a 7×7 view and answers NaN for a 9×9 all-black one."""
+
+    def __init__(self, detector: Any):
+        self.detector = detector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.detector, name)
+
+    def prepare(self, arrays: Any) -> Any:
+        if any(a.shape[:2] == (7, 7) for a in arrays):
+            raise ValueError("cannot prepare a 7x7 view")
+        return self.detector.prepare(arrays)
+
+    def __call__(self, inputs: Any) -> Any:
+        import torch
+
+        probs = self.detector(inputs)
+        nan = torch.from_numpy(np.isclose(inputs[:, 0, 0, 0], -104.0))  # the 9x9 view is all black: B - mean
+        return torch.where(nan[:, None], float("nan"), probs)

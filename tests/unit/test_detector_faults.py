@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.checker import SafetyChecker
 from pipeline.policy import parse_policy
+from tests.detected import Faulty
 
 POLICY = {
     "version": 1,
@@ -16,26 +16,6 @@ POLICY = {
     "nsfw_action": "allow",
     "categories": {"sexual": {"action": "block", "concepts": [{"detector": "open_nsfw", "threshold": 0.8}]}},
 }
-
-
-class Faulty:
-    """The real open_nsfw, except that it cannot prepare a 7×7 view and answers NaN for a 9×9 one."""
-
-    def __init__(self, detector):
-        self.detector = detector
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-    def prepare(self, arrays):
-        if any(a.shape[:2] == (7, 7) for a in arrays):
-            raise ValueError("cannot prepare a 7x7 view")
-        return self.detector.prepare(arrays)
-
-    def __call__(self, inputs):
-        probs = self.detector(inputs)
-        nan = torch.from_numpy(np.isclose(inputs[:, 0, 0, 0], -104.0))  # the 9x9 view is all black: B - mean
-        return torch.where(nan[:, None], float("nan"), probs)
 
 
 @pytest.fixture(scope="module")

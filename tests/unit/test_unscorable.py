@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import SafetyChecker
@@ -20,6 +19,7 @@ from pipeline.unscorable import REASONS, unscorable_reason
 from pipeline.views import load_views
 from tests import adversarial
 from tests.corpus import CORRUPT, EMPTY, NOT_IMAGE, TOO_LARGE, image_cases, png_header_only
+from tests.detected import Faulty
 from tests.hidden import gradient, write_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,24 +83,6 @@ def test_an_animation_over_the_view_budget_under_a_withholding_policy_is_view_bu
         tiny.configure(policy="stock")
 
 
-class Broken:
-    """The real open_nsfw, except that it cannot prepare a 7×7 view and answers NaN for every other."""
-
-    def __init__(self, detector):
-        self.detector = detector
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-    def prepare(self, arrays):
-        if any(a.shape[:2] == (7, 7) for a in arrays):
-            raise ValueError("cannot prepare a 7x7 view")
-        return self.detector.prepare(arrays)
-
-    def __call__(self, inputs):
-        return torch.full_like(self.detector(inputs), float("nan"))
-
-
 def test_a_detector_that_fails_or_answers_nan_is_detector():
     policy = {
         "version": 1,
@@ -108,9 +90,9 @@ def test_a_detector_that_fails_or_answers_nan_is_detector():
         "categories": {"sexual": {"action": "block", "concepts": [{"detector": "open_nsfw", "threshold": 0.8}]}},
     }
     checker = SafetyChecker.load("tiny", "cpu", "float32", policy=parse_policy(policy))
-    checker.detectors.loaded["open_nsfw"] = Broken(checker.detectors.get("open_nsfw"))
+    checker.detectors.loaded["open_nsfw"] = Faulty(checker.detectors.get("open_nsfw"))
     rng = np.random.default_rng(0)
-    unprepared, nan = checker.check([rng.integers(0, 256, (7, 7, 3), np.uint8), np.full((32, 32, 3), 9, np.uint8)])
+    unprepared, nan = checker.check([rng.integers(0, 256, (7, 7, 3), np.uint8), np.zeros((9, 9, 3), np.uint8)])
     assert "cannot prepare" in unprepared.error and unscorable_reason(unprepared.error) == "detector"
     assert nan.error == "a detector returned a non-finite score" and unscorable_reason(nan.error) == "detector"
 

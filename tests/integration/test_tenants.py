@@ -105,7 +105,9 @@ def service(ray_cluster, tmp_path_factory):
         "applications": [
             app(
                 "tenants",
-                {"audit_dest": str(tmp / "audit"), "generator_timeout_s": 60},
+                # quota_timeout_s: the rate test measures the shared limit, not fail-open (test_quota.py's); on a
+                # CPU-starved runner the Ingress's own event-loop lag passed 0.25 s and every take failed open
+                {"audit_dest": str(tmp / "audit"), "generator_timeout_s": 60, "quota_timeout_s": 5},
                 {"DIFFGUARD_KEYS_FILE": str(keys)},
                 generator={"factory": "tests.fakes:SlowGenerator"},
                 ingress_replicas=2,
@@ -343,6 +345,7 @@ def test_a_rate_limited_key_is_held_to_its_rate_across_replicas(service):
             unloaded = await quiet_latencies(c, 10)
             statuses: list[int] = []
             retry_after: set[str] = set()
+            others: list[str] = []  # what any answer but 200 and 429 said
 
             async def one():
                 r = await c.post(
@@ -351,6 +354,8 @@ def test_a_rate_limited_key_is_held_to_its_rate_across_replicas(service):
                 statuses.append(r.status_code)
                 if r.status_code == 429:
                     retry_after.add(r.headers.get("Retry-After", ""))
+                elif r.status_code != 200:
+                    others.append(f"{r.status_code} {r.text[:300]}")
 
             start, tasks = time.monotonic(), []
             loaded_task = asyncio.create_task(quiet_latencies(c, 15))
@@ -359,12 +364,12 @@ def test_a_rate_limited_key_is_held_to_its_rate_across_replicas(service):
                 tasks.append(asyncio.create_task(one()))
             elapsed = time.monotonic() - start  # the offered window (longer than 20 s if this machine lagged)
             await asyncio.gather(*tasks)
-            return unloaded, await loaded_task, statuses, retry_after, elapsed
+            return unloaded, await loaded_task, statuses, retry_after, elapsed, others
 
-    unloaded, loaded, statuses, retry_after, elapsed = asyncio.run(run())
+    unloaded, loaded, statuses, retry_after, elapsed, others = asyncio.run(run())
     accepted = statuses.count(200)
     per_s = accepted / elapsed
-    assert set(statuses) <= {200, 429}, set(statuses)
+    assert set(statuses) <= {200, 429}, sorted(set(others))
     assert 4 <= per_s <= 6.5, (accepted, elapsed)
     assert retry_after and all(v.isdigit() and int(v) >= 1 for v in retry_after)
     quiet, noisy = statistics.median(unloaded), statistics.median(loaded)

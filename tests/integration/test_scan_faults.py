@@ -27,21 +27,24 @@ def corpus(checker):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_sigkill_at_random_points_then_rerun(s3, s3_endpoint, corpus):
-    result = sigkill_trials(s3, s3_endpoint, *corpus, trials=9, scoring_trials=1)
-    print({k: v for k, v in result.items() if k != "records"})
+def test_sigkill_at_each_storage_stage_then_rerun(s3, s3_endpoint, corpus):
+    """One SIGKILL aimed at a random request of each stage of an applying run (journaling, copying, deleting, the row
+    update, the manifest), one while a fresh scan commits parts; each rerun completes with nothing lost or doubled.
+    (`python -m tests.reliability` runs the stratified random version, with more trials.)"""
+    stages = ("/_quarantine/", "held/", "DELETE imgs/", "/_delta_log/", "_diffguard_scan.json")
+    result = sigkill_trials(s3, s3_endpoint, *corpus, scoring_trials=1, aim=stages)
+    print({k: v for k, v in result.items() if k not in ("records", "calibration")})
     for r in result["records"]:
         print(r["trial"], r["phase"], [(k["at_request"], k["killed_on"], k["left"]) for k in r["kills"]])
-    assert result["mutating_requests_per_run"] >= 20 and result["trials"] == 10
+    assert result["mutating_requests_per_run"] >= 20
     for r in result["records"]:
         kill = r["kills"][0]
         assert kill["rc"] == -9 and kill["killed_on"], kill  # really killed, mid-run
         assert r["rerun_rc"] == 0, r
         assert r["violations"] == {}, r  # one row per object, every object exactly once, all scored
     hit = " ".join(r["kills"][0]["killed_on"] for r in result["records"])
-    stages = ("/parts/", "/_quarantine/", "held/", "DELETE imgs/", "/_delta_log/", "_diffguard_scan.json")
-    reached = [where for where in stages if where in hit]  # committing rows, journaling, copying, deleting, compacting
-    assert len(reached) >= 4 and "/parts/" in hit and "/_quarantine/" in hit, hit
+    reached = [where for where in ("/parts/", *stages) if where in hit]
+    assert len(reached) >= 5 and "/parts/" in hit and "/_quarantine/" in hit, (reached, hit)
 
 
 @pytest.mark.usefixtures("ray_cluster")

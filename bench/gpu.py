@@ -183,7 +183,8 @@ PRODUCTION = Path(__file__).resolve().parent.parent / "deployments" / "configs" 
 
 def served_config(device: str, tiny: bool, port: int, checker: str) -> dict[str, Any]:
     """The production config with a bench checker (and at ``--tiny`` the tiny generator) on this machine: one replica
-    per deployment, loopback only, stock concepts; without CUDA the replicas ask for no GPU."""
+    per deployment, loopback only, stock concepts, no node-pool label selectors (one unlabelled node); without CUDA
+    the replicas ask for no GPU."""
     import yaml
 
     raw = yaml.safe_load(PRODUCTION.read_text())
@@ -201,6 +202,7 @@ def served_config(device: str, tiny: bool, port: int, checker: str) -> dict[str,
     for d in app["deployments"]:
         if d["name"] == "Generator" and not tiny:
             continue
+        d["ray_actor_options"].pop("label_selector", None)  # KubeRay's worker groups label their nodes; this one isn't
         if device == "cpu":
             d["ray_actor_options"].pop("num_gpus", None)
         if tiny:  # a 2-core CI machine: the production CPU requests would not fit

@@ -26,7 +26,9 @@ WARN_EVERY_S = 30.0  # the keeper-unavailable warning is logged at most this oft
     # one replica: the buckets are one shared count, not one per replica (a fixed range rather than num_replicas: Serve
     # 2.60 warns "Cannot deregister autoscaling state" at every start and stop of a deployment without one)
     autoscaling_config={"min_replicas": 1, "max_replicas": 1},
-    ray_actor_options={"num_cpus": 0},
+    # a hundredth of a CPU, not 0: a KubeRay head offers none (num-cpus 0), so the keeper never lands on the head and
+    # dies with it (tests/reliability/head_loss.py found it there with 0)
+    ray_actor_options={"num_cpus": 0.01},
     max_ongoing_requests=1000,  # a take is microseconds of Python; never the queue a request waits in
 )
 class QuotaKeeper:

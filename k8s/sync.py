@@ -1,7 +1,8 @@
 """One truth for the Serve configs: each RayService ``serveConfigV2`` is written from ``deployments/configs``.
 
     python -m k8s.sync            # rewrite the serveConfigV2 blocks in place (`make k8s` runs this)
-    python -m k8s.sync --check    # exit 1 naming the manifests that differ from their source (the tests assert this)
+    python -m k8s.sync --check    # exit 1 naming the manifests that differ from their source (the tests assert this),
+                                  # and every drain or timeout that is not the one k8s/grace.py derives
 
 The production RayService carries ``deployments/configs/production.yaml`` verbatim, comments included. The dev
 overlay carries ``local.yaml`` with the few changes a pod needs (``DEV_OVERRIDES``), merged and re-serialised.
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from k8s import grace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         bad = stale()
         for manifest in bad:
             print(f"{manifest}: serveConfigV2 differs from its source; run `make k8s`", file=sys.stderr)
-        return 1 if bad else 0
+        wrong = grace.problems()
+        for problem in wrong:
+            print(f"{problem} (k8s/grace.py)", file=sys.stderr)
+        return 1 if bad or wrong else 0
     for manifest in write():
         print(f"updated {manifest}")
     return 0

@@ -108,8 +108,12 @@ def test_kubernetes_doc_uses_the_names_and_numbers_of_the_manifests():
     assert f"kubectl create secret generic {secret} --from-literal=auth_token=" in doc
     service = one("prod", "RayService")
     assert f"svc/{service['spec']['serveService']['metadata']['name']}" in doc
-    (group,) = cluster_spec(service)["workerGroupSpecs"]
-    assert f"minReplicas: {group['minReplicas']}" in doc and f"maxReplicas: {group['maxReplicas']}" in doc
+    for group in cluster_spec(service)["workerGroupSpecs"]:
+        bounds = f"`{group['groupName']}`: minReplicas: {group['minReplicas']}, maxReplicas: {group['maxReplicas']}"
+        assert bounds in doc, bounds
+    # The Secrets KubeRay and the Gateway read, not mounted as volumes: the GCS store's password, the certificate.
+    assert "kubectl create secret generic diffguard-redis --from-literal=password=" in doc
+    assert "kubectl create secret tls diffguard-tls" in doc
     dev_scan = entrypoint_args(one("dev/scan", "RayJob"))
     assert dev_scan.source in doc and f"diffguard scan-results {dev_scan.output}" in doc
     assert "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0" in doc  # the tested CRDs

@@ -1,7 +1,8 @@
 """The core Kubernetes resources of every overlay (NetworkPolicy, PersistentVolumeClaim, ServiceAccount, ConfigMap)
 and every Ray pod template taken as a Pod validate against Kubernetes' own OpenAPI schemas (the kubernetes-validate
 package), strictly: an unknown or misspelt field fails. The Ray resources themselves: test_k8s_crds.py; the
-prometheus-operator ones (PodMonitor, PrometheusRule): test_k8s_monitoring.py."""
+prometheus-operator ones (PodMonitor, PrometheusRule): test_k8s_monitoring.py; the Gateway API ones (Gateway,
+HTTPRoute), whose schemas kubernetes-validate lacks: test_k8s_front.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def core_resources(overlay: str) -> list[Resource]:
     prometheus-operator kinds (k8s/monitoring) are not Kubernetes' own: test_k8s_monitoring.py validates them."""
     out = []
     for resource in rendered(overlay):
-        if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+        if resource["apiVersion"].startswith(("monitoring.coreos.com/", "gateway.networking.k8s.io/")):
             continue
         out += as_pods(resource) if resource["kind"] in RAY_KINDS else [resource]
     return out
@@ -40,6 +41,8 @@ def test_core_resources_and_pod_templates_validate_against_the_kubernetes_schema
     resources = core_resources(overlay)
     kinds = {r["kind"] for r in resources}
     assert {"NetworkPolicy", "Pod"} <= kinds, kinds
+    if overlay == "prod":
+        assert "PodDisruptionBudget" in kinds, kinds
     assert [e for r in resources for e in errors(r, version)] == []
 
 

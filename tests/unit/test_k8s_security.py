@@ -133,7 +133,9 @@ def test_ray_ports_are_reachable_only_from_the_same_workload_and_the_dashboard_f
 @pytest.mark.parametrize(
     "overlay, clients",
     [
-        ("prod", {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}),
+        # the TLS front's proxies (k8s/overlays/prod/front.yaml: the Gateway diffguard), never the operator: the
+        # head is out of the Serve Service (excludeHeadPodFromServeSvc), so KubeRay checks no head proxy on 8000
+        ("prod", {"podSelector": {"matchLabels": {"gateway.networking.k8s.io/gateway-name": "diffguard"}}}),
         ("dev", {"podSelector": {}}),  # the whole namespace (no namespaceSelector: this namespace only)
     ],
 )
@@ -144,7 +146,7 @@ def test_the_serve_port_is_reachable_from_where_the_overlay_says(overlay, client
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_egress_is_the_workload_dns_and_https(overlay):
+def test_egress_is_the_workload_dns_https_and_the_gcs_store(overlay):
     for where, labels in ray_pod_labels(overlay):
         rules = [rule for p in policies_for(overlay, labels, "Egress") for rule in p["spec"].get("egress", [])]
         own = {"podSelector": {"matchLabels": {APP: labels[APP], COMPONENT: labels[COMPONENT]}}}
@@ -153,6 +155,9 @@ def test_egress_is_the_workload_dns_and_https(overlay):
             {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
             {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]},
         ]
+        if overlay in ("dev", "prod") and labels[COMPONENT] == "endpoint":  # the GCS store, Redis, by address
+            cidr = "10.0.32.0/24" if overlay == "prod" else "10.0.0.0/8"  # prod names its Redis's subnet
+            expected.append({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": 6379}]})
         if overlay == "dev/scan":  # MinIO, in the namespace
             expected.append(
                 {

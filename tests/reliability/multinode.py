@@ -1,16 +1,24 @@
-"""A simulated multi-node cluster (``ray.cluster_utils.Cluster``): a CPU head and worker nodes advertising logical
-GPUs, running the production-shaped Serve config with tiny models. Under sustained load the checker scales up from
-``min_replicas`` and back down once the load stops; every response is audited throughout.
+"""A simulated multi-node cluster (``ray.cluster_utils.Cluster``): a CPU head and worker nodes labelled, as the
+KubeRay worker groups label theirs, ``diffguard.io/pool=generation`` or ``=checking``, both advertising logical GPUs
+(as ``ray start --num-gpus --labels`` would), running the production-shaped Serve config with tiny models. Under
+sustained load the checker scales up from ``min_replicas`` and back down once the load stops; every response is
+audited throughout, and each replica's node pool is recorded at the start, at the peak and at the end.
+
+The generation node has GPUs to spare beyond its Generators, enough for every checker at ``max_replicas``, and the
+checking node a whole free GPU beyond its checkers: only production.yaml's ``label_selector`` keeps each kind of
+replica in its own pool (Serve spreads replicas across nodes by default), so the placement can be seen to fail.
 
 Runs in its own process (one Ray per process; the test session has its own)::
 
     python -m tests.reliability.multinode --out result.json [--load-s 40] [--max-replicas 4]
 
 What is changed from ``deployments/configs/production.yaml`` and why: tiny models on the CPU (no real GPU here; the
-``num_gpus`` reservations are kept, so placement is real), a single HTTP proxy on the head (every simulated node
-shares one machine and one port), smaller CPU reservations (two logical CPUs per node), and short autoscaling delays
-plus a long batch wait, so that load turns into queued checker requests within seconds; no audit log (production's
-writes to a bucket this machine has none of).
+``num_gpus`` reservations and ``label_selector`` are kept, so placement is real), a single HTTP proxy on the head
+(every simulated node shares one machine and one port), smaller CPU reservations (two logical CPUs per node), one
+Ingress replica (the proxy's only target here; it needs no GPU and no pool), the Generator held at its
+``min_replicas`` (the load is mostly moderation), and short autoscaling delays plus a long batch wait for the
+checker, so that load turns into queued checker requests within seconds; no audit log (production's writes to a
+bucket this machine has none of).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import asyncio
 import copy
 import json
+import math
 import os
 import threading
 import time
@@ -31,10 +40,16 @@ from tests.conftest import ROOT, encode, varied_images
 
 PRODUCTION = ROOT / "deployments" / "configs" / "production.yaml"
 TINY = {"model": "tiny", "device": "cpu", "dtype": "float32"}
+POOL = "diffguard.io/pool"  # the Ray node label the KubeRay worker groups set (k8s/)
+POOLS = {"Generator": "generation", "SafetyChecker": "checking"}  # deployment -> the pool production.yaml selects
 
 
 def cluster_config(port: int, max_replicas: int = 4) -> dict[str, Any]:
-    """production.yaml with the changes listed in the module docstring; GPU reservations untouched."""
+    """production.yaml with the changes listed in the module docstring; GPU reservations and label selectors untouched.
+
+    Raises ``ValueError`` where production.yaml does not select the pools this cluster labels: the run proves
+    production's own selectors, it never supplies them.
+    """
     raw = copy.deepcopy(yaml.safe_load(PRODUCTION.read_text()))
     raw["proxy_location"] = "HeadOnly"
     raw["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -44,10 +59,18 @@ def cluster_config(port: int, max_replicas: int = 4) -> dict[str, Any]:
     app["args"]["generator"] = dict(TINY)
     app["args"]["ingress"].pop("audit_dest", None)
     deployments = {d["name"]: d for d in app["deployments"]}
+    for name, pool in POOLS.items():
+        selector = deployments[name]["ray_actor_options"].get("label_selector")
+        if selector != {POOL: pool}:
+            raise ValueError(
+                f"{PRODUCTION}: {name}'s ray_actor_options.label_selector is {selector!r}; "
+                f"this cluster's nodes are labelled for {{{POOL!r}: {pool!r}}}"
+            )
     deployments["Ingress"]["ray_actor_options"]["num_cpus"] = 0.25
     deployments["Ingress"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
-    deployments["Generator"]["ray_actor_options"]["num_cpus"] = 0.25
-    deployments["Generator"]["autoscaling_config"].update(max_replicas=1)
+    generator = deployments["Generator"]
+    generator["ray_actor_options"]["num_cpus"] = 0.25
+    generator["autoscaling_config"].update(max_replicas=generator["autoscaling_config"]["min_replicas"])
     checker = deployments["SafetyChecker"]
     checker["ray_actor_options"]["num_cpus"] = 0.25
     checker["user_config"].update(max_batch_size=64, batch_wait_timeout_s=0.5)  # queued requests linger
@@ -63,7 +86,8 @@ def cluster_config(port: int, max_replicas: int = 4) -> dict[str, Any]:
     return raw
 
 
-def start_cluster(workers: int = 2, gpus_per_worker: int = 2) -> Any:
+def start_cluster(generation_gpus: int, checking_gpus: int) -> Any:
+    """A CPU head with no pool label, one generation node and one checking node with the given logical GPUs."""
     from ray.cluster_utils import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -73,34 +97,62 @@ def start_cluster(workers: int = 2, gpus_per_worker: int = 2) -> Any:
         initialize_head=True,
         head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False, **common},
     )
-    for _ in range(workers):
-        cluster.add_node(num_cpus=2, num_gpus=gpus_per_worker, **common)
+    for pool, gpus in (("generation", generation_gpus), ("checking", checking_gpus)):
+        cluster.add_node(num_cpus=2, num_gpus=gpus, labels={POOL: pool}, **common)
     cluster.wait_for_nodes()
     cluster.connect(namespace="serve")
     return cluster
 
 
 def placement() -> dict[str, Any]:
-    """Where each deployment's replicas run, and what the cluster reports as used GPUs."""
+    """Where each deployment's replicas run (the pool label of each one's node), and the GPUs the cluster reports as
+    used, in all and per pool. A replica still starting or stopping holds its share but is not counted as running."""
     import ray
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI: each node's free resources
 
     from .apps import details
 
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-    gpu_nodes = {nid for nid, n in nodes.items() if n["Resources"].get("GPU", 0) > 0}
+    pool_of = {nid: (n.get("Labels") or {}).get(POOL) for nid, n in nodes.items()}
+    free = available_resources_per_node()
+    pools: dict[str, dict[str, float]] = {}
+    for nid, n in nodes.items():
+        p = pools.setdefault(pool_of[nid] or "unlabelled", {"nodes": 0, "gpus_total": 0.0, "gpus_in_use": 0.0})
+        gpus = n["Resources"].get("GPU", 0)
+        p["nodes"] += 1
+        p["gpus_total"] += gpus
+        p["gpus_in_use"] = round(p["gpus_in_use"] + gpus - free.get(nid, {}).get("GPU", 0), 3)
     deployments = details()["applications"]["diffguard"]["deployments"]
-    out: dict[str, Any] = {"nodes": len(nodes), "gpu_nodes": len(gpu_nodes)}
+    out: dict[str, Any] = {
+        "nodes": len(nodes),
+        "gpu_nodes": sum(n["Resources"].get("GPU", 0) > 0 for n in nodes.values()),
+    }
+    out["pools"] = pools
     for name, d in deployments.items():
+        options = d["deployment_config"]["ray_actor_options"]
         running = [r for r in d["replicas"] if r["state"] == "RUNNING"]
         out[name] = {
             "replicas": len(running),
-            "on_gpu_nodes": sum(r["node_id"] in gpu_nodes for r in running),
-            "gpus_per_replica": d["deployment_config"]["ray_actor_options"].get("num_gpus", 0),
+            "pools": sorted(str(pool_of.get(r["node_id"])) for r in running),  # "None": a node with no pool label
+            "not_running": sorted(r["state"] for r in d["replicas"] if r["state"] != "RUNNING"),
+            "gpus_per_replica": options.get("num_gpus", 0),
+            "label_selector": options.get("label_selector"),
         }
-    total, free = ray.cluster_resources(), ray.available_resources()
+    total, free_all = ray.cluster_resources(), ray.available_resources()
     out["gpus_total"] = total.get("GPU", 0)
-    out["gpus_in_use"] = round(total.get("GPU", 0) - free.get("GPU", 0), 3)
+    out["gpus_in_use"] = round(total.get("GPU", 0) - free_all.get("GPU", 0), 3)
     return out
+
+
+def settled(timeout_s: float = 90) -> None:
+    """Wait until every replica is RUNNING (none starting or stopping), so GPU accounting matches running replicas."""
+    from .apps import details, wait_for
+
+    def all_running() -> bool:
+        deployments = details()["applications"]["diffguard"]["deployments"].values()
+        return all(r["state"] == "RUNNING" for d in deployments for r in d["replicas"])
+
+    wait_for("every replica RUNNING", all_running, timeout_s, interval_s=0.5)
 
 
 class Sampler(threading.Thread):
@@ -145,10 +197,20 @@ def run(
     from .load import LoadStats, disallowed, generate_call, moderate_call, run_load, verify_samples
 
     started = time.monotonic()
-    cluster = start_cluster()
+    port = free_port()
+    config = cluster_config(port, max_replicas)  # refuses a production.yaml without the pools' selectors, first
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    generators = deployments["Generator"]["autoscaling_config"]["min_replicas"]
+    generator_gpus = deployments["Generator"]["ray_actor_options"]["num_gpus"]
+    checker_gpus = deployments["SafetyChecker"]["ray_actor_options"]["num_gpus"]
+    checkers_at_peak = math.ceil(max_replicas * checker_gpus)  # GPUs every checker at max_replicas needs
+    # each pool has room for the other's replicas: generation for every checker, checking for one more Generator
+    cluster = start_cluster(
+        generation_gpus=math.ceil(generators * generator_gpus) + checkers_at_peak,
+        checking_gpus=checkers_at_peak + math.ceil(generator_gpus),
+    )
     try:
-        port = free_port()
-        apply(cluster_config(port, max_replicas), timeout_s=900)
+        apply(config, timeout_s=900)
         base = f"http://127.0.0.1:{port}"
         before = placement()
         pngs = [encode(img) for img in varied_images(8, seed=5)]
@@ -193,6 +255,7 @@ def run(
 
         down_after = asyncio.run(scale_down())
         sampler.stop()
+        settled()  # a removed replica gives its GPU share back once stopped
         after = placement()
         from pipeline import SafetyChecker
 
@@ -206,6 +269,7 @@ def run(
             "placement_end": after,
             "min_replicas": 1,
             "max_replicas": max_replicas,
+            "generators": generators,
             "peak_replicas": max(counts, default=0),
             "first_scale_up_s": up_at,
             "scaled_down_to_min_after_load_s": None if down_after is None else round(down_after, 1),

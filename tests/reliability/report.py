@@ -50,17 +50,18 @@ def multinode(load_s: float) -> dict[str, Any]:
             raise RuntimeError(f"the multi-node run failed:\n{proc.stderr[-3000:]}")
         r = json.loads(out.read_text())
     ok_place = all(
-        r[m][d]["on_gpu_nodes"] == r[m][d]["replicas"]
+        set(r[m][d]["pools"]) == {pool}
         for m in ("placement_start", "placement_peak", "placement_end")
-        for d in ("Generator", "SafetyChecker")
+        for d, pool in (("Generator", "generation"), ("SafetyChecker", "checking"))
     )
     return scenario(
         "Multi-node cluster: placement and autoscaling",
-        f"3 nodes (CPU head; 2 workers with 2 logical GPUs each), production-shaped config with tiny models; "
-        f"{r['load']['requests']} requests from 16 clients over {load_s:g} s, then one client while scaling down",
+        f"3 nodes (CPU head; a `generation` and a `checking` worker labelled diffguard.io/pool, with logical GPUs), "
+        f"production-shaped config with tiny models; {r['load']['requests']} requests from 16 clients over "
+        f"{load_s:g} s, then one client while scaling down",
         r,
         {
-            "generator and checker replicas only on GPU nodes": ok_place,
+            "generators only on generation nodes, checkers only on checking nodes": ok_place,
             "checker scaled up from min_replicas under load": r["peak_replicas"] > 1,
             "checker scaled back to min_replicas after the load": r["scaled_down_to_min_after_load_s"] is not None,
             "every request succeeded while replicas were added and removed": not r["load_disallowed"]

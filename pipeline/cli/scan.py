@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import DiffguardError, StorageError, UsageError
-from .options import add_checker_options, checker_spec, positive_int
+from .options import add_checker_options, checker_spec, float_in, positive_int
 
 log = logging.getLogger("diffguard")
 
@@ -89,6 +89,14 @@ def register(sub: Any) -> None:
         help="take DEST's lock from the scan holding it: only when that scan is dead (one scan per DEST at a time)",
     )
     p.add_argument(
+        "--lock-wait-s",
+        type=float_in(0, 86400),
+        default=0.0,
+        metavar="S",
+        help="on a busy DEST, try again for up to S seconds before exiting 2: a retried job whose scan died with its "
+        "cluster gets the lock once it goes stale (10 min without a heartbeat), then resumes (default 0)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=_port,
         metavar="PORT",
@@ -150,6 +158,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         list_parallelism=args.list_parallelism,
         shard_rows=args.shard_rows,
         break_lock=args.break_lock,
+        lock_wait_s=args.lock_wait_s,
         metrics_port=args.metrics_port,
     )
     with stdout_reserved():

@@ -280,7 +280,7 @@ def run_scan(cfg: ScanConfig) -> ScanSummary:
     holds it). The run's progress is exported as metrics while it runs (:mod:`pipeline.scan.progress`)."""
     if refusal := metrics_refusal(cfg.metrics_port):
         raise InvalidInput(refusal)
-    with DestLock.acquire(layout(cfg)[1], break_lock=cfg.break_lock) as lock:
+    with DestLock.acquire(layout(cfg)[1], break_lock=cfg.break_lock, wait_s=cfg.lock_wait_s) as lock:
         return _run(cfg, lock)
 
 

@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -197,9 +198,27 @@ class DestLock:
         break_lock: bool = False,
         heartbeat_s: float = LOCK_HEARTBEAT_S,
         stale_s: float = LOCK_STALE_S,
+        wait_s: float = 0.0,
+        poll_s: float = LOCK_HEARTBEAT_S / 2,
     ) -> DestLock:
         """Claim DEST's lock, taking over a stale one, a dead holder's, or (``break_lock``) the one found first.
-        Raises :class:`DestBusy` when another scan holds it."""
+        Raises :class:`DestBusy` when another scan holds it, after ``wait_s`` seconds of trying again every
+        ``poll_s`` (a retry of a scan whose cluster died waits for its lock to go stale, then resumes)."""
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                return cls._acquire(dest, break_lock, heartbeat_s, stale_s)
+            except DestBusy as busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if not said:
+                    log.warning("WARNING: %s; waiting up to %.0f s for it to end or go stale", busy, left)
+                    said = True
+                time.sleep(min(poll_s, left))
+
+    @classmethod
+    def _acquire(cls, dest: Location, break_lock: bool, heartbeat_s: float, stale_s: float) -> DestLock:
         mine, key, store = Holder.new(), dest.key(LOCK), dest.store
         forced: str | None = None  # the run id of the lock --break-lock breaks: only the one found first
         found = None

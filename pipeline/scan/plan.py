@@ -52,6 +52,7 @@ class ScanConfig:
     list_fanout_min: int | None = None  # S3 SOURCEs of at most this many objects: one paginator (None: automatic)
     shard_rows: int = SHARD_ROWS  # objects per shard: what one plan or finish task holds (pipeline.scan.shards)
     break_lock: bool = False  # take DEST's lock even from a live holder (pipeline.scan.lock: one scan per DEST)
+    lock_wait_s: float = 0.0  # on a busy DEST, try again for this long (until the lock ends or goes stale) first
     metrics_port: int | None = None  # start a local Ray with its metrics agent on this port (not with RAY_ADDRESS)
 
     def __post_init__(self) -> None:

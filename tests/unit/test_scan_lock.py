@@ -250,3 +250,38 @@ def test_commit_files_records_the_run_id(tmp_path):
     dt = tablemod.open_table(dest)
     assert (tablemod.table_run(dt), tablemod.commit_run_id(dest, dt.version())) == (2, "d" * 32)
     assert tablemod.commit_run_id(dest, 0) == "c" * 32
+
+
+def test_a_retry_waits_for_a_dead_clusters_lock_to_go_stale_then_takes_it(tmp_path, caplog, monkeypatch):
+    """A RayJob retry on a new cluster finds the lock of the attempt that died with the old one (another host, so not
+    provably dead): with ``wait_s`` it tries again until the lock goes stale, then takes it; without, it is busy."""
+    dest = parse_location(str(tmp_path))
+    put_lock(tmp_path, foreign())  # refreshed a moment ago, by a driver that will never beat again
+    with pytest.raises(DestBusy):
+        DestLock.acquire(dest, stale_s=1.0)
+    tries = []
+    real = DestLock._acquire.__func__
+
+    def counted(cls, *args):
+        tries.append(time.monotonic())
+        return real(cls, *args)
+
+    monkeypatch.setattr(DestLock, "_acquire", classmethod(counted))
+    with (
+        caplog.at_level(logging.WARNING, logger="diffguard"),
+        DestLock.acquire(dest, stale_s=1.0, wait_s=30, poll_s=0.2) as lock,
+    ):
+        assert on_file(tmp_path)["run_id"] == lock.run_id
+    assert len(tries) > 2  # refused while fresh, taken once stale
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("waiting up to" in m for m in messages) == 1  # said once, not at every try
+    assert any("taking over" in m and "no heartbeat" in m for m in messages)
+
+
+def test_a_live_holder_outlasts_the_wait(tmp_path):
+    dest = parse_location(str(tmp_path))
+    with DestLock.acquire(dest, heartbeat_s=0.1):  # a live scan, beating
+        start = time.monotonic()
+        with pytest.raises(DestBusy, match="is busy"):
+            DestLock.acquire(dest, stale_s=5, wait_s=1.0, poll_s=0.1)
+        assert time.monotonic() - start >= 1.0  # it tried for the whole wait (a lower bound, not a speed)

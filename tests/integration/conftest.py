@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT
 from tests.integration.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.integration.scan_support import s3_endpoint_fixture, s3_fixture  # noqa: F401 - moto S3 fixtures: s3_endpoint, s3
+
+
+def run_driver(module: str, out: Path, *args: str) -> dict[str, Any]:
+    """Run a reliability driver (``python -m tests.reliability.NAME --out OUT ...``) in its own process, with its own
+    Ray (one Ray per process, and this session's may be up); its JSON result."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", module, "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
 
 
 def free_port() -> int:

@@ -7,15 +7,11 @@ The cluster runs in a child process: one Ray per process, and this session's own
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.integration.conftest import run_driver
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
@@ -37,17 +33,7 @@ def check_load(load: dict) -> None:
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server (apt-get install redis-server)")
 def test_head_loss_and_drain(tmp_path):
     out = tmp_path / "head_loss.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.head_loss", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = run_driver("tests.reliability.head_loss", out)
     print({k: v for k, v in r["head_loss"].items() if k != "after"})
     for phase in ("head_loss_load", "drain_load"):
         print(phase, {k: v for k, v in r[phase].items() if k != "in_window"}, r[phase]["in_window"]["answered"])

@@ -9,31 +9,16 @@ The cluster runs in a child process: one Ray per process, and this session's own
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.integration.conftest import run_driver
 
 pytestmark = pytest.mark.slow  # deselected by `make test-fast`
 
 
 def test_multinode_placement_and_autoscaling(tmp_path):
     out = tmp_path / "multinode.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.reliability.multinode", "--out", str(out), "--load-s", "30"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = run_driver("tests.reliability.multinode", out, "--load-s", "30")
     print({k: v for k, v in r.items() if k != "replica_timeline"})
 
     selects = {"Generator": "generation", "SafetyChecker": "checking"}  # deployment -> pool (issue 31's contract)

@@ -123,6 +123,17 @@ def test_no_container_sets_both_the_keys_file_and_a_single_key(overlay):
         assert "diffguard-api-key" not in str(resource), overlay
 
 
+def check_identity(overlay: str, name: str, bound: bool) -> None:
+    """The ServiceAccount ``name`` mounts no API token; ``bound``: it carries the workload identity placeholders (EKS
+    IRSA and GKE)."""
+    (account,) = [r for r in rendered(overlay) if r["kind"] == "ServiceAccount" and r["metadata"]["name"] == name]
+    assert account["automountServiceAccountToken"] is False
+    if bound:
+        annotations = account["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+
+
 @pytest.mark.parametrize("overlay", ["base", "prod"])
 def test_the_audit_log_is_a_bucket_written_as_the_workers_workload_identity(overlay):
     service = one(overlay, "RayService")
@@ -133,14 +144,7 @@ def test_the_audit_log_is_a_bucket_written_as_the_workers_workload_identity(over
     for name, pod in ingress_pods(service):
         assert pod["serviceAccountName"] == "diffguard-endpoint", name
         assert "AWS_" not in str(pod), name  # no key: the identity's own credentials
-    (account,) = [
-        r for r in rendered(overlay) if r["kind"] == "ServiceAccount" and r["metadata"]["name"] == "diffguard-endpoint"
-    ]
-    assert account["automountServiceAccountToken"] is False
-    if overlay == "prod":  # the workload identity placeholders, for EKS (IRSA) and GKE
-        annotations = account["metadata"]["annotations"]
-        assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-        assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    check_identity(overlay, "diffguard-endpoint", bound=overlay == "prod")
 
 
 def test_dev_has_no_audit_bucket_and_no_cloud_identity():
@@ -170,14 +174,7 @@ def test_prod_scan_needs_no_credentials_but_its_service_account(overlay):
     assert "AWS_" not in text and "diffguard-s3" not in text
     for name, pod in pod_specs(job):
         assert pod["serviceAccountName"] == "diffguard-scan", name
-    (account,) = [
-        r for r in rendered(overlay) if r["kind"] == "ServiceAccount" and r["metadata"]["name"] == "diffguard-scan"
-    ]
-    assert account["automountServiceAccountToken"] is False
-    if overlay == "prod/scan":  # the workload identity placeholders, for EKS (IRSA) and GKE
-        annotations = account["metadata"]["annotations"]
-        assert annotations["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-        assert annotations["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    check_identity(overlay, "diffguard-scan", bound=overlay == "prod/scan")
 
 
 def test_dev_scan_reads_minio_keys_from_a_credentials_file():
